@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv, install, run the main job on the embedded synthetic dataset
+#   make test   - create .venv, install, run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+RUNS    ?= runs
+# pytest-xdist is not used: the CI machine has 2 cores and torch already uses both.
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install only when the project metadata changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m rgbt.synthetic --out data/synthetic --n-train 48 --n-val 16 --n-test 16 --seed 0
+	$(BIN)/python -m rgbt.summary data/synthetic
+
+clean:
+	rm -rf $(VENV) $(RUNS) data/synthetic
