@@ -1,0 +1,345 @@
+"""RGB-T (visible + infrared) dataset in the MSRS, MFNet and unlabelled-pairs layouts.
+
+MSRS: Tang et al., "PIAFusion", Information Fusion 2022. MFNet: Ha et al., IROS 2017.
+Used by PAIF (Liu et al., "Paif: Perception-aware infrared-visible image fusion for attack-tolerant
+semantic segmentation", ACM MM 2023) for fusion + segmentation training and evaluation.
+
+Layouts (``layout=``):
+
+* ``"msrs"``: ``<root>/<split>/{vi,ir,Segmentation_labels|label}/<name>.png``; also the capitalised
+  ``Visible/Infrared/Label`` spelling. Without a label folder the dataset is unlabelled.
+* ``"mfnet"``: ``<root>/images/<name>.png`` (4 channels: R, G, B, thermal), ``<root>/labels/<name>.png``,
+  split lists ``<root>/{train,val,test,test_day,test_night}.txt`` (``split=None``: every image).
+* ``"pairs"``: a flat ``<root>/{vi,ir}/<name>.png`` with no split folder and no labels (e.g. the real pairs
+  in ``shared/data/real_rgbt``). A split other than ``None`` is ignored with a warning.
+* ``"auto"`` (default): ``images/`` → mfnet; ``<root>/<split>/`` with vi+ir folders → msrs; ``<root>/{vi,ir}``
+  → pairs; anything else is an error that lists what was looked for.
+
+Files are paired **by file name stem** (never by sorted order); a file without its partner is an error.
+
+Augmentation (training): ``crop=(h, w)`` takes a random crop, ``flip=True`` a random horizontal flip, both
+applied identically to vis, ir and label. The randomness is a pure function of ``(seed, epoch, index)``
+(``set_epoch`` advances it), so a sample is reproducible in any worker / process. A crop larger than the
+image **pads** the image first (vis/ir with 0, label with 255 = ignore) and then crops; padding is at the
+bottom / right so the original pixels keep their coordinates.
+
+Validation: each ``__getitem__`` checks sizes and label values of the files it reads (cheap);
+``check()`` reads every sample and reports all problems at once.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
+from rgbt.io import DataError, MissingDataError, read_gray, read_label, read_rgb, read_rgbt
+
+__all__ = ["RGBTDataset", "DataError", "MissingDataError", "detect_layout", "VI_DIRS", "IR_DIRS", "LABEL_DIRS"]
+
+logger = logging.getLogger(__name__)
+
+VI_DIRS = ("vi", "Visible", "visible", "VI", "vis")
+IR_DIRS = ("ir", "Infrared", "infrared", "IR")
+LABEL_DIRS = ("Segmentation_labels", "label", "Label", "labels", "Labels")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LAYOUTS = ("auto", "msrs", "mfnet", "pairs")
+MFNET_SPLITS = ("train", "val", "test", "test_day", "test_night")
+
+
+def _find_dir(parent: Path, candidates: tuple[str, ...]) -> Path | None:
+    for name in candidates:
+        if (parent / name).is_dir():
+            return parent / name
+    return None
+
+
+def _has_pair_dirs(folder: Path) -> bool:
+    return folder.is_dir() and _find_dir(folder, VI_DIRS) is not None and _find_dir(folder, IR_DIRS) is not None
+
+
+def detect_layout(root: str | Path, split: str | None) -> str:
+    """Guess the layout of ``root`` (see the module docstring); raises :class:`DataError` when none fits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingDataError(f"{root}: expected a dataset folder, got no such directory; check the path")
+    if (root / "images").is_dir():
+        return "mfnet"
+    if split is not None and _has_pair_dirs(root / split):
+        return "msrs"
+    if _has_pair_dirs(root):
+        return "pairs"
+    splits = sorted(p.name for p in root.iterdir() if _has_pair_dirs(p))
+    hint = f"; splits found: {', '.join(splits)}" if splits else ""
+    raise DataError(
+        f"{root}: unknown dataset layout for split {split!r}: expected <root>/<split>/{{vi,ir}}/ (MSRS), "
+        f"<root>/images/ + <root>/labels/ (MFNet) or <root>/{{vi,ir}}/ (unlabelled pairs), "
+        f"got entries {sorted(p.name for p in root.iterdir())[:10]}{hint}"
+    )
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    """Map stem → path of the image files in ``folder``; duplicate stems (a.png + a.jpg) are an error."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if p.stem in out:
+            raise DataError(f"{p}: two images share the name {p.stem!r} in {folder} ({out[p.stem].name}); keep one")
+        out[p.stem] = p
+    if not out:
+        raise MissingDataError(f"{folder}: expected image files ({', '.join(IMAGE_EXTS)}), got an empty folder")
+    return out
+
+
+def _pair_up(folders: dict[str, Path]) -> list[tuple[str, dict[str, Path]]]:
+    """Pair files across folders by stem; a stem missing from any folder is an error naming the file."""
+    listings = {key: _list_images(folder) for key, folder in folders.items()}
+    all_names = sorted(set().union(*(set(v) for v in listings.values())))
+    problems = []
+    for name in all_names:
+        have = {k: listing[name] for k, listing in listings.items() if name in listing}
+        for key in listings:
+            if key not in have:
+                present = next(iter(have.values()))
+                problems.append(f"{present}: missing partner {key} file {folders[key] / present.name}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError("unpaired files: " + "; ".join(problems[:5]) + more + "; add or remove the files")
+    return [(name, {k: listings[k][name] for k in listings}) for name in all_names]
+
+
+class RGBTDataset(Dataset):
+    """Paired visible / infrared images (+ optional labels) as float tensors.
+
+    Args:
+        root: dataset root folder.
+        split: split folder / list name (``"train"``, ``"val"``, ``"test"``, ...); ``None`` for a flat pairs
+            folder or all MFNet images.
+        crop: ``None`` or (h, w) random-crop size (pads when the image is smaller, see module docstring).
+        flip: random horizontal flip with probability 0.5.
+        layout: ``"auto"``, ``"msrs"``, ``"mfnet"`` or ``"pairs"``.
+        seed: base seed of the augmentation randomness.
+        require_labels: raise if the dataset has no labels.
+
+    Item: ``{"ir": (1, H, W) float32 in [0, 1], "vis": (3, H, W) float32 RGB in [0, 1],
+    "label": (H, W) int64 in 0..8 or 255 (only when labelled), "name": str}``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = "train",
+        crop: tuple[int, int] | None = None,
+        flip: bool = False,
+        layout: str = "auto",
+        seed: int = 0,
+        require_labels: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.crop = self._check_crop(crop)
+        self.flip = bool(flip)
+        self.seed = int(seed)
+        self.epoch = 0
+        if layout not in LAYOUTS:
+            raise DataError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        self.layout = detect_layout(self.root, split) if layout == "auto" else layout
+        if not self.root.is_dir():
+            raise MissingDataError(f"{self.root}: expected a dataset folder, got no such directory")
+        self.samples: list[dict[str, Path]]
+        self.names: list[str]
+        if self.layout == "mfnet":
+            self._index_mfnet()
+        else:
+            self._index_folders()
+        self.has_labels = "label" in self.samples[0]
+        if require_labels and not self.has_labels:
+            raise MissingDataError(
+                f"{self.root}: expected labels (require_labels=True), got no label folder for split {split!r}; "
+                f"add one of {LABEL_DIRS} (MSRS) or labels/ (MFNet)"
+            )
+        logger.info("%s split=%s layout=%s: %d samples, labels=%s", self.root, split, self.layout,
+                    len(self.names), self.has_labels)
+
+    # ----------------------------------------------------------------------------------------- indexing
+    @staticmethod
+    def _check_crop(crop: Any) -> tuple[int, int] | None:
+        if crop is None:
+            return None
+        try:
+            h, w = (int(c) for c in crop)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"crop: expected None or (height, width), got {crop!r}") from exc
+        if h <= 0 or w <= 0:
+            raise DataError(f"crop: expected positive (height, width), got {crop!r}")
+        return h, w
+
+    def _index_folders(self) -> None:
+        if self.layout == "msrs":
+            if self.split is None:
+                raise DataError(f"{self.root}: the MSRS layout needs a split (e.g. split='train'), got split=None")
+            base = self.root / self.split
+            if not base.is_dir():
+                raise MissingDataError(f"{base}: expected split folder {self.split!r}, got no such directory")
+        else:
+            if self.split is not None:
+                logger.warning("%s has no split folders (flat vi/ir pairs): split=%r uses every pair",
+                               self.root, self.split)
+            base = self.root
+        vi, ir = _find_dir(base, VI_DIRS), _find_dir(base, IR_DIRS)
+        if vi is None or ir is None:
+            kind, names = ("visible", VI_DIRS) if vi is None else ("infrared", IR_DIRS)
+            raise MissingDataError(f"{base}: expected the {kind} image folder (one of {', '.join(names)}), got none")
+        folders = {"vis": vi, "ir": ir}
+        label = _find_dir(base, LABEL_DIRS) if self.layout == "msrs" else None
+        if label is not None:
+            folders["label"] = label
+        pairs = _pair_up(folders)
+        self.names = [name for name, _ in pairs]
+        self.samples = [files for _, files in pairs]
+
+    def _index_mfnet(self) -> None:
+        images = self.root / "images"
+        labels = self.root / "labels"
+        if not images.is_dir():
+            raise MissingDataError(f"{images}: expected the MFNet images/ folder, got no such directory")
+        available = _list_images(images)
+        if self.split is None:
+            names = sorted(available)
+        else:
+            listing = self.root / f"{self.split}.txt"
+            if not listing.is_file():
+                found = sorted(p.name for p in self.root.glob("*.txt"))
+                raise MissingDataError(f"{listing}: expected the MFNet split list for {self.split!r}, got no such "
+                                       f"file (lists found: {found or 'none'})")
+            names = [Path(line.strip()).stem for line in listing.read_text().splitlines() if line.strip()]
+            if not names:
+                raise MissingDataError(f"{listing}: expected one image name per line, got an empty list")
+        has_labels = labels.is_dir()
+        label_files = _list_images(labels) if has_labels else {}
+        problems = []
+        self.names, self.samples = [], []
+        for name in names:
+            if name not in available:
+                problems.append(f"{images / (name + '.png')}: listed in {self.split}.txt but missing")
+                continue
+            sample = {"rgbt": available[name]}
+            if has_labels:
+                if name not in label_files:
+                    problems.append(f"{available[name]}: missing partner label file {labels / (name + '.png')}")
+                    continue
+                sample["label"] = label_files[name]
+            self.names.append(name)
+            self.samples.append(sample)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise DataError("unpaired files: " + "; ".join(problems[:5]) + more)
+
+    # ----------------------------------------------------------------------------------------- loading
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation randomness (call once per epoch, like DistributedSampler.set_epoch)."""
+        self.epoch = int(epoch)
+
+    def load_arrays(self, index: int) -> dict[str, Any]:
+        """Read and validate one sample without augmentation: uint8 ``vis`` (H,W,3), ``ir`` (H,W), ``label``."""
+        files = self.samples[index]
+        if "rgbt" in files:
+            vis, ir = read_rgbt(files["rgbt"])
+            sources = {"vis": files["rgbt"], "ir": files["rgbt"]}
+        else:
+            vis, ir = read_rgb(files["vis"]), read_gray(files["ir"])
+            sources = {"vis": files["vis"], "ir": files["ir"]}
+        out: dict[str, Any] = {"vis": vis, "ir": ir}
+        if "label" in files:
+            out["label"] = read_label(files["label"])
+            sources["label"] = files["label"]
+        shapes = {k: out[k].shape[:2] for k in out}
+        if len(set(shapes.values())) != 1:
+            sizes = ", ".join(f"{k} {sources[k]} is {h}x{w}" for k, (h, w) in shapes.items())
+            raise DataError(f"size mismatch for sample {self.names[index]!r}: {sizes} (HxW); "
+                            "expected all files of a sample to have the same size")
+        if "label" in out:
+            self._check_label(out["label"], sources["label"])
+        return out
+
+    @staticmethod
+    def _check_label(label: np.ndarray, path: Path) -> None:
+        if label.max(initial=0) < NUM_CLASSES and label.min(initial=0) >= 0:
+            return
+        bad = ((label < 0) | (label >= NUM_CLASSES)) & (label != IGNORE_INDEX)
+        if bad.any():
+            values = sorted(np.unique(label[bad]).tolist())
+            raise DataError(f"{path}: expected label values in 0..{NUM_CLASSES - 1} or {IGNORE_INDEX} (ignore), "
+                            f"got {values[:8]} in {int(bad.sum())} pixels; fix the label map")
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def _augment(self, arrays: dict[str, Any], index: int) -> dict[str, Any]:
+        if self.crop is None and not self.flip:
+            return arrays
+        rng = self._rng(index)
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = arrays["ir"].shape
+            if ch > h or cw > w:
+                arrays = _pad(arrays, max(ch, h), max(cw, w))
+                h, w = arrays["ir"].shape
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+            arrays = {k: v[y0:y0 + ch, x0:x0 + cw] for k, v in arrays.items()}
+        if self.flip and rng.random() < 0.5:
+            arrays = {k: v[:, ::-1] for k, v in arrays.items()}
+        return arrays
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples in {self.root}")
+        index = index % len(self)
+        arrays = self._augment(self.load_arrays(index), index)
+        vis = torch.from_numpy(np.ascontiguousarray(arrays["vis"]).transpose(2, 0, 1).copy()).float().div_(255.0)
+        ir = torch.from_numpy(np.ascontiguousarray(arrays["ir"])).float().div_(255.0).unsqueeze(0)
+        item: dict[str, Any] = {"ir": ir, "vis": vis, "name": self.names[index]}
+        if "label" in arrays:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(arrays["label"]).astype(np.int64))
+        return item
+
+    def check(self) -> int:
+        """Read every sample and validate it; raises one :class:`DataError` listing all problems.
+
+        Returns:
+            the number of samples checked.
+        """
+        problems = []
+        for i in range(len(self)):
+            try:
+                self.load_arrays(i)
+            except DataError as exc:
+                problems.append(str(exc))
+        if problems:
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DataError(f"{self.root} (split {self.split!r}): {len(problems)} bad sample(s):\n  "
+                            + "\n  ".join(problems[:20]) + more)
+        return len(self)
+
+    def __repr__(self) -> str:
+        return (f"RGBTDataset(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, n={len(self)}, "
+                f"labels={self.has_labels}, crop={self.crop}, flip={self.flip}, seed={self.seed})")
+
+
+def _pad(arrays: dict[str, Any], h: int, w: int) -> dict[str, Any]:
+    """Pad at the bottom / right to (h, w): images with 0, label with IGNORE_INDEX."""
+    out = {}
+    for key, arr in arrays.items():
+        ph, pw = h - arr.shape[0], w - arr.shape[1]
+        pad = ((0, ph), (0, pw)) + ((0, 0),) * (arr.ndim - 2)
+        out[key] = np.pad(arr, pad, constant_values=IGNORE_INDEX if key == "label" else 0)
+    return out
