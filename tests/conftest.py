@@ -1,9 +1,22 @@
 """Shared pytest fixtures for the whole test suite."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One torch/OpenMP thread for the whole suite and the subprocesses it starts: the tests use tiny tensors, for
+# which a second thread only adds synchronisation, and on a loaded 2-core machine OpenMP oversubscription makes
+# small convolutions up to ~100x slower. Set before torch is imported by any test module.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,72 @@
+"""Box filter and guided filter (fast path) against brute-force window sums; the decomposition's folded 1x1 conv."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search_space.decompose import (
+    GuidedDecomposition, box_filter, box_filter_reference, guidance_from_features, guided_filter,
+    guided_filter_reference,
+)
+
+
+@pytest.mark.parametrize("size,radius", [((17, 22), 4), ((16, 20), 4), ((5, 7), 4), ((9, 12), 2)])
+def test_box_filter_matches_window_sums(size: tuple[int, int], radius: int) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size) * 4 - 1
+    torch.testing.assert_close(box_filter(x, radius), box_filter_reference(x, radius), atol=1e-5, rtol=0)
+
+
+def test_box_filter_brute_force_double_loop() -> None:
+    """Independent brute force: explicit sum over every (di, dj) of the window with a validity count."""
+    torch.manual_seed(1)
+    x = torch.rand(1, 2, 11, 13, dtype=torch.float64)
+    r = 4
+    h, w = x.shape[-2:]
+    total = torch.zeros_like(x)
+    count = torch.zeros(h, w, dtype=torch.float64)
+    for di in range(-r, r + 1):
+        for dj in range(-r, r + 1):
+            for i in range(h):
+                for j in range(w):
+                    if 0 <= i + di < h and 0 <= j + dj < w:
+                        total[..., i, j] += x[..., i + di, j + dj]
+                        count[i, j] += 1
+    torch.testing.assert_close(box_filter(x, r), total / count, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-4])
+def test_guided_filter_matches_reference(eps: float) -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 17, 22) + 0.5
+    guide = guidance_from_features(feats)
+    expected = guided_filter_reference(guide.double(), feats.double(), eps).float()
+    torch.testing.assert_close(guided_filter(guide, feats, eps), expected, atol=1e-5, rtol=0)
+
+
+def test_guided_filter_both_eps_share_statistics() -> None:
+    torch.manual_seed(0)
+    feats = torch.randn(1, 3, 16, 20)
+    guide = guidance_from_features(feats)
+    both = guided_filter(guide, feats, (1e-3, 1e-4))
+    for low, eps in zip(both, (1e-3, 1e-4)):
+        torch.testing.assert_close(low, guided_filter(guide, feats, eps))
+
+
+def test_guided_filter_constant_input_is_identity() -> None:
+    guide = torch.rand(1, 1, 12, 9)
+    x = torch.full((1, 2, 12, 9), 0.7)
+    torch.testing.assert_close(guided_filter(guide, x, 1e-3), x, atol=1e-6, rtol=0)
+
+
+def test_decomposition_equals_unfolded_concat_conv() -> None:
+    torch.manual_seed(0)
+    mod = GuidedDecomposition(8)
+    x = torch.randn(2, 8, 17, 22, requires_grad=True)
+    lows = guided_filter(guidance_from_features(x), x, mod.eps, mod.radius)
+    maps = torch.cat([t for low in lows for t in (low, x - low)], 1)
+    expected = mod.reduce(maps)
+    out = mod(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and mod.reduce.weight.grad is not None

@@ -1,0 +1,66 @@
+"""FusionSegModel: shapes, per-image normalisation, batch independence; segmenter configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rgbt.color import rgb_to_ycbcr
+from search_space.genotype import Genotype
+from search_space.pipeline import FusionSegModel, build_model, normalize_per_image
+from search_space.segmenter import MIT_VARIANTS, build_segmenter, segformer_config
+
+TINY = Genotype(ir=("eca_k3",), vis=("dense_k3_d1",), fused=("spatial_k7",), rule="spatial_attention", channels=8)
+
+
+def test_normalize_per_image_is_per_image() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 8, 10) * torch.tensor([1.0, 5.0, 0.1])[:, None, None, None]
+    out = normalize_per_image(x)
+    for i in range(3):
+        torch.testing.assert_close(out[i:i + 1], normalize_per_image(x[i:i + 1]))
+        assert abs(out[i].mean().item()) < 1e-5 and abs(out[i].std(unbiased=False).item() - 1) < 1e-3
+
+
+def test_segformer_configs() -> None:
+    b0 = segformer_config("b0")
+    assert list(b0.hidden_sizes) == [32, 64, 160, 256] and list(b0.depths) == [2, 2, 2, 2]
+    assert b0.decoder_hidden_size == 256 and b0.num_labels == 9
+    assert list(segformer_config("b5").depths) == [3, 6, 40, 3]
+    assert set(MIT_VARIANTS) == {f"b{i}" for i in range(6)}
+    with pytest.raises(ValueError, match="variant"):
+        segformer_config("b9")
+    with pytest.raises(FileNotFoundError, match="pretrained"):
+        build_segmenter("b0", pretrained="no-such-dir/never-downloaded")
+
+
+@pytest.fixture(scope="module")
+def model() -> FusionSegModel:
+    torch.manual_seed(0)
+    return build_model(TINY, segmenter="b0").eval()
+
+
+def test_outputs_and_batch_independence(model: FusionSegModel) -> None:
+    torch.manual_seed(1)
+    ir, vis = torch.rand(2, 1, 32, 40), torch.rand(2, 3, 32, 40)
+    with torch.no_grad():
+        out = model(ir, vis)
+        alone = [model(ir[i:i + 1], vis[i:i + 1]) for i in range(2)]
+    assert out.fused_y.shape == (2, 1, 32, 40) and out.fused_rgb.shape == (2, 3, 32, 40)
+    assert out.logits.shape == (2, 9, 32, 40)
+    assert ((out.fused_rgb >= 0) & (out.fused_rgb <= 1)).all()
+    for field in ("fused_y", "fused_rgb", "logits"):
+        both = getattr(out, field)
+        torch.testing.assert_close(both, torch.cat([getattr(a, field) for a in alone]), atol=1e-4, rtol=1e-4)
+    # fused RGB keeps the visible chroma where it stays in gamut
+    ycc = rgb_to_ycbcr(out.fused_rgb)
+    inside = ((out.fused_rgb > 1e-3) & (out.fused_rgb < 1 - 1e-3)).all(1, keepdim=True)
+    torch.testing.assert_close(ycc[:, :1][inside], out.fused_y[inside], atol=1e-5, rtol=0)
+
+
+def test_odd_size_and_gradient(model: FusionSegModel) -> None:
+    ir = torch.rand(1, 1, 17, 22, requires_grad=True)
+    vis = torch.rand(1, 3, 17, 22, requires_grad=True)
+    out = model(ir, vis)
+    assert out.logits.shape == (1, 9, 17, 22)
+    out.logits.logsumexp(1).mean().backward()
+    assert ir.grad.abs().sum() > 0 and vis.grad.abs().sum() > 0
