@@ -1,0 +1,144 @@
+"""End-to-end tests of trainer/evaluate.py on tiny synthetic scenes and on the shared unlabelled pairs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from rgbt.classes import CLASSES
+from rgbt.dataset import RGBTDataset
+from trainer.checkpoint import init_checkpoint, load_model
+from trainer.evaluate import main
+from trainer.metrics import ConfusionMatrix
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_RGBT = REPO.parent / "shared" / "data" / "real_rgbt"
+FUSION_KEYS = {"EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"}
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, synthetic_root):
+    """(work dir, the shared synthetic dataset: 2 labelled 64x80 test scenes, a random checkpoint)."""
+    base = tmp_path_factory.mktemp("evaluate")
+    ckpt = init_checkpoint(base / "rand.pt", genotype="paif", channels=8, seed=0)
+    return base, synthetic_root, ckpt
+
+
+def _valid_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= 200
+
+
+@pytest.fixture(scope="module")
+def labelled_run(setup):
+    base, data, ckpt = setup
+    out = base / "out"
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--split", "test", "--threat", "paif",
+            "--batch-size", "2", "--device", "cpu", "--out", str(out), "--steps", "1", "--no-progress",
+            "--eps-sweep", "0", "4", "8", "grid_samples=2"]  # key=value after --eps-sweep is handed back
+    assert main(argv) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_json_structure_and_ranges(labelled_run):
+    out, rep = labelled_run
+    assert {"config", "versions", "checkpoint", "data", "notes", "clean", "threats", "eps_sweep", "pictures"} <= set(rep)
+    assert rep["data"] == {"root": rep["config"]["data"], "split": "test", "num_images": 2, "labelled": True}
+    assert list(rep["threats"]) == ["paif", "strong"]  # strong added although not asked for
+    assert any("`strong` was added" in n for n in rep["notes"])
+    assert any("overridden to 1" in n for n in rep["notes"])
+    assert rep["checkpoint"]["genotype"]["channels"] == 8
+    for cond in [rep["clean"]] + list(rep["threats"].values()):
+        seg = cond["segmentation"]
+        for k in ("miou", "miou_objects", "macc"):
+            assert 0.0 <= seg[k] <= 1.0
+        assert list(seg["iou"]) == list(CLASSES)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in seg["iou"].values())
+        assert set(cond["fusion"]) == FUSION_KEYS
+        assert all(v is None or math.isfinite(v) for v in cond["fusion"].values())
+    paif = rep["threats"]["paif"]
+    assert paif["eps_255"] == pytest.approx(8.0) and paif["attack_config"]["steps"] == 1
+    assert rep["config"]["grid_samples"] == 2 and rep["config"]["eps_sweep"] == [0.0, 4.0, 8.0]
+    assert paif["miou_drop"] == pytest.approx(rep["clean"]["segmentation"]["miou"] - paif["segmentation"]["miou"])
+    assert "PGD" in paif["attack"] and "WorstCase" in rep["threats"]["strong"]["attack"]
+    for name, pts in rep["eps_sweep"].items():
+        assert [p["eps_255"] for p in pts] == [0.0, 4.0, 8.0]
+        assert pts[0]["miou"] == rep["clean"]["segmentation"]["miou"]  # eps 0 is the clean run
+        assert pts[2]["miou"] == rep["threats"][name]["segmentation"]["miou"]  # eps 8 is the threat itself
+        assert all(0.0 <= p["miou"] <= 1.0 for p in pts)
+
+
+def test_clean_miou_matches_a_direct_computation(setup, labelled_run):
+    _, data, ckpt = setup
+    model, _ = load_model(ckpt)
+    cm = ConfusionMatrix()
+    for item in RGBTDataset(data, split="test"):
+        with torch.no_grad():
+            cm.update(model(item["ir"][None], item["vis"][None]).logits.argmax(1), item["label"][None])
+    assert labelled_run[1]["clean"]["segmentation"]["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-9)
+
+
+def test_pictures_markdown_and_run_files(labelled_run):
+    out, rep = labelled_run
+    assert rep["pictures"]["grids"] == {"paif": "grid_paif.png", "strong": "grid_strong.png"}
+    for png in ["grid_paif.png", "grid_strong.png", "eps_curve.png"]:
+        _valid_png(out / png)
+    md = (out / "report.md").read_text()
+    for text in ["# PAIF evaluation report", "| condition | mIoU | drop", "![samples, paif](grid_paif.png)",
+                 "(eps_curve.png)", "## How to read this report", "**mIoU**", "**Qabf**", "`strong` was added"]:
+        assert text in md, text
+    assert (out / "config.yaml").is_file()
+    assert "evaluating" in (out / "evaluate.log").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threat", "nosuch"], "unknown threat model 'nosuch'"),
+    (["colour=1"], "unknown config key(s) colour"),
+])
+def test_bad_input_gives_exit_code_2(setup, tmp_path, capsys, extra, message):
+    base, data, ckpt = setup
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path), "--no-progress"] + extra
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint(setup, tmp_path, capsys):
+    _, data, _ = setup
+    assert main(["--checkpoint", str(tmp_path / "none.pt"), "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REAL_RGBT / "vi").is_dir(), reason=f"{REAL_RGBT} not available")
+def test_unlabelled_real_pairs_subprocess(setup, tmp_path):
+    """The script as a user runs it, on real unlabelled pairs (resized so the test stays quick)."""
+    _, _, ckpt = setup
+    out = tmp_path / "real"
+    cmd = [sys.executable, str(REPO / "trainer" / "evaluate.py"), "--checkpoint", str(ckpt), "--data", str(REAL_RGBT),
+           "--limit", "2", "--threat", "paif", "--eps-sweep", "0", "8", "--device", "cpu", "--out", str(out),
+           "--steps", "1", "resize=[96, 128]", "grid_samples=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fused PSNR vs clean" in proc.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["data"]["labelled"] is False and rep["data"]["num_images"] == 2
+    assert list(rep["threats"]) == ["paif-fusion"]  # label-free variant, no 'strong' forced
+    assert rep["threats"]["paif-fusion"]["attack_config"]["loss"] == "fusion"
+    assert rep["clean"]["segmentation"] is None and set(rep["clean"]["fusion"]) == FUSION_KEYS
+    assert 0 < rep["threats"]["paif-fusion"]["fused_psnr"] < 100  # the attack changed the fused image
+    assert rep["eps_sweep_metric"] == "fused_psnr"
+    _valid_png(out / "grid_paif-fusion.png")
+    _valid_png(out / "eps_curve.png")
+    assert "unlabelled" in (out / "report.md").read_text()

@@ -1,0 +1,96 @@
+"""Tests of trainer.runs: run directories, logging, seeding, atomic saves, versions."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.runs import atomic_save, atomic_write_text, make_run_dir, seed_everything, setup_logging, versions
+
+
+def test_make_run_dir_is_timestamped_unique_and_sanitised(tmp_path):
+    a = make_run_dir(tmp_path / "runs", "eval/my run")
+    b = make_run_dir(tmp_path / "runs", "eval/my run")
+    assert a.is_dir() and b.is_dir() and a != b
+    assert re.fullmatch(r"eval_my_run-\d{8}-\d{6}", a.name)
+    assert b.name.startswith(a.name)
+
+
+def test_setup_logging_writes_file_and_replaces_handler(tmp_path):
+    first = setup_logging(tmp_path / "r1")
+    logging.getLogger("paif.test").info("hello one")
+    second = setup_logging(tmp_path / "r2")
+    logging.getLogger("paif.test").info("hello two")
+    setup_logging(None)  # detach the file handler again
+    for h in logging.getLogger().handlers:
+        h.flush()
+    assert "hello one" in first.read_text() and "hello two" not in first.read_text()
+    assert "hello two" in second.read_text()
+    assert sum(getattr(h, "_paif_console", False) for h in logging.getLogger().handlers) == 1
+
+
+def test_seed_everything_reproduces_all_generators():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(123)
+    a = draw()
+    seed_everything(123)
+    assert draw() == a
+    seed_everything(124)
+    assert draw() != a
+    with pytest.raises(TypeError, match="expected an int seed"):
+        seed_everything("1")  # type: ignore[arg-type]
+
+
+def test_seed_everything_deterministic_flag():
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def test_atomic_save_round_trip_and_no_leftovers(tmp_path):
+    path = tmp_path / "sub" / "x.pt"
+    atomic_save({"w": torch.arange(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
+    atomic_save({"w": torch.zeros(2)}, path)  # overwrite
+    assert torch.load(path, weights_only=True)["w"].shape == (2,)
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_save_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "x.pt"
+    atomic_save({"w": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"w": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"w": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_atomic_write_text(tmp_path):
+    p = atomic_write_text("ä\n", tmp_path / "a.md")
+    assert p.read_text(encoding="utf-8") == "ä\n"
+
+
+def test_versions_are_plain_strings():
+    v = versions()
+    assert {"python", "torch", "nni", "transformers", "numpy"} <= set(v)
+    assert all(type(x) is str for x in v.values())
+    assert v["torch"] == str(torch.__version__)

@@ -1,0 +1,327 @@
+"""Checkpoint format for a trained PAIF fusion + segmentation model.
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023. A checkpoint holds everything needed to rebuild and judge the model without
+the code that trained it: the weights, the genotype (fusion architecture), the segmenter config, the
+resolved training config and the library versions. It holds only tensors and plain Python types, so it
+loads with ``torch.load(weights_only=True)`` (no arbitrary code runs when a checkpoint is opened).
+
+Layout (format version 1)::
+
+    {"format": "paif-checkpoint", "format_version": 1, "created": "2025-...Z",
+     "state_dict": {name: tensor}, "genotype": {...}, "segmenter": {"variant": "b0", "num_classes": 9},
+     "train_cfg": {...}, "versions": {"python": ..., "torch": ...}, "state": None | {"epoch": .., ...}}
+
+Make a randomly initialised checkpoint (tests, demos)::
+
+    python -m trainer.checkpoint --init --genotype paif --out ckpt.pt [--channels 8] [--seed 0]
+    python -m trainer.checkpoint --info ckpt.pt
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from trainer.config import config_to_dict
+from trainer.runs import atomic_save, versions
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "save_checkpoint", "load_checkpoint",
+    "load_model", "genotype_to_dict", "genotype_from_dict", "resolve_genotype", "init_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "paif-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "state_dict", "genotype", "segmenter", "train_cfg", "versions")
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, of another format, or does not match its genotype."""
+
+
+# ----------------------------------------------------------------------------------------------- genotype
+def genotype_to_dict(genotype: Any) -> dict[str, Any]:
+    """A plain ``{field: value}`` dict of a Genotype (tuples become lists), safe for ``weights_only`` loading."""
+    if isinstance(genotype, Mapping):
+        return _plain(dict(genotype), "genotype")
+    if hasattr(genotype, "to_dict"):
+        return _plain(genotype.to_dict(), "genotype")
+    if dataclasses.is_dataclass(genotype):
+        return _plain(dataclasses.asdict(genotype), "genotype")
+    raise CheckpointError(f"expected a Genotype or a dict, got {type(genotype).__name__}")
+
+
+def genotype_from_dict(data: Mapping[str, Any]) -> Any:
+    """Rebuild a ``search_space.genotype.Genotype`` from :func:`genotype_to_dict` output (validated)."""
+    from search_space.genotype import Genotype
+
+    if hasattr(Genotype, "from_dict"):
+        return Genotype.from_dict(dict(data))
+    return Genotype.from_json(json.dumps(dict(data)))
+
+
+def resolve_genotype(spec: Any, channels: int | None = None) -> Any:
+    """A Genotype from a Genotype, a dict, a name in ``GENOTYPES`` or a JSON file path; optionally re-channelled."""
+    from search_space.genotype import GENOTYPES, Genotype
+
+    if isinstance(spec, Genotype):
+        genotype = spec
+    elif isinstance(spec, Mapping):
+        genotype = genotype_from_dict(spec)
+    elif isinstance(spec, str) and spec in GENOTYPES:
+        genotype = GENOTYPES[spec]
+    elif isinstance(spec, (str, Path)) and Path(spec).is_file():
+        genotype = Genotype.from_json(Path(spec))
+    else:
+        raise CheckpointError(
+            f"expected a genotype name in {sorted(GENOTYPES)} or a genotype JSON file, got {spec!r}"
+        )
+    if channels is not None and channels != genotype.channels:
+        genotype = dataclasses.replace(genotype, channels=int(channels))
+        if hasattr(genotype, "validate"):
+            genotype.validate()
+    return genotype
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """Convert dataclasses/tuples/Paths to plain types; reject anything ``weights_only`` cannot load."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if obj is None or type(obj) in _PLAIN:
+        return obj
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, (str, int, float)):  # subclasses (TorchVersion, numpy.float64, IntEnum) -> plain
+        return str(obj) if isinstance(obj, str) else (int(obj) if isinstance(obj, int) else float(obj))
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(config_to_dict(obj), where)
+    if isinstance(obj, Mapping):
+        return {k if isinstance(k, (str, int)) else str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, torch.Size):
+        return list(obj)
+    raise CheckpointError(
+        f"{where}: expected tensors or plain Python types (dict, list, str, int, float, bool, None), "
+        f"got {type(obj).__name__}; convert it (e.g. a config dataclass with trainer.config.config_to_dict) "
+        "so the checkpoint stays loadable with torch.load(weights_only=True)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    genotype: Any,
+    segmenter_cfg: Mapping[str, Any],
+    train_cfg: Any,
+    state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file + ``os.replace``).
+
+    Args:
+        path: destination ``.pt`` file; parent directories are created.
+        model: the ``FusionSegModel`` (its ``state_dict`` is stored on the CPU).
+        genotype: the ``Genotype`` the fusion network was built from (stored as a dict).
+        segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``.
+        train_cfg: the resolved training config (a dataclass or a plain dict).
+        state: optional resumable training state (epoch, step, optimizer/scheduler/scaler state dicts,
+            best metric, ...): tensors and plain types only.
+    Returns:
+        The path written.
+    """
+    seg = dict(segmenter_cfg)
+    if "variant" not in seg or "num_classes" not in seg:
+        raise CheckpointError(
+            f"segmenter_cfg: expected keys 'variant' and 'num_classes', got {sorted(seg)}; "
+            "pass e.g. {'variant': 'b0', 'num_classes': 9}"
+        )
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "genotype": genotype_to_dict(genotype),
+        "segmenter": _plain(seg, "segmenter_cfg"),
+        "train_cfg": _plain(train_cfg if train_cfg is not None else {}, "train_cfg"),
+        "versions": _plain(versions(), "versions"),
+        "state": None if state is None else _plain(dict(state), "state"),
+    }
+    path = atomic_save(ckpt, path)
+    log.info("saved checkpoint %s (%d tensors)", path, len(ckpt["state_dict"]))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- load
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing file; not a torch file (corrupted, truncated); objects other than tensors
+            and plain types; not a PAIF checkpoint; wrong format version; missing keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: expected a .pt file written by save_checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            raise CheckpointError(
+                f"checkpoint {path} contains objects other than tensors and plain types, so it cannot be "
+                f"loaded safely with weights_only=True; re-save it with trainer.checkpoint.save_checkpoint "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file (corrupted?): {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable torch file (corrupted or truncated?): expected a file written "
+            f"by torch.save, got {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: expected a PAIF checkpoint (format {FORMAT!r}), got {got!r}; a bare state_dict "
+            "or another project's file cannot be loaded, save it with trainer.checkpoint.save_checkpoint"
+        )
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: expected format version {FORMAT_VERSION}, got {ckpt.get('format_version')!r}; "
+            "use the code version that wrote it or convert it"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing key(s) {missing}; expected all of {list(REQUIRED_KEYS)}")
+    seg = ckpt["segmenter"]
+    if not isinstance(seg, dict) or "variant" not in seg or "num_classes" not in seg:
+        raise CheckpointError(f"checkpoint {path}: expected segmenter {{'variant', 'num_classes'}}, got {seg!r}")
+    return ckpt
+
+
+def _mismatch(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor]) -> list[str]:
+    def head(keys: list[str]) -> str:
+        return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    missing = sorted(set(model_sd) - set(ckpt_sd))
+    unexpected = sorted(set(ckpt_sd) - set(model_sd))
+    shapes = sorted(
+        f"{k} (model {tuple(model_sd[k].shape)} vs checkpoint {tuple(ckpt_sd[k].shape)})"
+        for k in set(model_sd) & set(ckpt_sd)
+        if tuple(model_sd[k].shape) != tuple(ckpt_sd[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing in checkpoint: {head(missing)}")
+    if unexpected:
+        problems.append(f"not in model: {head(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {head(shapes)}")
+    return problems
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the ``FusionSegModel`` from a checkpoint and load its weights.
+
+    Returns:
+        ``(model, meta)``: the model in eval mode on ``map_location``; ``meta`` is the checkpoint without
+        ``state_dict`` (format_version, created, genotype dict, segmenter, train_cfg, versions, state).
+    Raises:
+        CheckpointError: everything :func:`load_checkpoint` raises, an invalid genotype, or weights that
+            do not match the architecture (the mismatched keys are named).
+    """
+    from search_space.pipeline import build_model
+
+    ckpt = load_checkpoint(path, map_location=map_location)
+    try:
+        genotype = genotype_from_dict(ckpt["genotype"])
+    except Exception as exc:  # GenotypeError, TypeError, ... from user data
+        raise CheckpointError(f"checkpoint {path}: invalid genotype {ckpt['genotype']!r}: {exc}") from exc
+    seg = ckpt["segmenter"]
+    model = build_model(genotype, segmenter=seg["variant"], num_classes=int(seg["num_classes"]), pretrained=None)
+    problems = _mismatch(model.state_dict(), ckpt["state_dict"])
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not match genotype/segmenter {genotype_to_dict(genotype)} {seg}: "
+            + "; ".join(problems)
+        )
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.to(map_location).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta["path"] = str(path)
+    meta["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    return model, meta
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def init_checkpoint(
+    path: str | Path,
+    genotype: Any = "paif",
+    segmenter: str = "b0",
+    num_classes: int = 9,
+    channels: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised model (no pretrained weights) as a checkpoint, for tests and demos."""
+    from search_space.pipeline import build_model
+
+    geno = resolve_genotype(genotype, channels=channels)
+    torch.manual_seed(seed)
+    model = build_model(geno, segmenter=segmenter, num_classes=num_classes, pretrained=None)
+    train_cfg = {"note": "random initialisation, not trained", "seed": seed}
+    return save_checkpoint(path, model, geno, {"variant": segmenter, "num_classes": num_classes}, train_cfg)
+
+
+def _summary(path: str | Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    n = sum(int(t.numel()) for t in ckpt["state_dict"].values() if isinstance(t, torch.Tensor))
+    return {
+        "path": str(path), "format_version": ckpt["format_version"], "created": ckpt.get("created"),
+        "genotype": ckpt["genotype"], "segmenter": ckpt["segmenter"], "tensors": len(ckpt["state_dict"]),
+        "values": n, "train_cfg": ckpt["train_cfg"], "versions": ckpt["versions"],
+        "state": sorted(ckpt["state"]) if isinstance(ckpt.get("state"), dict) else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint", description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--init", action="store_true", help="write a randomly initialised checkpoint")
+    mode.add_argument("--info", metavar="CKPT", help="print a checkpoint's metadata as JSON")
+    p.add_argument("--genotype", default="paif", help="name in search_space.genotype.GENOTYPES or a JSON file")
+    p.add_argument("--segmenter", default="b0", help="SegFormer variant")
+    p.add_argument("--num-classes", type=int, default=9)
+    p.add_argument("--channels", type=int, default=None, help="override the genotype's channel width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="ckpt.pt", help="output path for --init")
+    args = p.parse_args(argv)
+    try:
+        if args.init:
+            path = init_checkpoint(args.out, args.genotype, args.segmenter, args.num_classes, args.channels, args.seed)
+            print(json.dumps(_summary(path), indent=2))
+        else:
+            print(json.dumps(_summary(args.info), indent=2))
+    except CheckpointError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,512 @@
+"""Evaluate a trained PAIF fusion + segmentation checkpoint, clean and under attack, and write a report.
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023 (reference protocol: PGD L-inf, eps 8/255, step 2/255, 5 steps, both
+modalities). Weak attacks overstate robustness, so a report on labelled data always includes ``strong``
+(per-image worst case over PGD-20, SegPGD-20 and CosPGD-20 at eps 8/255).
+
+Usage::
+
+    python trainer/evaluate.py --checkpoint runs/retrain/ckpt.pt --data data/MSRS --split test \
+        --threat paif --threat strong [--eps-sweep 0 2 4 8 16] [--out DIR] [--limit N] [--batch-size B] \
+        [--device cpu] [--config configs/evaluate.yaml] [key=value ...]
+    # unlabelled pairs (fusion metrics, label-free fusion-loss attack):
+    python trainer/evaluate.py --checkpoint ckpt.pt --data ../shared/data/real_rgbt --limit 8
+    # a randomly initialised checkpoint for a demo:
+    python -m trainer.checkpoint --init --genotype paif --out /tmp/ckpt.pt
+
+Writes into the run directory: ``report.json`` (config, versions, checkpoint metadata, numbers),
+``report.md`` (tables with explanations), ``grid_<threat>.png`` (IR, VIS, fused, prediction, ground
+truth; clean and attacked rows), ``eps_curve.png`` (mIoU versus eps per threat model), ``config.yaml``
+and ``evaluate.log``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from rgbt.color import rgb_to_y
+from rgbt.dataset import DataError, RGBTDataset
+from robustness.threats import THREAT_MODELS, ThreatError, build_threat, load_threats_yaml, resolve_threat
+from trainer.checkpoint import CheckpointError, load_model
+from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, save_config
+from trainer.metrics import ConfusionMatrix, FusionMetrics
+from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
+from trainer.runs import make_run_dir, seed_everything, setup_logging, versions
+
+log = logging.getLogger("trainer.evaluate")
+
+ALWAYS_LABELLED = "strong"  # the threat model every labelled report must include
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class EvaluateConfig:
+    """Resolved configuration of one evaluation (YAML ``configs/evaluate.yaml`` ← flags ← ``key=value``)."""
+
+    checkpoint: str = ""  # file written by trainer.checkpoint.save_checkpoint
+    data: str = ""  # dataset root: <root>/<split>/{vi,ir,label} (MSRS), MFNet, or flat <root>/{vi,ir}
+    split: str = "test"
+    out: str = ""  # output directory; empty: runs/evaluate-<timestamp>
+    threats: list[str] = field(default_factory=lambda: ["paif", "strong"])  # names in THREAT_MODELS or YAML files
+    eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # in 1/255; [] = no sweep
+    limit: int = 0  # evaluate the first N images only; 0 = all
+    batch_size: int = 4
+    num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    seed: int = 0
+    grid_samples: int = 4  # samples shown in each picture grid
+    steps: int = 0  # 0 = the threat models' own step counts (the protocol); N > 0 overrides (quick checks only)
+    resize: list[int] = field(default_factory=list)  # [] = native resolution; [H, W] resizes every image (quick checks)
+    progress: bool = True  # tqdm progress bar
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default (set 1 on oversubscribed machines)
+
+
+# ---------------------------------------------------------------------------------------- threat models
+@dataclass
+class Threat:
+    """A named attack as evaluated: ``make(eps)`` builds the attack at another budget (eps in [0, 1] units)."""
+
+    name: str
+    description: str
+    eps: float
+    make: Callable[[float | None], Callable]
+    attack: Callable | None = None
+
+    def __post_init__(self) -> None:
+        if self.attack is None:
+            self.attack = self.make(None)
+
+
+THREAT_HELP: dict[str, str] = {
+    "paif": "the PAIF reference protocol: PGD (projected gradient descent) with an L∞ budget of 8/255, "
+            "step 2/255, 5 steps, perturbing both the infrared and the visible image to maximise the "
+            "segmentation cross-entropy.",
+    "a2rnet": "the A2RNet budget: PGD L∞ 4/255, 20 steps of 1/255, both images, cross-entropy.",
+    "strong": "per image, the worst of three 20-step attacks at L∞ 8/255 on both images (PGD, SegPGD which "
+              "shifts weight to still-correct pixels, CosPGD which weights pixels by their confidence in the "
+              "true class) and the clean image; the strongest attack here, so its mIoU is the tightest available "
+              "upper bound on the true robust mIoU.",
+}
+
+
+def _describe(name: str, spec: dict[str, Any], labelled: bool) -> str:
+    """One sentence for the report: the built-in text, or one generated from the resolved spec."""
+    if labelled and name in THREAT_HELP and spec == resolve_threat(name):
+        return THREAT_HELP[name]
+
+    def one(m: dict[str, Any]) -> str:
+        kind = "pgd" if not labelled and m["attack"] in ("segpgd", "cospgd") else m["attack"]
+        return (f"{kind.upper()}-{m.get('steps', 1)} ({m.get('norm', 'linf').replace('linf', 'L∞')} "
+                f"ε {m['eps'] * 255:g}/255, step {m.get('alpha', m['eps']) * 255:g}/255, "
+                f"on {'+'.join(m.get('targets', ['ir', 'vis']))})")
+
+    if spec["attack"] == "worst_case":
+        text = "per image, the worst of " + ", ".join(one(m) for m in spec["members"])
+        text += " and the clean image" if spec.get("include_clean", True) else ""
+    else:
+        text = one(spec)
+    if labelled:
+        return text + ", maximising the segmentation cross-entropy."
+    return (f"label-free variant of `{name}`: {text}, each maximising the distance between the attacked and the "
+            "clean fused image (no labels needed; SegPGD/CosPGD members, whose weights need labels, become PGD "
+            "runs with other random starts).")
+
+
+def build_threats(names: Sequence[str], model: torch.nn.Module, labelled: bool, steps: int,
+                  notes: list[str]) -> list[Threat]:
+    """Threat objects for ``names`` (built-in names or YAML files of ``threats:``).
+
+    On unlabelled data each threat becomes its label-free fusion-loss variant (``loss="fusion"``).
+    ``steps > 0`` replaces every member's step count (quick checks; not the protocol).
+    """
+    registry: dict[str, Any] = dict(THREAT_MODELS)
+    wanted: list[str] = []
+    for n in names:
+        if n.endswith((".yaml", ".yml")):
+            extra = load_threats_yaml(n)
+            new = [k for k in extra if k not in THREAT_MODELS]
+            registry.update(extra)
+            wanted += new
+            notes.append(f"threat models {', '.join(f'`{k}`' for k in new)} come from `{n}`.")
+        else:
+            wanted.append(n)
+    threats = []
+    for name in dict.fromkeys(wanted):
+        try:
+            spec = resolve_threat(name, registry)
+        except ThreatError as exc:
+            raise ConfigError(str(exc)) from exc
+        description = _describe(name, spec, labelled)
+        if steps > 0:
+            for m in spec["members"] if spec["attack"] == "worst_case" else [spec]:
+                if m["attack"] != "fgsm":
+                    m["steps"] = steps
+            description += f" (step counts overridden to {steps} in this run)"
+        loss = None if labelled else "fusion"
+        shown = name if labelled else f"{name}-fusion"
+
+        def make(eps: float | None, spec: dict[str, Any] = spec, loss: str | None = loss) -> Callable:
+            return build_threat(spec, model, eps=eps, loss=loss)
+
+        attack = make(None)
+        threats.append(Threat(shown, description, float(attack.eps), make, attack))
+    return threats
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else MPS, else CPU; other names are passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {name!r}") from exc
+
+
+def _resize(sample: dict[str, Any], size: Sequence[int]) -> dict[str, Any]:
+    """Resize one sample to (H, W): images bilinear with antialiasing, labels nearest."""
+    h, w = int(size[0]), int(size[1])
+    out = dict(sample)
+    for k in ("ir", "vis"):
+        out[k] = F.interpolate(sample[k][None], size=(h, w), mode="bilinear", antialias=True,
+                               align_corners=False)[0].clamp(0, 1)
+    if "label" in sample:
+        out["label"] = F.interpolate(sample["label"][None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    return out
+
+
+def _batches(loader: DataLoader, resize: Sequence[int] = ()) -> Iterator[dict[str, Any]]:
+    """Stack consecutive same-size samples into batches (sizes may vary between images)."""
+    for samples in loader:
+        group: list[dict[str, Any]] = []
+        for s in samples:
+            if resize:
+                s = _resize(s, resize)
+            if group and s["ir"].shape != group[0]["ir"].shape:
+                yield _stack(group)
+                group = []
+            group.append(s)
+        if group:
+            yield _stack(group)
+
+
+def _stack(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: torch.stack([s[k] for s in samples]) for k in ("ir", "vis", "label") if k in samples[0]}
+    out["name"] = [s["name"] for s in samples]
+    return out
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of (B, C, H, W) images in [0, 1]; identical images give 100 dB (capped)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+def _np_img(t: torch.Tensor) -> np.ndarray:
+    """(C, H, W) tensor in [0, 1] → (H, W) or (H, W, 3) float numpy."""
+    a = t.detach().float().cpu().numpy()
+    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+
+def _seg_summary(cm: ConfusionMatrix) -> dict[str, Any]:
+    r = cm.compute()
+    return {"miou": r["miou"], "miou_objects": r["miou_objects"], "macc": r["macc"], "pixel_acc": r["pixel_acc"],
+            "iou": dict(zip(r["classes"], r["iou"])), "recall": dict(zip(r["classes"], r["recall"])),
+            "pixels": r["pixels"]}
+
+
+def _sweep_eps(cfg: EvaluateConfig) -> list[float]:
+    bad = [e for e in cfg.eps_sweep if not (isinstance(e, (int, float)) and 0 <= e <= 255)]
+    if bad:
+        raise ConfigError(f"eps_sweep: expected values in 0..255 (units of 1/255), got {bad}")
+    return sorted({float(e) for e in cfg.eps_sweep})
+
+
+class _Accumulator:
+    """Per-condition metrics: confusion matrix, fusion metrics, fused-image PSNR against the clean run."""
+
+    def __init__(self, num_classes: int, labelled: bool, fusion: bool) -> None:
+        self.cm = ConfusionMatrix(num_classes) if labelled else None
+        self.fusion = FusionMetrics() if fusion else None
+        self.psnr: list[float] = []
+
+    def update(self, out: Any, batch: dict[str, Any], clean_fused: torch.Tensor | None) -> None:
+        if self.cm is not None:
+            self.cm.update(out.logits.argmax(1), batch["label"])
+        if self.fusion is not None:
+            # attacked fused images are judged against the CLEAN sources: the scene, not the perturbation
+            self.fusion.update(out.fused_y.float().clamp(0, 1), batch["ir"], rgb_to_y(batch["vis"]))
+        if clean_fused is not None:
+            self.psnr += _psnr(out.fused_y, clean_fused).tolist()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "segmentation": _seg_summary(self.cm) if self.cm is not None else None,
+            "fusion": self.fusion.compute() if self.fusion is not None else None,
+            "fused_psnr": float(np.mean(self.psnr)) if self.psnr else None,
+        }
+
+
+# ------------------------------------------------------------------------------------------------- run
+def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` and write the report files into ``run_dir``."""
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    notes: list[str] = []
+    model, meta = load_model(cfg.checkpoint, map_location=device)
+    model.requires_grad_(False)
+    num_classes = int(meta["segmenter"]["num_classes"])
+
+    dataset = RGBTDataset(cfg.data, split=cfg.split)
+    labelled = bool(dataset.has_labels)
+    if cfg.limit > 0 and cfg.limit < len(dataset):
+        dataset = Subset(dataset, range(cfg.limit))
+    n_images = len(dataset)
+    if n_images == 0:
+        raise ConfigError(f"data: expected at least one image in {cfg.data} split {cfg.split!r}, got none")
+
+    names = list(dict.fromkeys(cfg.threats))
+    if labelled and ALWAYS_LABELLED not in names:
+        names.append(ALWAYS_LABELLED)
+        notes.append(f"`{ALWAYS_LABELLED}` was added to the requested threat models: weak attacks overstate "
+                     "robustness, so every report on labelled data includes it.")
+    if not labelled:
+        notes.append("The data has no labels: segmentation metrics cannot be computed, so each threat model is "
+                     "run with the label-free fusion loss (it pushes the fused image away from the clean one).")
+    if cfg.steps > 0:
+        notes.append(f"**Attack step counts were overridden to {cfg.steps}** (`steps={cfg.steps}`): a quick "
+                     "check, NOT the reference protocol. Do not quote these numbers.")
+    threats = build_threats(names, model, labelled, cfg.steps, notes)
+    sweep = _sweep_eps(cfg)
+    if cfg.resize:
+        if len(cfg.resize) != 2 or min(cfg.resize) < 16:
+            raise ConfigError(f"resize: expected [H, W] with both >= 16 or [], got {cfg.resize}")
+        notes.append(f"Images were resized to {cfg.resize[0]}×{cfg.resize[1]} (`resize`), not evaluated at their "
+                     "native resolution: not comparable with full-resolution numbers.")
+
+    accs = {"clean": _Accumulator(num_classes, labelled, fusion=True)}
+    for th in threats:
+        accs[th.name] = _Accumulator(num_classes, labelled, fusion=True)
+    sweep_attacks: dict[tuple[str, float], Callable] = {}
+    for th in threats:
+        for e in sweep:
+            if e > 0 and not math.isclose(e / 255, th.eps, rel_tol=1e-6):
+                sweep_attacks[(th.name, e)] = th.make(e / 255)
+                accs[f"{th.name}@{e:g}"] = _Accumulator(num_classes, labelled, fusion=False)
+
+    grid: dict[str, list[dict[str, Any]]] = {th.name: [] for th in threats}
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                        collate_fn=list)
+    bar = tqdm(total=n_images, desc="evaluate", unit="img", disable=not cfg.progress, file=sys.stderr)
+    for batch in _batches(loader, cfg.resize):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        label = batch.get("label")
+        with torch.no_grad():
+            clean = model(batch["ir"], batch["vis"])
+        accs["clean"].update(clean, batch, None)
+        for th in threats:
+            ir_adv, vis_adv = th.attack(batch["ir"], batch["vis"], label)
+            with torch.no_grad():
+                adv = model(ir_adv, vis_adv)
+            accs[th.name].update(adv, batch, clean.fused_y)
+            _collect_grid(grid[th.name], cfg.grid_samples, th, batch, clean, adv, ir_adv, vis_adv)
+            for e in sweep:
+                key = (th.name, e)
+                if key in sweep_attacks:
+                    ir_s, vis_s = sweep_attacks[key](batch["ir"], batch["vis"], label)
+                    with torch.no_grad():
+                        accs[f"{th.name}@{e:g}"].update(model(ir_s, vis_s), batch, clean.fused_y)
+        bar.update(len(batch["name"]))
+    bar.close()
+
+    results = {k: a.summary() for k, a in accs.items()}
+    report = _assemble(cfg, meta, device, labelled, n_images, threats, sweep, results, notes)
+    report["pictures"] = _pictures(run_dir, grid, report, labelled)
+    report["elapsed_s"] = time.time() - t0
+    write_json(report, run_dir / "report.json")
+    write_markdown(report, run_dir / "report.md")
+    log.info("wrote %s and %s (%.1f s)", run_dir / "report.json", run_dir / "report.md", report["elapsed_s"])
+    return to_jsonable(report)
+
+
+def _collect_grid(rows: list[dict[str, Any]], limit: int, th: Threat, batch: dict[str, Any], clean: Any,
+                  adv: Any, ir_adv: torch.Tensor, vis_adv: torch.Tensor) -> None:
+    """Keep clean + attacked picture rows for the first ``limit`` samples."""
+    scale = 1.0 / th.eps if th.eps > 0 else 1.0
+    for i, name in enumerate(batch["name"]):
+        if len(rows) >= 2 * limit:
+            return
+        gt = batch["label"][i].cpu().numpy() if "label" in batch else None
+        delta = (vis_adv[i] - batch["vis"][i]).abs().amax(0) * scale
+        rows.append({"label": f"{name}\nclean", "ir": _np_img(batch["ir"][i]), "vis": _np_img(batch["vis"][i]),
+                     "fused": _np_img(clean.fused_rgb[i].clamp(0, 1)), "pred": clean.logits[i].argmax(0).cpu().numpy(),
+                     "gt": gt, "delta": None})
+        rows.append({"label": f"{name}\n{th.name}", "ir": _np_img(ir_adv[i]), "vis": _np_img(vis_adv[i]),
+                     "fused": _np_img(adv.fused_rgb[i].clamp(0, 1)), "pred": adv.logits[i].argmax(0).cpu().numpy(),
+                     "gt": gt, "delta": delta.clamp(0, 1).cpu().numpy()})
+
+
+def _genotype_summary(g: dict[str, Any]) -> str:
+    parts = [f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in g.items() if k != "version"]
+    return ", ".join(parts)
+
+
+def _assemble(cfg: EvaluateConfig, meta: dict[str, Any], device: torch.device, labelled: bool, n_images: int,
+              threats: list[Threat], sweep: list[float], results: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    clean = results["clean"]
+    threat_rep: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for th in threats:
+        r = results[th.name]
+        entry = {"description": th.description, "attack": " ".join(repr(th.attack).split()),
+                 "attack_config": th.attack.config(), "eps": th.eps,
+                 "eps_255": th.eps * 255, **r}
+        if labelled:
+            entry["miou_drop"] = clean["segmentation"]["miou"] - r["segmentation"]["miou"]
+        threat_rep[th.name] = entry
+        pts = []
+        for e in sweep:
+            if e == 0:
+                src = {**clean, "fused_psnr": 100.0}
+            elif math.isclose(e / 255, th.eps, rel_tol=1e-6):
+                src = r
+            else:
+                src = results[f"{th.name}@{e:g}"]
+            pts.append({"eps_255": e, "eps": e / 255,
+                        "miou": src["segmentation"]["miou"] if labelled else None,
+                        "fused_psnr": src["fused_psnr"]})
+        if pts:
+            curves[th.name] = pts
+    return {
+        "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "config": config_to_dict(cfg),
+        "versions": versions(),
+        "device": str(device),
+        "checkpoint": {
+            "path": meta.get("path"), "created": meta.get("created"), "genotype": meta["genotype"],
+            "genotype_summary": _genotype_summary(meta["genotype"]), "segmenter": meta["segmenter"],
+            "train_cfg": meta["train_cfg"], "versions": meta["versions"], "num_parameters": meta.get("num_parameters"),
+            "state": {k: v for k, v in (meta.get("state") or {}).items() if isinstance(v, (int, float, str))},
+        },
+        "data": {"root": cfg.data, "split": cfg.split, "num_images": n_images, "labelled": labelled},
+        "notes": notes,
+        "clean": {"segmentation": clean["segmentation"], "fusion": clean["fusion"]},
+        "threats": threat_rep,
+        "eps_sweep": curves,
+        "eps_sweep_metric": "miou" if labelled else "fused_psnr",
+    }
+
+
+def _pictures(run_dir: Path, grid: dict[str, list[dict[str, Any]]], report: dict[str, Any],
+              labelled: bool) -> dict[str, Any]:
+    pics: dict[str, Any] = {"grids": {}, "curves": None}
+    for name, rows in grid.items():
+        if rows:
+            png = f"grid_{name.replace('/', '_').replace(':', '_')}.png"
+            save_grid(run_dir / png, rows, title=f"clean vs attacked by '{name}'")
+            pics["grids"][name] = png
+    curves = report["eps_sweep"]
+    if curves and len(next(iter(curves.values()))) >= 2:
+        key = report["eps_sweep_metric"]
+        data = {n: [(p["eps_255"], p[key]) for p in pts if not (key == "fused_psnr" and p["eps_255"] == 0)]
+                for n, pts in curves.items()}
+        if labelled:
+            save_curves(run_dir / "eps_curve.png", data, ylabel="mIoU (%)", title="mIoU versus attack budget ε")
+        else:
+            save_curves(run_dir / "eps_curve.png", data, ylabel="PSNR attacked vs clean fused (dB)",
+                        title="Fused-image change versus attack budget ε", percent=False)
+        pics["curves"] = "eps_curve.png"
+    return pics
+
+
+# --------------------------------------------------------------------------------------------- command
+def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
+    """Command line → (YAML path, flat overrides). Flags override YAML; trailing ``key=value`` override flags."""
+    p = argparse.ArgumentParser(prog="python trainer/evaluate.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Usage::")[1])
+    p.add_argument("--config", default=None, help="YAML file of EvaluateConfig keys (e.g. configs/evaluate.yaml)")
+    p.add_argument("--checkpoint", help="checkpoint .pt written by trainer.checkpoint")
+    p.add_argument("--data", help="dataset root")
+    p.add_argument("--split", help="split name (default test)")
+    p.add_argument("--threat", action="append", dest="threats", metavar="NAME",
+                   help="threat model name or YAML file; repeat for several (default paif + strong)")
+    p.add_argument("--out", help="output directory (default runs/evaluate-<timestamp>)")
+    p.add_argument("--eps-sweep", nargs="*", dest="eps_sweep", metavar="EPS",
+                   help="budgets in 1/255 for the mIoU-versus-eps curve (none: no sweep)")
+    p.add_argument("--limit", type=int, help="first N images only")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--steps", type=int, help="override every attack's step count (quick checks, not the protocol)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any EvaluateConfig key, e.g. grid_samples=2")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    overrides = list(args.overrides)
+    if args.eps_sweep is not None:  # nargs="*" also swallows trailing key=value items: hand them back
+        overrides += [e for e in args.eps_sweep if "=" in e]
+        try:
+            args.eps_sweep = [float(e) for e in args.eps_sweep if "=" not in e]
+        except ValueError as exc:
+            raise ConfigError(f"--eps-sweep: expected numbers in units of 1/255, got {args.eps_sweep}") from exc
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+    flags.update(parse_overrides(overrides))
+    return args.config, flags
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns a process exit code (0 ok, 2 bad input)."""
+    try:
+        yaml_path, overrides = parse_args(argv)
+        cfg = load_config(EvaluateConfig, yaml_path, overrides)
+        if not cfg.checkpoint or not cfg.data:
+            raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
+                              f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+        run_dir = Path(cfg.out) if cfg.out else make_run_dir("runs", "evaluate")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir, filename="evaluate.log")
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("evaluating %s on %s (%s) into %s", cfg.checkpoint, cfg.data, cfg.split, run_dir)
+        report = evaluate(cfg, run_dir)
+    except (ConfigError, CheckpointError, DataError, ThreatError, FileNotFoundError) as exc:
+        logging.getLogger("trainer.evaluate").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _print_summary(report, run_dir)
+    return 0
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    clean = report["clean"]
+    if report["data"]["labelled"]:
+        line = [f"clean mIoU {100 * (clean['segmentation']['miou'] or 0):.1f}"]
+        line += [f"{n} {100 * (t['segmentation']['miou'] or 0):.1f}" for n, t in report["threats"].items()]
+    else:
+        line = [f"{n}: fused PSNR vs clean {t['fused_psnr']:.1f} dB" for n, t in report["threats"].items()]
+    print("; ".join(line))
+    print(f"report: {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Evaluation reports: ``report.json``, ``report.md`` and PNG pictures (sample grids, mIoU-versus-ε curves).
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023. The report is meant for a newcomer: every table says what its numbers mean,
+every threat model is described in words, and the pictures show what the attack does to the images.
+
+Pure functions of a plain report dict (built by ``trainer/evaluate.py``); nothing here runs a model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from matplotlib.patches import Patch  # noqa: E402
+
+from rgbt.classes import CLASSES, PALETTE, colorize  # noqa: E402
+from trainer.runs import atomic_write_text  # noqa: E402
+
+__all__ = [
+    "METRIC_HELP", "FUSION_METRIC_HELP", "to_jsonable", "write_json", "write_markdown", "render_markdown",
+    "save_grid", "save_curves", "GridRow",
+]
+
+log = logging.getLogger(__name__)
+
+GridRow = dict  # {"label": str, "ir": (H,W) float [0,1], "vis": (H,W,3) float [0,1], "fused": (H,W,3) float,
+#                  "pred": (H,W) int | None, "gt": (H,W) int | None, "delta": (H,W) float [0,1] | None}
+
+METRIC_HELP: dict[str, str] = {
+    "mIoU": "mean over the 9 classes (including 'unlabeled', the reference convention) of "
+            "IoU = TP / (TP + FP + FN), from one confusion matrix over all test pixels; pixels labelled 255 are "
+            "ignored. Higher is better, 1 is perfect.",
+    "mIoU_objects": "the same mean over the 8 object classes only (without 'unlabeled').",
+    "mAcc": "mean over classes of the per-class recall TP / (TP + FN).",
+    "drop": "clean mIoU minus attacked mIoU: how much the attack costs; smaller means more robust.",
+}
+FUSION_METRIC_HELP: dict[str, str] = {
+    "EN": "entropy of the fused image's grey levels (bits): information content; higher is richer.",
+    "SD": "standard deviation of the fused image: contrast; higher is more contrast.",
+    "SF": "spatial frequency: overall activity of row and column differences; higher is sharper.",
+    "AG": "average gradient magnitude: detail and sharpness; higher is sharper.",
+    "MI": "mutual information of the fused image with the IR image plus that with the VIS image (bits); "
+          "higher keeps more of the sources.",
+    "SCD": "sum of the correlations of differences (Aslantas & Bendes): how much of each source's "
+           "complementary content the fused image carries; higher is better.",
+    "VIF": "visual information fidelity of the fused image with respect to IR plus that to VIS; higher is better.",
+    "Qabf": "edge-preservation quality (Xydeas & Petrovic), in [0, 1]; higher keeps more source edges.",
+    "SSIM": "structural similarity of the fused image to IR plus that to VIS (a sum, so at most 2); higher is "
+            "more faithful structure.",
+}
+
+
+# -------------------------------------------------------------------------------------------------- json
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types: NaN/inf become None, numpy/torch scalars become floats, tuples/Paths lists/str."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, np.ndarray) or (hasattr(obj, "tolist") and not isinstance(obj, (int, float))):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, int):
+        return obj
+    return str(obj)
+
+
+def write_json(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``report`` as indented, strictly valid JSON (no NaN)."""
+    return atomic_write_text(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n", path)
+
+
+# -------------------------------------------------------------------------------------------- markdown
+def _f(v: Any, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _segmentation_section(report: Mapping[str, Any]) -> list[str]:
+    clean = report["clean"]["segmentation"]
+    threats = report["threats"]
+    lines = ["## Segmentation under attack", "",
+             "Numbers are percentages. *clean* is the model on unmodified images; *attacked* is the same images "
+             "after the threat model perturbed them.", ""]
+    rows = [["clean (no attack)", _f(clean["miou"]), "–", _f(clean["miou_objects"]), _f(clean["macc"])]]
+    for name, t in threats.items():
+        s = t.get("segmentation")
+        if s is None:
+            continue
+        rows.append([f"`{name}`", _f(s["miou"]), _f(clean["miou"] - s["miou"]), _f(s["miou_objects"]), _f(s["macc"])])
+    lines += _table(["condition", "mIoU", "drop", "mIoU (objects)", "mAcc"], rows)
+    header = ["class", "clean"] + [f"`{n}`" for n, t in threats.items() if t.get("segmentation")]
+    rows = []
+    for c in CLASSES:
+        row = [c, _f(clean["iou"].get(c))]
+        row += [_f(t["segmentation"]["iou"].get(c)) for t in threats.values() if t.get("segmentation")]
+        rows.append(row)
+    lines += ["Per-class IoU (– = the class never occurs and is never predicted):", ""] + _table(header, rows)
+    return lines
+
+
+def _fusion_section(report: Mapping[str, Any]) -> list[str]:
+    clean = report["clean"]["fusion"]
+    if not clean:
+        return []
+    names = list(clean)
+    conds = [("clean", clean)] + [(f"`{n}`", t["fusion"]) for n, t in report["threats"].items() if t.get("fusion")]
+    lines = ["## Fusion quality", "",
+             "No-reference fusion metrics of the fused image (mean over images; see the glossary below). "
+             "Under attack they describe the image the segmenter actually saw.", ""]
+    rows = [[cond] + [_f(m.get(k), pct=False) for k in names] for cond, m in conds]
+    return lines + _table(["condition"] + names, rows)
+
+
+def _sweep_section(report: Mapping[str, Any]) -> list[str]:
+    sweep = report.get("eps_sweep") or {}
+    if not sweep:
+        return []
+    key = report.get("eps_sweep_metric", "miou")
+    label = {"miou": "mIoU (%)",
+             "fused_psnr": "PSNR of attacked vs clean fused image (dB; 100 = identical, lower = more changed)",
+             }.get(key, key)
+    eps = sorted({p["eps_255"] for pts in sweep.values() for p in pts})
+    lines = ["## Robustness versus attack budget ε", "",
+             f"Each threat model re-run with budget ε/255 (all other settings unchanged); value: {label}. "
+             "A robust model degrades slowly as ε grows.", ""]
+    rows = []
+    for name, pts in sweep.items():
+        by = {p["eps_255"]: p.get(key) for p in pts}
+        if key == "miou":
+            rows.append([f"`{name}`"] + [_f(by.get(e)) for e in eps])
+        else:
+            rows.append([f"`{name}`"] + ["–" if by.get(e) is None else f"{by[e]:.1f}" for e in eps])
+    lines += _table(["threat"] + [f"ε={e:g}/255" for e in eps], rows)
+    if report.get("pictures", {}).get("curves"):
+        lines += [f"![{label} versus ε]({report['pictures']['curves']})", ""]
+    return lines
+
+
+def _glossary(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## How to read this report", "", "**Threat models** (what the attacker may do):", ""]
+    for name, t in report["threats"].items():
+        lines.append(f"* `{name}` — {t.get('description', '')}  \n  exact settings: `{t.get('attack', '')}`")
+    lines += ["", "All attacks are white-box: the attacker knows the weights and perturbs the IR and/or visible "
+              "image within an L∞ (or L2) ball of radius ε in [0, 1] pixel units (8/255 ≈ 3 % of the range), "
+              "then clips to valid images.", ""]
+    if report["data"]["labelled"]:
+        lines += ["**Segmentation metrics:**", ""] + [f"* **{k}** — {v}" for k, v in METRIC_HELP.items()] + [""]
+    lines += ["**Fusion metrics** (no reference image exists; they compare the fused image with the sources):", ""]
+    lines += [f"* **{k}** — {v}" for k, v in FUSION_METRIC_HELP.items()] + [""]
+    return lines
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report: summary tables, pictures, a glossary of threat models and metrics."""
+    ck, data = report["checkpoint"], report["data"]
+    lines = ["# PAIF evaluation report", ""]
+    lines += [f"* checkpoint: `{ck.get('path')}` (genotype `{ck.get('genotype_summary', '')}`, "
+              f"segmenter MiT-{ck.get('segmenter', {}).get('variant')}, {ck.get('num_parameters', '?')} parameters)",
+              f"* data: `{data['root']}` split `{data['split']}`, {data['num_images']} images, "
+              f"{'labelled' if data['labelled'] else 'unlabelled (fusion metrics and the label-free fusion attack only)'}",
+              f"* threat models: {', '.join(f'`{n}`' for n in report['threats'])}",
+              f"* device: {report.get('device', '?')}; run time {report.get('elapsed_s', 0):.0f} s; "
+              f"created {report.get('created', '')}", ""]
+    if report.get("notes"):
+        lines += ["**Notes:**", ""] + [f"* {n}" for n in report["notes"]] + [""]
+    if data["labelled"]:
+        lines += _segmentation_section(report)
+    lines += _fusion_section(report)
+    lines += _sweep_section(report)
+    grids = report.get("pictures", {}).get("grids", {})
+    if grids:
+        lines += ["## Samples", "",
+                  "Rows: each sample clean, then attacked. Columns: infrared input, visible input, fused image "
+                  "(what the segmenter sees), predicted classes, ground truth (if labelled) and the perturbation "
+                  "added to the visible image, amplified to full range.", ""]
+        for name, png in grids.items():
+            lines += [f"### `{name}`", "", f"![samples, {name}]({png})", ""]
+    lines += _glossary(report)
+    v = report.get("versions", {})
+    lines += ["## Environment", "", ", ".join(f"{k} {v[k]}" for k in v), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Render :func:`render_markdown` into ``path`` (picture links are relative to its directory)."""
+    return atomic_write_text(render_markdown(to_jsonable(report)), path)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return np.clip(img, 0.0, 1.0)
+
+
+def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Path:
+    """Save a picture grid: one row per entry of ``rows``; columns IR, VIS, fused, prediction, GT, |Δ VIS|.
+
+    Args:
+        rows: dicts with ``label`` (row title), ``ir`` (H,W) in [0,1], ``vis`` (H,W,3) in [0,1], ``fused``
+            (H,W) or (H,W,3) in [0,1], optional ``pred``/``gt`` (H,W) class ids (255 = ignore) and ``delta``
+            (H,W) in [0,1] (the perturbation magnitude, already scaled for display).
+    """
+    if not rows:
+        raise ValueError("save_grid: expected at least one row, got none")
+    cols = [("ir", "infrared"), ("vis", "visible"), ("fused", "fused")]
+    if any(r.get("pred") is not None for r in rows):
+        cols.append(("pred", "prediction"))
+    if any(r.get("gt") is not None for r in rows):
+        cols.append(("gt", "ground truth"))
+    if any(r.get("delta") is not None for r in rows):
+        cols.append(("delta", "|perturbation of VIS| / ε"))
+    h, w = np.asarray(rows[0]["ir"]).shape[:2]
+    cell_w = 2.6
+    cell_h = cell_w * h / w
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(cell_w * len(cols) + 1.2, cell_h * len(rows) + 1.1),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j, (key, name) in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            val = row.get(key)
+            if val is None:
+                ax.set_facecolor("#eeeeee")
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="#888888")
+            elif key in ("pred", "gt"):
+                ax.imshow(colorize(np.asarray(val)), interpolation="nearest")
+            elif key == "delta":
+                ax.imshow(np.clip(np.asarray(val), 0, 1), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(_as_rgb(val), interpolation="nearest")
+            if i == 0:
+                ax.set_title(name, fontsize=10)
+            if j == 0:
+                ax.set_ylabel(row.get("label", ""), fontsize=8, rotation=90)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    legend_h = 0.0
+    if any(key in ("pred", "gt") for key, _ in cols):
+        handles = [Patch(facecolor=PALETTE[i] / 255.0, edgecolor="#666666", label=c) for i, c in enumerate(CLASSES)]
+        handles.append(Patch(facecolor="white", edgecolor="#666666", label="ignored (255)"))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=8, frameon=False)
+        legend_h = 0.5 / fig.get_figheight()
+    fig.tight_layout(rect=(0, legend_h, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_curves(
+    path: str | Path,
+    curves: Mapping[str, Sequence[tuple[float, float | None]]],
+    ylabel: str = "mIoU (%)",
+    title: str = "Robustness versus attack budget",
+    percent: bool = True,
+) -> Path:
+    """Plot one line per threat model: ``curves[name] = [(eps_255, value), ...]`` (None values are skipped)."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for name, pts in curves.items():
+        pts = sorted((e, v) for e, v in pts if v is not None and math.isfinite(v))
+        if not pts:
+            continue
+        xs = [e for e, _ in pts]
+        ys = [100 * v if percent else v for _, v in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel("ε (in 1/255 of the pixel range, L∞)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if percent:
+        ax.set_ylim(bottom=0)
+    ax.legend(title="threat model")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,149 @@
+"""Run-directory helpers shared by the PAIF entry scripts (search, retrain, evaluate).
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023. Every run writes into its own time-stamped directory with a log file, the
+resolved config and the library versions, so that a result can be traced back to what produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import logging
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions"]
+
+log = logging.getLogger(__name__)
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_VERSION_PACKAGES = (
+    "torch", "nni", "transformers", "pytorch-lightning", "kornia", "torchmetrics", "numpy", "scipy", "pillow",
+    "matplotlib", "paif",
+)
+
+
+def make_run_dir(root: str | Path, name: str) -> Path:
+    """Create and return ``root/<name>-YYYYmmdd-HHMMSS`` (a numeric suffix is added if it already exists).
+
+    Args:
+        root: parent directory, created if missing.
+        name: a short run name; characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        candidate = root / (f"{safe}-{stamp}" if i == 0 else f"{safe}-{stamp}-{i}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run directory under {root}: expected a free name, got 1000 clashes")
+
+
+def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:
+    """Configure the root logger: a console handler once, plus a file handler in ``run_dir``.
+
+    Calling it again for another run directory replaces the previous file handler (useful for tests that
+    run several entry points in one process). Returns the log file path, or None without ``run_dir``.
+    """
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter(_LOG_FORMAT)
+    if not any(getattr(h, "_paif_console", False) for h in root.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        console._paif_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    for h in [h for h in root.handlers if getattr(h, "_paif_file", False)]:
+        root.removeHandler(h)
+        h.close()
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(fmt)
+    fh._paif_file = True  # type: ignore[attr-defined]
+    root.addHandler(fh)
+    return path
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally ask torch for deterministic kernels.
+
+    ``deterministic=True`` sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` and disables the
+    cuDNN autotuner; on CUDA it also sets ``CUBLAS_WORKSPACE_CONFIG`` if unset.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed_everything: expected an int seed, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def _atomic_write(path: Path, write: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``.
+
+    A crash mid-write leaves either the old file or none, never a truncated one.
+    """
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write UTF-8 text atomically (temporary file + ``os.replace``)."""
+    data = text.encode("utf-8")
+    return _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the libraries a result depends on (missing ones are omitted)."""
+    out: dict[str, str] = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in _VERSION_PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    out["torch"] = str(torch.__version__)  # TorchVersion is a str subclass; keep it plain
+    out["cuda"] = str(torch.version.cuda) if torch.version.cuda else "none"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
