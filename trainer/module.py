@@ -1,0 +1,596 @@
+"""Lightning module for joint fusion + segmentation retraining with adaptive adversarial training (AAT).
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023 (arXiv 2308.03979). The fixed fusion network of a genotype and the SegFormer
+segmenter (``search_space.pipeline.FusionSegModel``) are trained jointly on the task loss
+``L = λ_f·L_fusion + λ_s·CE`` (``trainer.losses.TaskLoss``), with one of three modes:
+
+* ``clean``: ``L(u)`` only (the paper's "w/o AAT");
+* ``at``:    plain adversarial training ``L(u) + λ·L(u + δ)``, fixed ε (``attack.at_eps``, 8/255);
+* ``aat``:   Reptile pretext initialisation over the attack tasks, then online adversarial training with
+  an ε drawn per batch by the adaptive sampler (``trainer.aat``).
+
+In ``L(u + δ)`` the fusion term still compares the fused image with the *clean* sources: fusion must
+undo the perturbation, not reproduce it.
+
+Exact resume. Every random draw of a training step is a pure function of ``(seed, global_step, rank)``:
+the data order (:class:`StepBatchSampler`, a permutation per epoch, positioned from the global step),
+crops and flips (``RGBTDataset``'s randomness is a function of ``(seed, epoch, index)``; the key
+``(epoch, index)`` travels with each index, :class:`EpochKeyedDataset`), the attack's random start
+(a generator seeded per step), the AAT ε draw, and the global torch RNG (dropout / drop-path; reseeded at
+every step). The rest of the state (weights, AdamW moments, the LR schedule, the global step, the
+sampler's running losses, the best score, whether the pretext stage ran) is in the Lightning checkpoint
+written at the end of a training batch. Resuming from it replays the remaining batches exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
+from trainer.checkpoint import genotype_to_dict, save_checkpoint
+from trainer.config import config_to_dict
+from trainer.losses import TaskLoss
+from trainer.metrics import ConfusionMatrix
+
+__all__ = [
+    "MODES", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
+    "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule", "ResumeCheckpoint",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("aat", "at", "clean")
+ATTACK_KINDS = ("pgd", "fgsm")
+PRETEXT_EPOCH_OFFSET = 1_000_000  # augmentation keys of pretext batches never collide with training epochs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config (one dataclass for the retrain entry point; sections are nested dataclasses)
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    #: dataset root (MSRS / MFNet layout); the synthetic set: python -m rgbt.synthetic --out data/synthetic
+    root: str = "data/synthetic"
+    train_split: str = "train"
+    val_split: str = "val"
+    #: random training crop (height, width); null = full images
+    crop: tuple[int, int] | None = None
+    #: random horizontal flips for training
+    flip: bool = True
+    #: images per device and step
+    batch_size: int = 4
+    val_batch_size: int = 4
+    num_workers: int = 0
+    #: validate on the first N validation images only (0 = all)
+    val_limit: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    #: linear warm-up steps (from lr·warmup_start to lr)
+    warmup_steps: int = 20
+    warmup_start: float = 0.01
+    #: poly decay lr·(1 − t)^power after the warm-up, down to lr·min_lr_ratio
+    poly_power: float = 1.0
+    min_lr_ratio: float = 0.0
+    #: gradient-norm clipping (0 = off)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainAttackConfig:
+    """The on-the-fly attack of adversarial training (modes ``at`` and ``aat``)."""
+
+    #: "pgd" (``steps`` steps, alpha = alpha_factor·ε/steps) or "fgsm" (random start, alpha = 1.25·ε)
+    kind: str = "pgd"
+    steps: int = 3
+    alpha_factor: float = 2.5
+    #: λ in L(u) + λ·L(u + δ)
+    adv_weight: float = 1.0
+    #: ε of plain adversarial training (mode ``at``)
+    at_eps: float = 8 / 255
+    #: perturbed modalities
+    targets: tuple[str, ...] = ("ir", "vis")
+    #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
+    model_mode: str = "keep"
+
+
+@dataclass
+class ValConfig:
+    """Validation: clean and attacked mIoU (PGD L-inf, the ``paif`` protocol by default)."""
+
+    attack_eps: float = 8 / 255
+    attack_alpha: float = 2 / 255
+    attack_steps: int = 5
+    #: images in the TensorBoard picture grid (0 = none)
+    num_images: int = 4
+    #: run validation every N training steps (0 = at the end of every epoch)
+    every_n_steps: int = 0
+
+
+@dataclass
+class RetrainConfig:
+    #: genotype name in GENOTYPES or JSON file (the --genotype flag sets it)
+    genotype: str = "paif"
+    #: "aat" (default), "at" (plain adversarial training) or "clean" (no attacks; the paper's w/o AAT)
+    mode: str = "aat"
+    seed: int = 0
+    #: deterministic kernels (bit-exact resume on CPU); on CUDA some kernels only warn
+    deterministic: bool = False
+    #: training length in epochs, used when max_steps is 0
+    epochs: int = 10
+    #: training length in optimiser steps (0: epochs × batches per epoch); sets the LR schedule
+    max_steps: int = 0
+    #: stop after this many steps without changing the schedule (an interruption on purpose; 0 = off)
+    stop_at_step: int = 0
+    #: write the resumable checkpoint every N steps (and at the last step)
+    save_every_steps: int = 50
+    #: fusion channel width override (null = the genotype's)
+    channels: int | None = None
+    segmenter: str = "b0"
+    num_classes: int = 9
+    #: pretrained SegFormer weights (local directory or cached hub id)
+    pretrained: str | None = None
+    #: initialise all weights from a PAIF checkpoint (same genotype), e.g. a search result
+    init_from: str | None = None
+    lambda_fusion: float = 0.1
+    lambda_seg: float = 4.0
+    #: checkpoint selection metric for best.pt (higher is better)
+    monitor: str = "val/miou_adv"
+    #: "auto", "cpu", "gpu"/"cuda"
+    accelerator: str = "auto"
+    #: devices per node; > 1 trains with DDP (gloo on CPU, nccl on GPU)
+    devices: int = 1
+    #: "auto" = bf16-mixed on CUDA, 32-true on CPU; or any Lightning precision string
+    precision: str = "auto"
+    #: torch.compile the model (GPU)
+    compile: bool = False
+    #: CPU threads for torch (0 = torch's default); bit-exact resume needs the same value
+    num_threads: int = 0
+    runs_root: str = "runs"
+    run_name: str = "retrain"
+    progress_bar: bool = True
+    log_every_steps: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
+    aat: AATConfig = field(default_factory=AATConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if self.attack.kind not in ATTACK_KINDS:
+            raise ValueError(f"attack.kind: expected one of {ATTACK_KINDS}, got {self.attack.kind!r}")
+        if self.attack.steps < 1:
+            raise ValueError(f"attack.steps: expected >= 1, got {self.attack.steps}")
+        if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
+            raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
+                             f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: resumable order and keyed augmentation
+# ----------------------------------------------------------------------------------------------------
+class EpochKeyedDataset(Dataset):
+    """``dataset[(epoch, index)]``: sets the base dataset's augmentation epoch, then returns ``base[index]``.
+
+    ``RGBTDataset`` draws its crop / flip from ``(seed, epoch, index)``; carrying the epoch in the key makes
+    a sample independent of worker processes and of when ``set_epoch`` was called.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(int(epoch))
+        return self.base[int(index)]
+
+
+class StepBatchSampler(Sampler):
+    """Batches of ``(epoch, index)`` keys whose order is a pure function of ``(seed, epoch)``.
+
+    An epoch has ``len(self) = num_items // (batch_size · world_size)`` full batches (the rest is dropped)
+    of a permutation drawn per epoch; rank r takes every ``world_size``-th batch slot. Iteration starts at
+    the global step returned by ``step_fn()`` at ``iter()`` time (epoch = step // len, offset = step % len),
+    so a run resumed at step k yields exactly the batches an uninterrupted run would from step k on.
+
+    Args:
+        num_items: dataset size.
+        batch_size: images per batch and rank.
+        seed: data-order seed.
+        rank, world_size: data-parallel position.
+        step_fn: returns the number of optimiser steps already taken (``trainer.global_step``).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 step_fn: Callable[[], int] = lambda: 0) -> None:
+        self.num_items, self.batch_size = int(num_items), int(batch_size)
+        self.seed, self.rank, self.world_size, self.step_fn = int(seed), int(rank), int(world_size), step_fn
+        if len(self) < 1:
+            raise ValueError(
+                f"training set: expected at least batch_size x devices = {batch_size * world_size} images for "
+                f"one step, got {num_items}; lower data.batch_size or add images")
+
+    def __len__(self) -> int:
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def order(self, epoch: int) -> Tensor:
+        """The permutation of epoch ``epoch`` (identical on every rank)."""
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, "order", epoch))
+        return torch.randperm(self.num_items, generator=gen)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
+        perm = self.order(epoch)
+        for b in range(start, len(self)):
+            lo = (b * self.world_size + self.rank) * self.batch_size
+            yield [(epoch, int(i)) for i in perm[lo:lo + self.batch_size]]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = divmod(int(self.step_fn()), len(self))
+        return self.batches(epoch, start)
+
+
+class StepDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`StepBatchSampler`; resumable in Lightning's sense.
+
+    Its position needs no saved state (the sampler derives it from the restored global step), so
+    ``state_dict`` only records the order's seed and ``load_state_dict`` checks it.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": "step", "seed": self.batch_sampler.seed, "world_size": self.batch_sampler.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        if state.get("seed") != mine["seed"] or state.get("world_size") != mine["world_size"]:
+            log.warning("resuming with a different data order (seed/world size %s -> %s): the run will not "
+                        "replay the interrupted one exactly", state, mine)
+
+
+def warmup_poly(step: int, total: int, warmup: int, warmup_start: float = 0.01, power: float = 1.0,
+                min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from ``warmup_start`` to 1 over ``warmup`` steps, then poly decay
+    ``(1 − (step − warmup) / (total − warmup))^power``, floored at ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return warmup_start + (1.0 - warmup_start) * step / warmup
+    span = max(1, total - warmup)
+    frac = min(1.0, max(0.0, (step - warmup) / span))
+    return max(min_ratio, (1.0 - frac) ** power)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Lightning module
+# ----------------------------------------------------------------------------------------------------
+class RetrainModule(pl.LightningModule):
+    """Joint training of ``FusionSegModel`` (fixed fusion net + SegFormer) in mode clean / at / aat.
+
+    Args:
+        model: the ``FusionSegModel`` (``model(ir, vis) -> FusionSegOutput``).
+        genotype: its ``Genotype`` (stored in every checkpoint).
+        cfg: the resolved :class:`RetrainConfig`.
+        run_dir: where ``best.pt`` / ``last.pt`` (PAIF checkpoint format) are written by rank 0.
+        train_set, val_set: ``RGBTDataset``-like datasets (dicts with ir, vis, label, name).
+    """
+
+    def __init__(self, model: torch.nn.Module, genotype: Any, cfg: RetrainConfig, run_dir: str | Path,
+                 train_set: Dataset, val_set: Dataset | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.genotype = genotype
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.train_set = EpochKeyedDataset(train_set)
+        self.val_set = val_set
+        self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
+        a = cfg.aat
+        self.sampler = (AdaptiveEpsSampler(a.eps, a.prob_mode, a.temperature, a.momentum)
+                        if cfg.mode == "aat" else None)
+        self.pretext_done = cfg.mode != "aat" or a.meta_iters == 0
+        self.best_score = -math.inf
+        self.cm_clean = ConfusionMatrix(cfg.num_classes)
+        self.cm_adv = ConfusionMatrix(cfg.num_classes)
+
+    # -- sizes -----------------------------------------------------------------------------------------
+    def batches_per_epoch(self, world_size: int = 1) -> int:
+        return len(self.train_set) // (self.cfg.data.batch_size * world_size)
+
+    def total_steps(self, world_size: int = 1) -> int:
+        """The training length in optimiser steps (it fixes the LR schedule)."""
+        return self.cfg.max_steps or self.cfg.epochs * self.batches_per_epoch(world_size)
+
+    # -- data --------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank
+        sampler = StepBatchSampler(len(self.train_set), self.cfg.data.batch_size, self.cfg.seed, rank, world,
+                                   step_fn=lambda: self.trainer.global_step)
+        return StepDataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+                          collate_fn=default_collate, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            return []  # type: ignore[return-value]
+        n = len(self.val_set) if not self.cfg.data.val_limit else min(self.cfg.data.val_limit, len(self.val_set))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        indices = list(range(self.global_rank, n, world))  # strided shard; the matrices are summed
+        return DataLoader(self.val_set, batch_size=self.cfg.data.val_batch_size, sampler=indices,
+                          num_workers=self.cfg.data.num_workers, collate_fn=default_collate)
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        o = self.cfg.optim
+        opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+                                betas=tuple(o.betas), weight_decay=o.weight_decay)
+        total = self.total_steps(self.trainer.world_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_poly(s, total, o.warmup_steps, o.warmup_start, o.poly_power, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -- attacks and the robust objective -------------------------------------------------------------------
+    def make_attack(self, eps: float, generator: torch.Generator | None) -> Any:
+        """The training attack of budget ``eps`` bound to the (unwrapped) model."""
+        from robustness.attacks import FGSM, PGD
+
+        a = self.cfg.attack
+        common = dict(targets=tuple(a.targets), loss="seg", generator=generator, model_mode=a.model_mode)
+        if a.kind == "fgsm":
+            return FGSM(self.model, eps=eps, alpha=1.25 * eps, random_start=True, **common)
+        return PGD(self.model, eps=eps, alpha=a.alpha_factor * eps / a.steps, steps=a.steps, random_start=True,
+                   **common)
+
+    def robust_loss(self, batch: dict[str, Any], eps: float | None, generator: torch.Generator | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L(u) + λ·L(u + δ_eps)`` (or ``L(u)`` when ``eps`` is None) and its detached parts."""
+        ir, vis, label = batch["ir"], batch["vis"], batch.get("label")
+        # The attack runs first: it restores BatchNorm buffers in place, which must not happen between a
+        # forward pass that saved them for backward and that backward.
+        adv_inputs = None if eps is None else self.make_attack(eps, generator)(ir, vis, label)
+        out = self.model(ir, vis)
+        clean, parts = self.task_loss(out, ir, vis, label)
+        logs = {"loss_clean": clean.detach(), "seg": parts["seg"].detach(), "fusion": parts["fusion"].detach()}
+        if adv_inputs is None:
+            return clean, logs
+        adv, _ = self.task_loss(self.model(*adv_inputs), ir, vis, label)  # clean sources as fusion targets
+        logs["loss_adv"] = adv.detach()
+        return clean + self.cfg.attack.adv_weight * adv, logs
+
+    def _generator(self, *keys: Any) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, *keys))
+
+    # -- AAT pretext stage ---------------------------------------------------------------------------------
+    def _pretext_batch(self, meta_iter: int, task: int, step: int) -> dict[str, Any]:
+        keys = (meta_iter, task, step, self.global_rank)
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, "pretext-data", *keys))
+        idx = torch.randperm(len(self.train_set), generator=gen)[: self.cfg.data.batch_size]
+        epoch = PRETEXT_EPOCH_OFFSET + (meta_iter * len(self.cfg.aat.eps) + task) * self.cfg.aat.inner_steps + step
+        batch = default_collate([self.train_set[(epoch, int(i))] for i in idx])
+        return _to_device(batch, self.device)
+
+    def _average_across_ranks(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not _distributed():
+            return state
+        world = dist.get_world_size()
+        for t in state.values():
+            if t.is_floating_point():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t.div_(world)
+            else:
+                dist.broadcast(t, src=0)
+        return state
+
+    def run_pretext(self) -> None:
+        """Reptile over the attack tasks (DESIGN §7, stage 1); initialises the sampler's running losses."""
+        cfg = self.cfg.aat
+
+        calls = [0]  # inner-step counter: every inner step gets its own random streams
+
+        def objective(model: torch.nn.Module, batch: dict[str, Any], eps: float) -> tuple[Tensor, float]:
+            keys = (calls[0], self.global_rank)
+            calls[0] += 1
+            torch.manual_seed(mix_seed(self.cfg.seed, "pretext-rng", *keys))
+            loss, logs = self.robust_loss(batch, eps, self._generator("pretext-attack", *keys))
+            return loss, float(logs["loss_adv"])
+
+        def report(it: int, losses: list[float]) -> None:
+            for e, l in zip(cfg.eps, losses):
+                self._log_scalar(f"aat/pretext_loss_adv_eps{e * 255:.0f}", l, it)
+
+        self.model.train()
+        with self.trainer.precision_plugin.forward_context():
+            losses = pretext_initialise(self.model, cfg, objective, self._pretext_batch,
+                                        average=self._average_across_ranks, on_meta_iter=report)
+        if losses and self.sampler is not None:
+            mean = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            if _distributed():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            for k, l in enumerate(mean.tolist()):
+                self.sampler.update(k, l)
+        self.pretext_done = True
+
+    def on_train_start(self) -> None:
+        if not self.pretext_done:
+            log.info("AAT pretext stage: %d Reptile meta-iterations over eps %s", self.cfg.aat.meta_iters,
+                     [round(e * 255, 2) for e in self.cfg.aat.eps])
+            self.run_pretext()
+
+    # -- training -----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        step, rank = self.global_step, self.global_rank
+        torch.manual_seed(mix_seed(self.cfg.seed, "step", step, rank))  # dropout / drop-path
+        gen = self._generator("attack", step, rank)
+        eps, task = None, None
+        if self.cfg.mode == "at":
+            eps = self.cfg.attack.at_eps
+        elif self.cfg.mode == "aat":
+            task = self.sampler.sample(mix_seed(self.cfg.seed, "eps", step))  # same draw on every rank
+            eps = self.sampler.eps[task]
+        loss, logs = self.robust_loss(batch, eps, gen)
+        bs = batch["ir"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        if eps is not None:
+            self.log("train/eps_255", float(eps * 255), batch_size=bs)
+        if task is not None:
+            adv = self.trainer.strategy.reduce(logs["loss_adv"].float(), reduce_op="mean")
+            self.sampler.update(task, float(adv))
+            for e, p in zip(self.sampler.eps, self.sampler.probabilities().tolist()):
+                self.log(f"aat/p_eps{e * 255:.0f}", p, batch_size=bs)
+        return loss
+
+    # -- validation ---------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.cm_clean.reset()
+        self.cm_adv.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from robustness.attacks import PGD
+
+        ir, vis, label = batch["ir"], batch["vis"], batch["label"]
+        out = self.model(ir, vis)
+        v = self.cfg.val
+        attack = PGD(self.model, eps=v.attack_eps, alpha=v.attack_alpha, steps=v.attack_steps, random_start=True,
+                     generator=self._generator("val", batch_idx, self.global_rank), model_mode="eval")
+        ir_a, vis_a = attack(ir, vis, label)
+        out_a = self.model(ir_a, vis_a)
+        self.cm_clean.update(out.logits.float(), label)
+        self.cm_adv.update(out_a.logits.float(), label)
+        if batch_idx == 0 and self.global_rank == 0 and v.num_images > 0:
+            self._log_pictures(batch, out, out_a, ir_a, vis_a)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = {}
+        for tag, cm in (("", self.cm_clean), ("_adv", self.cm_adv)):
+            matrix = cm.matrix.to(self.device)
+            if _distributed():
+                dist.all_reduce(matrix)
+            cm.matrix = matrix.cpu()
+            res = cm.compute()
+            metrics[f"val/miou{tag}"] = float(res["miou"])
+            metrics[f"val/pixel_acc{tag}"] = float(res["pixel_acc"])
+        for k, val in metrics.items():
+            self.log(k, val, prog_bar=k in ("val/miou", "val/miou_adv"), sync_dist=False)
+        log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (PGD eps %.1f/255, %d steps)", self.global_step,
+                 metrics["val/miou"], metrics["val/miou_adv"], self.cfg.val.attack_eps * 255, self.cfg.val.attack_steps)
+        score = metrics.get(self.cfg.monitor)
+        if score is None:
+            raise KeyError(f"monitor: expected one of {sorted(metrics)}, got {self.cfg.monitor!r}")
+        if not math.isnan(score) and score > self.best_score:
+            self.best_score = score
+            self.write_checkpoint("best.pt", metrics)
+        self.write_checkpoint("last.pt", metrics)
+
+    # -- pictures and logging -----------------------------------------------------------------------------
+    def _log_scalar(self, tag: str, value: float, step: int) -> None:
+        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if self.global_rank == 0 and exp is not None and hasattr(exp, "add_scalar"):
+            exp.add_scalar(tag, value, step)
+
+    @torch.no_grad()
+    def _log_pictures(self, batch, out, out_a, ir_a, vis_a) -> None:
+        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        if exp is None or not hasattr(exp, "add_image"):
+            return
+        from rgbt.classes import colorize
+
+        n = min(self.cfg.val.num_images, batch["ir"].shape[0])
+        rows = []
+        for i in range(n):
+            tiles = [batch["ir"][i].expand(3, -1, -1), batch["vis"][i], out.fused_rgb[i],
+                     vis_a[i], out_a.fused_rgb[i]]
+            tiles = [t.float().clamp(0, 1).cpu() for t in tiles]
+            for lab in (batch["label"][i], out.logits[i].argmax(0), out_a.logits[i].argmax(0)):
+                tiles.append(torch.from_numpy(colorize(lab.cpu())).permute(2, 0, 1).float() / 255)
+            rows.append(torch.cat(tiles, dim=2))
+        grid = torch.cat(rows, dim=1)
+        exp.add_image("val/ir_vis_fused_visadv_fusedadv_gt_pred_predadv", grid, self.global_step)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def write_checkpoint(self, name: str, metrics: dict[str, float] | None = None) -> Path | None:
+        """Rank 0 writes ``run_dir/name`` in the PAIF checkpoint format (``trainer.checkpoint``)."""
+        if self.global_rank != 0:
+            return None
+        state = {"global_step": int(self.global_step), "epoch": int(self.current_epoch), "mode": self.cfg.mode,
+                 "metrics": dict(metrics or {}), "best_score": float(self.best_score)}
+        if self.sampler is not None:
+            state["aat_probabilities"] = self.sampler.probabilities().tolist()
+        model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
+        return save_checkpoint(self.run_dir / name, model, self.genotype,
+                               {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
+                               config_to_dict(self.cfg), state)
+
+    def on_train_end(self) -> None:
+        self.write_checkpoint("last.pt")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["paif"] = {
+            "genotype": genotype_to_dict(self.genotype),
+            "mode": self.cfg.mode,
+            "pretext_done": bool(self.pretext_done),
+            "best_score": float(self.best_score),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the AAT state; the genotype was checked by the entry script before training started."""
+        paif = checkpoint.get("paif") or {}
+        self.pretext_done = bool(paif.get("pretext_done", True))
+        self.best_score = float(paif.get("best_score", -math.inf))
+        if self.sampler is not None and paif.get("sampler") is not None:
+            self.sampler.load_state_dict(paif["sampler"])
+
+
+class ResumeCheckpoint(pl.Callback):
+    """Writes the full Lightning training state to ``path`` every ``every`` steps and at the last step.
+
+    Saved at the end of a training batch (after the optimiser and LR-scheduler steps), atomically: a
+    temporary file in the same folder, then ``os.replace`` by rank 0; all ranks wait for it.
+    """
+
+    def __init__(self, path: str | Path, every: int) -> None:
+        self.path, self.every = Path(path), int(every)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+            log.info("saved resumable state at step %d to %s", step, self.path)
+        trainer.strategy.barrier("resume-checkpoint")

@@ -1,0 +1,269 @@
+"""Retrain a searched fusion genotype jointly with SegFormer, with adaptive adversarial training (AAT).
+
+PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
+Segmentation", ACM MM 2023 (arXiv 2308.03979), §3.3 and DESIGN.md §7.
+
+Commands::
+
+    python -m rgbt.synthetic --out data/synthetic            # the embedded synthetic dataset
+    python trainer/retrain.py --genotype out.json            # AAT (default): Reptile pretext + adaptive eps
+    python trainer/retrain.py --genotype paif mode=at        # plain adversarial training, eps 8/255
+    python trainer/retrain.py --genotype paif --no-aat       # no attacks (the paper's "w/o AAT")
+    python trainer/retrain.py --genotype paif --config configs/retrain.yaml epochs=20 data.crop=[96,128]
+    python trainer/retrain.py --resume runs/retrain-aat-20250101-120000  # continue exactly where it stopped
+    python trainer/retrain.py --genotype paif devices=2 accelerator=cpu  # DDP (gloo on CPU, nccl on GPU)
+
+Every run writes into ``runs/<run_name>-<time>/``: ``config.yaml`` (resolved), ``genotype.json``,
+``run.log``, TensorBoard logs in ``tb/`` (losses, clean and attacked validation mIoU, AAT probabilities,
+sample pictures), ``best.pt`` / ``last.pt`` (PAIF checkpoint format, ``trainer.checkpoint.load_model``)
+and ``resume.ckpt`` (the full training state for ``--resume``). It prints a JSON summary at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rgbt.io import DataError
+from search_space.genotype import GenotypeError
+from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
+from trainer.config import ConfigError, load_config, parse_overrides, save_config
+from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
+from trainer.runs import make_run_dir, seed_everything, setup_logging
+
+log = logging.getLogger("trainer.retrain")
+
+RESUME_FILE = "resume.ckpt"
+_RUN_DIR_ENV = "PAIF_RETRAIN_RUN_DIR"  # DDP: the child processes Lightning launches reuse rank 0's folder
+
+
+class RetrainError(ValueError):
+    """Bad input to the retrain entry point (genotype, checkpoint, config)."""
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python trainer/retrain.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--genotype", help="genotype JSON file (derive/export_genotype.py) or a built-in name (paif)")
+    p.add_argument("--config", help="YAML config (default: configs/retrain.yaml values are the dataclass defaults)")
+    p.add_argument("--resume", help="run folder or resume.ckpt to continue exactly")
+    p.add_argument("--no-aat", action="store_true", help="train without attacks (alias of mode=clean)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 data.batch_size=2")
+    return p.parse_args(argv)
+
+
+def _resume_paths(resume: str) -> tuple[Path, Path]:
+    """(checkpoint file, run folder) of a ``--resume`` argument."""
+    path = Path(resume)
+    ckpt = path / RESUME_FILE if path.is_dir() else path
+    if not ckpt.is_file():
+        raise RetrainError(f"--resume {resume}: expected a run folder holding {RESUME_FILE} or the file itself, "
+                           f"got no such file {ckpt}")
+    return ckpt, ckpt.parent
+
+
+def _genotype_key(genotype: Any) -> dict[str, Any]:
+    d = genotype_to_dict(genotype)
+    d.pop("version", None)
+    return d
+
+
+def _check_same_genotype(genotype: Any, stored: Any, where: str) -> None:
+    if stored is None:
+        raise RetrainError(f"{where}: expected a stored genotype, got none; was it written by trainer/retrain.py?")
+    if _genotype_key(genotype) != _genotype_key(stored):
+        raise RetrainError(f"genotype does not match {where}: expected {_genotype_key(stored)} (the checkpoint's), "
+                           f"got {_genotype_key(genotype)}; pass the genotype the checkpoint was trained with")
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path | None, Path | None]:
+    """Config, genotype, resume checkpoint and run folder; every check that can fail runs here, before training.
+
+    Raises:
+        RetrainError / ConfigError / GenotypeError / CheckpointError with a message saying what to do.
+    """
+    overrides = parse_overrides(args.overrides)
+    if args.no_aat:
+        if overrides.get("mode", "clean") != "clean":
+            raise RetrainError(f"--no-aat means mode=clean, got also mode={overrides['mode']}; drop one of them")
+        overrides["mode"] = "clean"
+    if "mode" in overrides and overrides["mode"] not in MODES:
+        raise RetrainError(f"mode: expected one of {MODES}, got {overrides['mode']!r}")
+    resume_ckpt = run_dir = None
+    stored = None
+    config_path = args.config
+    if args.resume:
+        resume_ckpt, run_dir = _resume_paths(args.resume)
+        try:
+            stored = torch.load(resume_ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, corrupted, or not a torch file
+            raise RetrainError(f"--resume {resume_ckpt}: expected a resume.ckpt written by trainer/retrain.py, "
+                               f"got an unreadable file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        stored = stored.get("paif") if isinstance(stored, dict) else None
+        if stored is None:
+            raise RetrainError(f"--resume {resume_ckpt}: expected a checkpoint written by trainer/retrain.py "
+                               "(with a 'paif' section), got another file")
+        if config_path is None and (run_dir / "config.yaml").is_file():
+            config_path = run_dir / "config.yaml"
+        overrides.setdefault("stop_at_step", 0)  # a deliberately stopped run continues to its full length
+    if args.genotype:
+        overrides["genotype"] = args.genotype
+    elif stored is not None:
+        overrides.setdefault("genotype", json.dumps(stored["genotype"]))
+    cfg = load_config(RetrainConfig, config_path, overrides)
+    try:
+        genotype = resolve_genotype(_genotype_spec(cfg.genotype), channels=cfg.channels)
+    except (GenotypeError, CheckpointError) as exc:
+        raise RetrainError(f"genotype {cfg.genotype!r}: {exc}") from exc
+    if stored is not None:
+        _check_same_genotype(genotype, stored["genotype"], f"the resumed checkpoint {resume_ckpt}")
+        if stored.get("mode") != cfg.mode:
+            raise RetrainError(f"mode does not match the resumed checkpoint {resume_ckpt}: expected "
+                               f"{stored.get('mode')!r}, got {cfg.mode!r}")
+    if cfg.init_from:
+        meta = load_checkpoint(cfg.init_from)
+        _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
+    return cfg, genotype, resume_ckpt, run_dir
+
+
+def _genotype_spec(text: str) -> Any:
+    """A genotype name, JSON file path, or inline JSON object (what a resumed config stores)."""
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RetrainError(f"genotype: expected a JSON object, got {text[:80]!r} ({exc})") from exc
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
+    from rgbt.dataset import RGBTDataset
+
+    d = cfg.data
+    train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=True)
+    val = RGBTDataset(d.root, d.val_split, require_labels=True) if d.val_split else None
+    return train, val
+
+
+def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
+    from search_space.pipeline import build_model
+
+    model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=cfg.pretrained)
+    if cfg.init_from:
+        state = load_checkpoint(cfg.init_from)["state_dict"]
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RetrainError(f"init_from={cfg.init_from}: weights do not match the model: {exc}") from exc
+        log.info("initialised the weights from %s", cfg.init_from)
+    return model
+
+
+def _accelerator(cfg: RetrainConfig) -> str:
+    acc = cfg.accelerator.lower()
+    if acc == "cuda":
+        acc = "gpu"
+    if acc == "auto":
+        acc = "gpu" if torch.cuda.is_available() else "cpu"
+    return acc
+
+
+def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per_epoch: int) -> Any:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.strategies import DDPStrategy
+
+    acc = _accelerator(cfg)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if acc == "gpu" else "32-true")
+    strategy: Any = "auto"
+    if cfg.devices > 1:
+        strategy = DDPStrategy(process_group_backend="gloo" if acc == "cpu" else "nccl")
+    deterministic: Any = cfg.deterministic and (True if acc == "cpu" else "warn")
+    max_steps = min(cfg.stop_at_step, total_steps) if cfg.stop_at_step > 0 else total_steps
+    val_kwargs: dict[str, Any] = {}
+    if cfg.val.every_n_steps > 0:
+        val_kwargs = {"val_check_interval": cfg.val.every_n_steps, "check_val_every_n_epoch": None}
+    return pl.Trainer(
+        accelerator=acc, devices=cfg.devices, strategy=strategy, precision=precision,
+        # max_steps ends the run; max_epochs only bounds it (one spare: a run resumed from a checkpoint
+        # written at an epoch's last batch replays that epoch index with the next epoch's batches)
+        max_steps=max_steps, max_epochs=-(-total_steps // steps_per_epoch) + 1, deterministic=deterministic or None,
+        logger=TensorBoardLogger(str(run_dir), name="tb", version="", default_hp_metric=False),
+        callbacks=[ResumeCheckpoint(run_dir / RESUME_FILE, cfg.save_every_steps)],
+        enable_checkpointing=False, enable_progress_bar=cfg.progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, gradient_clip_val=cfg.optim.grad_clip or None,
+        log_every_n_steps=cfg.log_every_steps, inference_mode=False, use_distributed_sampler=False,
+        default_root_dir=str(run_dir), **val_kwargs,
+    )
+
+
+def _run_dir(cfg: RetrainConfig, resume_dir: Path | None) -> Path:
+    if resume_dir is not None:
+        return resume_dir
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(_RUN_DIR_ENV):
+        return Path(os.environ[_RUN_DIR_ENV])
+    return make_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Resolve inputs, train, return the summary (raises on bad input before training starts)."""
+    cfg, genotype, resume_ckpt, resume_dir = resolve_inputs(args)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    train_set, val_set = build_datasets(cfg)
+    seed_everything(cfg.seed, deterministic=cfg.deterministic)
+    model = build_network(cfg, genotype)
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+
+    child = os.environ.get("LOCAL_RANK", "0") != "0"
+    run_dir = _run_dir(cfg, resume_dir)
+    setup_logging(run_dir, filename=f"run.rank{os.environ['LOCAL_RANK']}.log" if child else "run.log")
+    if not child:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "genotype.json").write_text(json.dumps(genotype_to_dict(genotype), indent=2) + "\n")
+    os.environ[_RUN_DIR_ENV] = str(run_dir)
+
+    module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
+    world = cfg.devices
+    total = module.total_steps(world)
+    log.info("retrain mode=%s genotype=%s: %d steps (%d per epoch), run folder %s%s", cfg.mode,
+             _genotype_key(genotype), total, module.batches_per_epoch(world), run_dir,
+             f", resuming from {resume_ckpt}" if resume_ckpt else "")
+    trainer = build_trainer(cfg, run_dir, total, module.batches_per_epoch(world))
+    try:
+        trainer.fit(module, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    finally:
+        os.environ.pop(_RUN_DIR_ENV, None)
+    return {
+        "run_dir": str(run_dir), "mode": cfg.mode, "global_step": int(trainer.global_step),
+        "total_steps": total, "best": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
+        "last": str(run_dir / "last.pt"), "resume": str(run_dir / RESUME_FILE),
+        "best_score": module.best_score if module.best_score > float("-inf") else None,
+        "monitor": cfg.monitor, "rank": int(trainer.global_rank),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summary["rank"] == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
