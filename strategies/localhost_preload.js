@@ -1,0 +1,55 @@
+// Node preload that keeps the NNI manager (and the TensorBoard it may start) on the loopback interface.
+//
+// Loaded through NODE_OPTIONS="--require <this file>" by strategies/nni_local.py. NNI 3.0's manager calls
+// `app.listen(port)` (all interfaces) and starts TensorBoard with `--bind_all`; both are rewritten here:
+//   * every net.Server#listen on a TCP port is forced to host PAIF_BIND_HOST (default 127.0.0.1);
+//   * a child process argument `--bind_all` becomes `--host=<host>`;
+//   * DNS results prefer IPv4, so clients that dial "localhost" reach the IPv4 listener.
+'use strict';
+const net = require('net');
+const dns = require('dns');
+const childProcess = require('child_process');
+
+const HOST = process.env.PAIF_BIND_HOST || '127.0.0.1';
+
+if (typeof dns.setDefaultResultOrder === 'function') {
+  dns.setDefaultResultOrder('ipv4first');
+}
+
+const originalListen = net.Server.prototype.listen;
+net.Server.prototype.listen = function pinnedListen(...args) {
+  const first = args[0];
+  const isPort = (v) => typeof v === 'number' || (typeof v === 'string' && /^\d+$/.test(v));
+  if (first !== null && typeof first === 'object' && !Array.isArray(first)) {
+    // listen(options[, cb]); leave unix sockets and inherited handles alone.
+    if (first.path === undefined && first.fd === undefined && first._handle === undefined && !(first instanceof net.Server)) {
+      args[0] = Object.assign({}, first, { host: HOST });
+    }
+  } else if (isPort(first)) {
+    // listen(port[, host][, backlog][, cb])
+    if (args.length > 1 && (typeof args[1] === 'string' || args[1] === undefined || args[1] === null)) {
+      args[1] = HOST;
+    } else {
+      args.splice(1, 0, HOST);
+    }
+  } else if (first === undefined || typeof first === 'function') {
+    // listen([cb]) -> random port on HOST
+    args.splice(0, first === undefined ? 1 : 0, 0, HOST);
+  }
+  return originalListen.apply(this, args);
+};
+
+function rewriteArg(arg) {
+  return typeof arg === 'string' ? arg.replace(/--bind_all\b/g, `--host=${HOST}`) : arg;
+}
+
+for (const name of ['spawn', 'spawnSync', 'execFile', 'execFileSync', 'exec', 'execSync']) {
+  const original = childProcess[name];
+  childProcess[name] = function pinnedChild(command, ...rest) {
+    const cmd = rewriteArg(command);
+    if (Array.isArray(rest[0])) {
+      rest[0] = rest[0].map(rewriteArg);
+    }
+    return original.call(this, cmd, ...rest);
+  };
+}

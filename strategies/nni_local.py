@@ -1,0 +1,268 @@
+"""Run ``nnictl create --foreground`` with the NNI manager pinned to 127.0.0.1, then check the outcome.
+
+PAIF (Liu et al., ACM MM 2023) search sweeps run as an HPO-type NNI 3.0 experiment (``search.yml``). NNI's
+manager is a Node.js server that listens on all interfaces and starts TensorBoard with ``--bind_all``;
+nnictl passes its environment through to it, so this wrapper sets
+``NODE_OPTIONS=--require strategies/localhost_preload.js`` (the preload forces every listening socket onto
+``127.0.0.1`` and rewrites ``--bind_all``). It also puts this interpreter's directory first on ``PATH`` (the
+trials' ``python`` is the project's).
+
+``nnictl create --foreground`` exits 0 even when trials fail; this wrapper reads the experiment's database
+and log and exits non-zero unless the experiment is DONE, every trial SUCCEEDED and wrote a
+``search_result.json``, and the manager listened on the loopback interface only. A summary is written to
+``<experiment dir>/paif_summary.json`` and printed. Commands::
+
+    python -m strategies.nni_local create --config search.yml [--port 8080] [--timeout 3600]
+    python -m strategies.nni_local check --experiment-dir runs/nni-experiments/<id>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "PRELOAD",
+    "localhost_env",
+    "free_port",
+    "listening_addresses",
+    "experiment_summary",
+    "create",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+PRELOAD = Path(__file__).with_name("localhost_preload.js")
+BIND_HOST = "127.0.0.1"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STATUS_CHANGE = re.compile(r"Change NNIManager status from: (\w+) to: (\w+)")
+
+
+def localhost_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: os.environ) plus the Node preload in NODE_OPTIONS and this Python first on PATH."""
+    env = dict(os.environ if base is None else base)
+    require = f"--require {PRELOAD}"
+    if require not in env.get("NODE_OPTIONS", ""):
+        env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} {require}".strip()
+    env["PAIF_BIND_HOST"] = BIND_HOST
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def free_port(host: str = BIND_HOST) -> int:
+    """A currently free TCP port on ``host`` (NNI also needs port+1 free for some platforms)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s2:
+            try:
+                s2.bind((host, port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"free_port: expected a free pair of ports on {host}, got none in 50 tries")
+
+
+def _decode_address(hex_addr: str) -> str:
+    if len(hex_addr) == 8:  # IPv4, little-endian
+        return socket.inet_ntop(socket.AF_INET, bytes.fromhex(hex_addr)[::-1])
+    raw = bytes.fromhex(hex_addr)  # IPv6: four little-endian 32-bit words
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket in LISTEN state on ``port`` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:
+                found.add(_decode_address(addr))
+    return found
+
+
+def _is_loopback(addr: str) -> bool:
+    return addr.startswith("127.") or addr == "::1"
+
+
+def _working_directory(config_path: Path) -> Path:
+    config = yaml.safe_load(config_path.read_text()) or {}
+    raw = config.get("experimentWorkingDirectory", "~/nni-experiments")
+    path = Path(os.path.expanduser(str(raw)))
+    return path if path.is_absolute() else (config_path.parent / path).resolve()
+
+
+def _final_manager_status(log_file: Path) -> str | None:
+    """The last status the manager reached before shutting down (DONE, ERROR, NO_MORE_TRIAL, RUNNING ...)."""
+    if not log_file.is_file():
+        return None
+    statuses = [new for _old, new in _STATUS_CHANGE.findall(log_file.read_text(errors="replace"))
+                if new not in ("STOPPING", "STOPPED")]
+    return statuses[-1] if statuses else None
+
+
+def experiment_summary(exp_dir: str | Path) -> dict[str, Any]:
+    """Status of an experiment directory: manager status, trials (status, parameters, metric, result file)."""
+    exp_dir = Path(exp_dir)
+    db = exp_dir / "db" / "nni.sqlite"
+    trials: dict[str, dict[str, Any]] = {}
+    if db.is_file():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            for _ts, trial, event, data, log_path, *_ in con.execute(
+                    "SELECT * FROM TrialJobEvent ORDER BY timestamp"):
+                t = trials.setdefault(trial, {"id": trial})
+                t["status"] = event
+                if log_path:
+                    t["dir"] = log_path
+                if data and event in ("WAITING", "RUNNING") and "parameters" not in t:
+                    try:
+                        t["parameters"] = json.loads(data).get("parameters")
+                    except (ValueError, AttributeError):
+                        pass
+            for _ts, trial, _pid, kind, _seq, data in con.execute("SELECT * FROM MetricData ORDER BY timestamp"):
+                if kind == "FINAL" and trial in trials:
+                    value = json.loads(data)
+                    trials[trial]["final"] = json.loads(value) if isinstance(value, str) else value
+        finally:
+            con.close()
+    for t in trials.values():
+        result = Path(t.get("dir", "")) / "search" / "search_result.json"
+        t["result"] = str(result) if result.is_file() else None
+    status = _final_manager_status(exp_dir / "log" / "nnimanager.log")
+    return {"experiment_id": exp_dir.name, "experiment_dir": str(exp_dir), "status": status,
+            "trials": sorted(trials.values(), key=lambda t: t["id"])}
+
+
+def _problems(summary: dict[str, Any]) -> list[str]:
+    problems = []
+    if summary["status"] != "DONE":
+        problems.append(f"experiment status: expected DONE, got {summary['status']}")
+    if not summary["trials"]:
+        problems.append("trials: expected at least one, got none")
+    for t in summary["trials"]:
+        if t.get("status") != "SUCCEEDED":
+            problems.append(f"trial {t['id']}: expected SUCCEEDED, got {t.get('status')} (see {t.get('dir')}/trial.log)")
+        elif not t.get("result"):
+            problems.append(f"trial {t['id']}: expected search/search_result.json in {t.get('dir')}, got none")
+    listen = summary.get("listen")
+    if listen is not None:
+        if not listen:
+            problems.append("manager: never saw its port listening")
+        elif not all(_is_loopback(a) for a in listen):
+            problems.append(f"manager: expected to listen on 127.0.0.1 only, got {sorted(listen)}")
+    return problems
+
+
+def _nnictl() -> str:
+    exe = Path(sys.executable).parent / "nnictl"
+    found = str(exe) if exe.is_file() else shutil.which("nnictl")
+    if not found:
+        raise FileNotFoundError("nnictl: expected it next to this Python or on PATH, got none; pip install nni==3.0")
+    return found
+
+
+def create(config: str | Path, port: int | None = None, timeout: float | None = None,
+           echo: bool = True) -> tuple[int, dict[str, Any]]:
+    """``nnictl create --config CONFIG --port PORT --foreground`` pinned to localhost; (exit code, summary)."""
+    config = Path(config).resolve()
+    if not config.is_file():
+        raise FileNotFoundError(f"--config {config}: expected an NNI experiment YAML, got no such file")
+    port = port or free_port()
+    workdir = _working_directory(config)
+    cmd = [_nnictl(), "create", "--config", str(config), "--port", str(port), "--foreground"]
+    proc = subprocess.Popen(cmd, env=localhost_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    exp_id: list[str] = []
+    listen: set[str] = set()
+    stop = threading.Event()
+
+    def watch_port() -> None:  # sample the manager's listening addresses while it runs
+        while not stop.is_set():
+            listen.update(listening_addresses(port))
+            stop.wait(0.5)
+
+    watcher = threading.Thread(target=watch_port, daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    timed_out = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        m = re.search(r"Experiment ID: (\w+)", _ANSI.sub("", line))
+        if m:
+            exp_id.append(m.group(1))
+        if timeout and time.monotonic() - start > timeout:
+            timed_out = True
+            break
+    if timed_out:
+        _stop_experiment(exp_id, port)
+        proc.kill()
+    rc = proc.wait()
+    stop.set()
+    watcher.join(timeout=2)
+    if not exp_id:
+        return (rc or 1), {"status": None, "trials": [], "problems": [f"nnictl exited {rc} before an experiment id"]}
+    summary = experiment_summary(workdir / exp_id[0])
+    summary["port"] = port
+    summary["listen"] = sorted(listen)
+    summary["nnictl_exit_code"] = rc
+    problems = _problems(summary)
+    if timed_out:
+        problems.append(f"timeout: the experiment ran longer than {timeout} s and was stopped")
+    summary["problems"] = problems
+    (workdir / exp_id[0] / "paif_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return (1 if problems else 0), summary
+
+
+def _stop_experiment(exp_id: list[str], port: int) -> None:
+    args = [_nnictl(), "stop", exp_id[0]] if exp_id else [_nnictl(), "stop", "--port", str(port)]
+    subprocess.run(args, env=localhost_env(), capture_output=True, timeout=60, check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("create", help="nnictl create --foreground on 127.0.0.1, then check the outcome")
+    c.add_argument("--config", required=True, help="NNI experiment YAML (e.g. search.yml)")
+    c.add_argument("--port", type=int, default=None, help="manager port (default: a free one)")
+    c.add_argument("--timeout", type=float, default=None, help="stop the experiment after this many seconds")
+    k = sub.add_parser("check", help="summarise a finished experiment directory")
+    k.add_argument("--experiment-dir", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "create":
+        rc, summary = create(args.config, args.port, args.timeout)
+    else:
+        summary = experiment_summary(args.experiment_dir)
+        summary["problems"] = _problems(summary)
+        rc = 1 if summary["problems"] else 0
+    print(json.dumps(summary, indent=2))
+    for problem in summary.get("problems", []):
+        print(f"error: {problem}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""NNI trial of ``search.yml``: one robust DARTS search, in-process, with the tuner's hyper-parameters.
+
+PAIF (Liu et al., ACM MM 2023) balances accuracy and robustness with ``w``/``w_arch``; an HPO-type NNI
+experiment sweeps that balance, one search per trial. The tuner's parameters are config overrides; short
+names map to config keys::
+
+    w -> w, w_arch -> w_arch, eps -> attack.eps, attack_steps -> attack.steps, seed -> seed
+    (any other name is used as a config key as is, e.g. "attack.name" or "lr")
+
+Command (``trialCommand`` in search.yml)::
+
+    python -m strategies.trial --config configs/search.yaml [key=value ...]
+
+Under nnictl the run directory is ``$NNI_OUTPUT_DIR/search`` (inside the experiment directory, so NNI's
+TensorBoard button shows ``tensorboard/``); the architecture probabilities are reported as intermediate
+results every epoch and the final result (``default`` = held-out robust loss) at the end. Any failure exits
+non-zero, so NNI marks the trial FAILED.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nni  # noqa: E402
+
+from strategies.darts import nni_metric, under_nni  # noqa: E402
+from strategies.search import SearchConfig, run_search  # noqa: E402
+from trainer.config import load_config, parse_overrides, save_config  # noqa: E402
+from trainer.runs import make_run_dir, setup_logging  # noqa: E402
+
+__all__ = ["PARAMETER_KEYS", "parameters_to_overrides", "main"]
+
+log = logging.getLogger("strategies.trial")
+
+#: NNI search-space names -> SearchConfig keys.
+PARAMETER_KEYS = {"w": "w", "w_arch": "w_arch", "eps": "attack.eps", "attack_steps": "attack.steps", "seed": "seed"}
+
+
+def parameters_to_overrides(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Flat config overrides from the tuner's parameters (``{"eps": 0.03}`` -> ``{"attack.eps": 0.03}``)."""
+    return {PARAMETER_KEYS.get(k, k): v for k, v in (params or {}).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="NNI trial: one robust DARTS search with the tuner's parameters")
+    parser.add_argument("--config", default="configs/search.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied before the tuner's parameters")
+    args = parser.parse_args(argv)
+
+    params = nni.get_next_parameter() if under_nni() else {}
+    overrides = {**parse_overrides(args.overrides), **parameters_to_overrides(params)}
+    output = os.environ.get("NNI_OUTPUT_DIR")
+    cfg = load_config(SearchConfig, args.config, overrides)
+    run_dir = Path(output) / "search" if output else (Path(cfg.run_dir) if cfg.run_dir else
+                                                      make_run_dir(cfg.run_root, "trial"))
+    cfg.run_dir = str(run_dir)
+    cfg.progress_bar = False  # trial.log is a file: no live progress bar
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, filename="search.log")
+    save_config(cfg, run_dir / "config.yaml")
+    log.info("trial parameters %s -> overrides %s", params, overrides)
+    result = run_search(cfg, run_dir)
+    metric = nni_metric(result)
+    if under_nni():
+        nni.report_final_result(metric)
+    print(json.dumps({"run_dir": str(run_dir), "default": metric["default"],
+                      "architecture": result["architecture"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The real search (FusionSpace + SegFormer + PGD) in-process, the CLI, resume, and the genotype export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from derive.export_genotype import main as export_main
+from search_space.genotype import Genotype
+from strategies import search as search_entry
+from strategies.search import SearchConfig, run_search
+from strategies.trial import parameters_to_overrides
+from trainer.config import ConfigError, load_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+TINY = [
+    "data.crop=[32,40]", "data.batch_size=2", "space.channels=4",
+    "space.candidates=[dense_k3_d1,dilconv_k3_d2,eca_k3]", "epochs=1", "max_train_batches=2",
+    "log_every_n_steps=1", "threads=1", "progress_bar=false",
+]
+
+
+def tiny_config(root, *extra):
+    return load_config(SearchConfig, "configs/search.yaml", [f"data.root={root}", *TINY, *extra])
+
+
+def test_two_step_search_exports_a_valid_genotype(synthetic_root, tmp_path, capsys):
+    cfg = tiny_config(synthetic_root)
+    assert cfg.attack.name == "pgd" and cfg.attack.steps == 3  # the default attack is exercised
+    result = run_search(cfg, tmp_path / "run")
+    assert result["global_step"] == 4  # 2 DARTS iterations = 2 architecture + 2 weight steps
+    labels = {"ir/op1", "ir/op2", "vis/op1", "vis/op2", "fused/op1", "fused/op2", "rule"}
+    assert set(result["probabilities"]) == labels
+    for dist in result["probabilities"].values():
+        assert sum(dist.values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["metrics"]["arch_adv"] > 0 and result["metrics"]["weight_clean"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    tb = EventAccumulator(str(events))
+    tb.Reload()
+    assert {"prob/rule/add", "prob/ir/op1/eca_k3", "search/arch_loss"} <= set(tb.Tags()["scalars"])
+    # search.py's own genotype equals the export's
+    assert Genotype.from_json(tmp_path / "run" / "genotype.json").to_sample() == result["architecture"]
+    out = tmp_path / "out.json"
+    assert export_main(["--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    genotype = Genotype.from_json(out)
+    genotype.validate()
+    assert genotype.to_sample() == result["architecture"] and genotype.channels == 4
+    assert (tmp_path / "out.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "ir/op1" in table and "*" in table
+
+
+def test_cli_resume_continues_the_run(synthetic_root, tmp_path):
+    run = tmp_path / "cli"
+    args = ["--config", "configs/search.yaml", f"data.root={synthetic_root}", *TINY, "attack.name=fgsm",
+            f"run_dir={run}", "max_train_batches=1"]
+    assert search_entry.main(args) == 0
+    first = json.loads((run / "search_result.json").read_text())
+    assert first["epoch"] == 1 and first["complete"]
+    assert (run / "config.yaml").is_file() and (run / "search.log").read_text()
+    assert search_entry.main(["--resume", str(run), "epochs=2"]) == 0
+    second = json.loads((run / "search_result.json").read_text())
+    assert second["epoch"] == 2 and second["complete"] and second["global_step"] == 2 * first["global_step"]
+    assert second["config"]["epochs"] == 2 and second["config"]["attack"]["name"] == "fgsm"
+
+
+def test_unknown_config_keys_are_errors():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(SearchConfig, "configs/search.yaml", ["w_archh=1"])
+    with pytest.raises(ConfigError, match="w_arch"):
+        load_config(SearchConfig, "configs/search.yaml", ["w_arch=1.5"])
+
+
+def test_trial_parameters_map_to_config_keys():
+    overrides = parameters_to_overrides({"w": 0.2, "w_arch": 1, "eps": 0.01, "attack_steps": 2, "seed": 3, "lr": 0.1})
+    cfg = load_config(SearchConfig, "configs/search.yaml", overrides)
+    assert (cfg.w, cfg.w_arch, cfg.attack.eps, cfg.attack.steps, cfg.seed, cfg.lr) == (0.2, 1.0, 0.01, 2, 3, 0.1)
