@@ -63,6 +63,7 @@ class EvaluateConfig:
     out: str = ""  # output directory; empty: runs/evaluate-<timestamp>
     threats: list[str] = field(default_factory=lambda: ["paif", "strong"])  # names in THREAT_MODELS or YAML files
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # in 1/255; [] = no sweep
+    sweep_threats: list[str] = field(default_factory=list)  # threats swept over eps_sweep; [] = every threat
     limit: int = 0  # evaluate the first N images only; 0 = all
     batch_size: int = 4
     num_workers: int = 0
@@ -310,7 +311,13 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     for th in threats:
         accs[th.name] = _Accumulator(num_classes, labelled, fusion=True)
     sweep_attacks: dict[tuple[str, float], Callable] = {}
+    unknown = sorted(set(cfg.sweep_threats) - {th.name for th in threats})
+    if unknown:
+        raise ConfigError(f"sweep_threats: expected names among the evaluated threats "
+                          f"{[th.name for th in threats]}, got {unknown}")
     for th in threats:
+        if cfg.sweep_threats and th.name not in cfg.sweep_threats:
+            continue
         for e in sweep:
             if e > 0 and not math.isclose(e / 255, th.eps, rel_tol=1e-6):
                 sweep_attacks[(th.name, e)] = th.make(e / 255)
@@ -387,7 +394,8 @@ def _assemble(cfg: EvaluateConfig, meta: dict[str, Any], device: torch.device, l
             entry["miou_drop"] = clean["segmentation"]["miou"] - r["segmentation"]["miou"]
         threat_rep[th.name] = entry
         pts = []
-        for e in sweep:
+        swept = not cfg.sweep_threats or th.name in cfg.sweep_threats
+        for e in sweep if swept else []:
             if e == 0:
                 src = {**clean, "fused_psnr": 100.0}
             elif math.isclose(e / 255, th.eps, rel_tol=1e-6):

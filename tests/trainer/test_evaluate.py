@@ -103,9 +103,22 @@ def test_pictures_markdown_and_run_files(labelled_run):
     assert "evaluating" in (out / "evaluate.log").read_text()
 
 
+def test_sweep_threats_limits_the_sweep(setup, tmp_path):
+    """sweep_threats=[paif]: the eps curve covers paif only; strong is still evaluated at its own budget."""
+    base, data, ckpt = setup
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--limit", "1", "--device", "cpu", "--out",
+            str(tmp_path), "--steps", "1", "--no-progress", "--eps-sweep", "0", "4", "sweep_threats=[paif]"]
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert list(rep["eps_sweep"]) == ["paif"]
+    assert [p["eps_255"] for p in rep["eps_sweep"]["paif"]] == [0.0, 4.0]
+    assert set(rep["threats"]) == {"paif", "strong"}
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--threat", "nosuch"], "unknown threat model 'nosuch'"),
     (["colour=1"], "unknown config key(s) colour"),
+    (["sweep_threats=[a2rnet]"], "sweep_threats: expected names among the evaluated threats"),
 ])
 def test_bad_input_gives_exit_code_2(setup, tmp_path, capsys, extra, message):
     base, data, ckpt = setup
