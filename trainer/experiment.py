@@ -1,0 +1,354 @@
+"""The robustness experiment of PAIF (Liu et al., ACM MM 2023, Table "w/o AAT"): one command, one table, one plot.
+
+    python -m trainer.experiment                         # = make experiment; writes runs/experiment/
+    python -m trainer.experiment --config configs/experiment.yaml seeds=[0,1,2] workers=2
+    python -m trainer.experiment --plan                  # list the jobs, run nothing
+
+What it runs, on a seeded synthetic RGB-T dataset (``rgbt.synthetic``):
+
+1. a short robust DARTS search (``strategies/search.py``) whose argmax genotype is the "searched" genotype;
+2. for every seed: the ``paif`` genotype retrained ``--no-aat`` (clean), with plain adversarial training (``at``)
+   and with AAT (``aat``); the searched genotype and a plain non-searched baseline (all ``residual_k3_d1``)
+   retrained with AAT;
+3. every final checkpoint (``last.pt``: no selection) evaluated on the test split under the ``paif`` and
+   ``strong`` threat models, with an mIoU-versus-eps sweep of ``paif``.
+
+It writes ``results.json`` (every number), ``results.md`` (mean ± sample std over seeds) and ``miou_vs_eps.png``.
+Jobs run in subprocesses (``workers`` at a time, one torch thread each); a job whose ``done.json`` exists is
+skipped, so an interrupted experiment continues where it stopped when run again with the same ``out``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from trainer.config import ConfigError, load_config, save_config
+from trainer.runs import setup_logging
+
+log = logging.getLogger("trainer.experiment")
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASELINE_GENOTYPE: dict[str, Any] = {
+    "ir": ["residual_k3_d1", "residual_k3_d1"], "vis": ["residual_k3_d1", "residual_k3_d1"],
+    "fused": ["residual_k3_d1", "residual_k3_d1"], "rule": "spatial_attention", "channels": 32, "version": 1,
+}
+
+
+@dataclass
+class DataSpec:
+    size: tuple[int, int] = (96, 128)  # synthetic scene size (H, W)
+    n_train: int = 96
+    n_val: int = 8
+    n_test: int = 12
+    seed: int = 0  # dataset seed (fixed across training seeds)
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "runs/experiment"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    workers: int = 2  # jobs in parallel, one torch thread each
+    data: DataSpec = field(default_factory=DataSpec)
+    channels: int = 16  # fusion width of every retrained genotype
+    #: (label, genotype, mode): genotype is a GENOTYPES name, "searched" or "baseline"
+    runs: list[list[str]] = field(default_factory=lambda: [
+        ["paif / no AAT", "paif", "clean"], ["paif / plain AT", "paif", "at"], ["paif / AAT", "paif", "aat"],
+        ["searched / AAT", "searched", "aat"], ["baseline (all residual) / AAT", "baseline", "aat"],
+    ])
+    #: key=value overrides of trainer/retrain.py shared by every run
+    retrain: list[str] = field(default_factory=lambda: [
+        "max_steps=200", "data.crop=[64,80]", "data.batch_size=4", "data.val_limit=4", "val.attack_steps=2",
+        "val.num_images=0", "save_every_steps=50", "log_every_steps=25",
+    ])
+    #: key=value overrides of strategies/search.py
+    search: list[str] = field(default_factory=lambda: [
+        "epochs=2", "max_train_batches=12", "data.crop=[64,80]", "data.batch_size=2", "space.channels=16",
+        "w=0.5", "w_arch=0.5",
+    ])
+    threats: list[str] = field(default_factory=lambda: ["paif", "strong"])
+    eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # in 1/255
+    sweep_threats: list[str] = field(default_factory=lambda: ["paif"])
+    eval_batch_size: int = 6
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+@dataclass(frozen=True)
+class Job:
+    label: str
+    genotype: str
+    mode: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.genotype}-{self.mode}-s{self.seed}"
+
+
+def plan(cfg: ExperimentConfig) -> list[Job]:
+    """Every (run, seed) job, seeds outermost so partial results cover every configuration early."""
+    for run in cfg.runs:
+        if len(run) != 3:
+            raise ConfigError(f"runs: expected [label, genotype, mode] triples, got {run}")
+    return [Job(label, geno, mode, seed) for seed in cfg.seeds for label, geno, mode in cfg.runs]
+
+
+def _python(module_or_script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / module_or_script), *args]
+
+
+def _run(cmd: Sequence[str], logfile: Path) -> None:
+    """Run ``cmd`` with one torch thread, output to ``logfile``; raise with the log's tail on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(logfile, "a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        code = subprocess.call(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if code != 0:
+        tail = "".join(logfile.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{cmd[1]} failed with exit code {code}; see {logfile}:\n{tail}")
+
+
+def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, Any]:
+    """Retrain then evaluate one job; resumable through ``done.json`` / ``train_done.json`` markers."""
+    jdir = out / "jobs" / job.key
+    done = jdir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    jdir.mkdir(parents=True, exist_ok=True)
+    logfile = jdir / "job.log"
+    t0 = time.time()
+    train_done = jdir / "train_done.json"
+    if not train_done.is_file():
+        runs_root = jdir / "train"
+        existing = sorted(runs_root.glob("*/resume.ckpt"))
+        if existing:  # an interrupted retrain continues exactly
+            cmd = _python("trainer/retrain.py", "--resume", str(existing[-1].parent), "progress_bar=false",
+                          "num_threads=1")
+        else:
+            shutil.rmtree(runs_root, ignore_errors=True)
+            cmd = _python("trainer/retrain.py", "--genotype", genotypes[job.genotype], f"mode={job.mode}",
+                          f"seed={job.seed}", f"channels={cfg.channels}", f"data.root={out / 'data'}",
+                          f"runs_root={runs_root}", f"run_name={job.key}", "progress_bar=false", "num_threads=1",
+                          *cfg.retrain)
+        _run(cmd, logfile)
+        last = sorted(runs_root.glob("*/last.pt"))
+        if not last:
+            raise RuntimeError(f"{job.key}: retrain finished without last.pt under {runs_root}")
+        train_done.write_text(json.dumps({"last": str(last[-1]), "seconds": time.time() - t0}) + "\n")
+    t1 = time.time()
+    ckpt = json.loads(train_done.read_text())["last"]
+    eval_dir = jdir / "eval"
+    cmd = _python("trainer/evaluate.py", "--checkpoint", ckpt, "--data", str(out / "data"), "--split", "test",
+                  *[a for t in cfg.threats for a in ("--threat", t)], "--out", str(eval_dir),
+                  "--batch-size", str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed),
+                  "--no-progress", "--eps-sweep", *[f"{e:g}" for e in cfg.eps_sweep],
+                  f"sweep_threats={json.dumps(cfg.sweep_threats)}", "num_threads=1")
+    _run(cmd, logfile)
+    report = json.loads((eval_dir / "report.json").read_text())
+    result = {"job": dataclasses.asdict(job), "checkpoint": ckpt, "train_seconds": t1 - t0,
+              "eval_seconds": time.time() - t1, **extract(report)}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def extract(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the table needs from one evaluation ``report.json`` (fractions in [0, 1])."""
+    out: dict[str, Any] = {"clean": report["clean"]["segmentation"]["miou"],
+                           "clean_objects": report["clean"]["segmentation"]["miou_objects"]}
+    for name, rep in report["threats"].items():
+        out[name] = rep["segmentation"]["miou"]
+        out[f"{name}_objects"] = rep["segmentation"]["miou_objects"]
+    out["curves"] = {name: [[p["eps_255"], p["miou"]] for p in pts] for name, pts in report["eps_sweep"].items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- aggregate
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n−1; 0 for a single value); NaNs are dropped."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def aggregate(results: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run label (in first-seen order): mean and std over seeds of every column, and the seeds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in results:
+        label = r["job"]["label"]
+        row = rows.setdefault(label, {"label": label, "seeds": [], "values": {c: [] for c in columns}})
+        row["seeds"].append(r["job"]["seed"])
+        for c in columns:
+            row["values"][c].append(r.get(c, float("nan")))
+    for row in rows.values():
+        row["stats"] = {c: mean_std(v) for c, v in row["values"].items()}
+    return list(rows.values())
+
+
+def _fmt(ms: tuple[float, float]) -> str:
+    m, s = ms
+    return "–" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    head = "| run | seeds | " + " | ".join(f"mIoU {c}" for c in columns) + " |"
+    sep = "|---|---|" + "---|" * len(columns)
+    body = [f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(_fmt(r["stats"][c]) for c in columns) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def plot_curves(results: Sequence[dict[str, Any]], threat: str, path: Path) -> None:
+    """mIoU versus eps under ``threat``: mean over seeds per run label, error bars = sample std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_label: dict[str, dict[float, list[float]]] = {}
+    for r in results:
+        for eps, miou in r["curves"].get(threat, []):
+            by_label.setdefault(r["job"]["label"], {}).setdefault(eps, []).append(miou)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, pts in by_label.items():
+        eps = sorted(pts)
+        stats = [mean_std(pts[e]) for e in eps]
+        ax.errorbar(eps, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
+                    label=label)
+    ax.set_xlabel(f"attack budget ε (×1/255), threat model '{threat}' (PGD L∞, both modalities)")
+    ax.set_ylabel("test mIoU (%), 9 classes")
+    ax.set_title("Segmentation accuracy under attack (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]],
+                  searched: dict[str, Any] | None, wall: float) -> Path:
+    columns = ["clean", *cfg.threats]
+    rows = aggregate(results, columns)
+    obj_rows = aggregate(results, [f"{c}_objects" for c in columns])
+    (out / "results.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(cfg), "searched_genotype": searched, "jobs": results,
+         "summary": [{"label": r["label"], "seeds": r["seeds"],
+                      **{c: {"mean": r["stats"][c][0], "std": r["stats"][c][1]} for c in columns}} for r in rows],
+         "wall_seconds": wall}, indent=2) + "\n")
+    plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
+    d = cfg.data
+    md = [
+        "# Robustness experiment (synthetic RGB-T scenes)", "",
+        f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). Wall time {wall / 60:.1f} min "
+        f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
+        f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
+        f"{d.n_test} test scenes. Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}; seeds "
+        f"{cfg.seeds}. Evaluation: final checkpoint (`last.pt`, no selection) on the test split; test mIoU in % over "
+        "9 classes, mean ± sample std over seeds.", "",
+        render_table(rows, columns), "",
+        "The same, over the 8 object classes (without `unlabeled`):", "",
+        render_table(obj_rows, [f"{c}_objects" for c in columns]), "",
+        "![mIoU versus eps](miou_vs_eps.png)", "",
+        "Threat models: `paif` = PGD L∞ ε 8/255, step 2/255, 5 steps on both modalities (the reference protocol); "
+        "`strong` = per-image worst case over PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255.", "",
+    ]
+    if searched:
+        md += [f"Searched genotype: `{json.dumps(searched)}`", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ main
+def prepare(cfg: ExperimentConfig, out: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Dataset, the searched genotype (runs the search once) and the baseline genotype file."""
+    from rgbt.synthetic import generate_dataset
+
+    data = out / "data"
+    if not (data / "meta.json").is_file():
+        d = cfg.data
+        generate_dataset(data, n_train=d.n_train, n_val=d.n_val, n_test=d.n_test, size=tuple(d.size), seed=d.seed)
+    genotypes = {name: name for _, name, _ in cfg.runs}
+    baseline = out / "baseline_genotype.json"
+    baseline.write_text(json.dumps({**BASELINE_GENOTYPE, "channels": cfg.channels}, indent=2) + "\n")
+    genotypes["baseline"] = str(baseline)
+    searched = None
+    if "searched" in genotypes:
+        sdir = out / "search"
+        geno = sdir / "genotype.json"
+        if not geno.is_file():
+            shutil.rmtree(sdir, ignore_errors=True)
+            sdir.mkdir(parents=True)
+            log.info("searching (robust DARTS) -> %s", sdir)
+            _run(_python("strategies/search.py", f"data.root={data}", f"run_dir={sdir}", *cfg.search),
+                 out / "search.log")
+        genotypes["searched"] = str(geno)
+        searched = json.loads(geno.read_text())
+    return genotypes, searched
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML of ExperimentConfig keys")
+    p.add_argument("--out", help="output folder (default runs/experiment)")
+    p.add_argument("--plan", action="store_true", help="print the jobs and exit")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1,2] workers=2")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    try:
+        cfg = load_config(ExperimentConfig, args.config, overrides)
+        jobs = plan(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.plan:
+        for job in jobs:
+            print(f"{job.key:32s} {job.label}")
+        return 0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out, filename="experiment.log")
+    save_config(cfg, out / "config.yaml")
+    t0 = time.time()
+    genotypes, searched = prepare(cfg, out)
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    from tqdm import tqdm
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        futures = {pool.submit(run_job, job, cfg, out, genotypes): job for job in jobs}
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="experiment", unit="job"):
+            job = futures[fut]
+            try:
+                results.append(fut.result())
+                log.info("done %s", job.key)
+            except Exception as exc:  # keep the other jobs; report at the end
+                failures.append(f"{job.key}: {exc}")
+                log.error("failed %s: %s", job.key, exc)
+    order = {job.key: i for i, job in enumerate(jobs)}
+    results.sort(key=lambda r: order[Job(**r["job"]).key])
+    path = write_outputs(cfg, out, results, searched, time.time() - t0)
+    print(path.read_text())
+    if failures:
+        print("failed jobs:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
