@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--amp", choices=("none", "bf16"), default="none")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(480, 640))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions per measurement")
     p.add_argument("--threats", nargs="+", default=["paif", "strong"])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 32x40, batch 1, one repeat, no warm-up, threats cut to 1 step")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    size, repeats, warmup, steps, threat_steps = tuple(args.size), args.repeats, 1, (1, 5), None
+    size, repeats, warmup, steps, threat_steps = tuple(args.size), args.repeat, 1, (1, 5), None
     if args.quick:
         size, repeats, warmup, steps, threat_steps = (32, 40), 1, 0, (1, 2), 1
         args.batch = 1

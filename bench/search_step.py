@@ -141,7 +141,7 @@ def fixed_phase(cfg: SearchConfig, args: argparse.Namespace, memory: Memory, dev
     for i in range(args.warmup + args.steps):
         sync()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
             loss, _ = objective(model(batch["ir"], batch["vis"]), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,7 +160,8 @@ def _sync(device: str) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (Lightning precision bf16-mixed)")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none",
+                        help="bf16 autocast (Lightning precision bf16-mixed)")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 160], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per phase")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("nni").setLevel(logging.ERROR)
     cfg = load_config(SearchConfig, args.config, list(args.overrides) + [
-        f"device={'gpu' if args.device == 'cuda' else 'cpu'}", f"precision={'bf16-mixed' if args.amp else '32-true'}",
+        f"device={'gpu' if args.device == 'cuda' else 'cpu'}", f"precision={'bf16-mixed' if args.amp == 'bf16' else '32-true'}",
         "progress_bar=false", "epochs=1", "log_every_n_steps=1000"])
     device = torch.device(args.device)
     memory = Memory(device)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               "robust": search_phase(cfg, True, args, memory)}
     report = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "amp_bf16": args.amp, "size": list(args.size), "batch": args.batch, "channels": cfg.space.channels,
+        "amp_bf16": args.amp == "bf16", "size": list(args.size), "batch": args.batch, "channels": cfg.space.channels,
         "candidates": len(cfg.space.candidates) if cfg.space.candidates else "default",
         "attack": dataclasses.asdict(cfg.attack), "memory_method": memory.method,
         "search_steps_per_s": phases["robust"]["steps_per_s"],

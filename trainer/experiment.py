@@ -8,8 +8,8 @@ What it runs, on a seeded synthetic RGB-T dataset (``rgbt.synthetic``):
 
 1. a short robust DARTS search (``strategies/search.py``) whose argmax genotype is the "searched" genotype;
 2. for every seed: the ``paif`` genotype retrained ``--no-aat`` (clean), with plain adversarial training (``at``)
-   and with AAT (``aat``); the searched genotype and a plain non-searched baseline (all ``residual_k3_d1``)
-   retrained with AAT;
+   and with AAT (``aat``); for the first seed (by default; CPU budget): the searched genotype and a plain
+   non-searched baseline (all ``residual_k3_d1``) retrained with AAT;
 3. every final checkpoint (``last.pt``: no selection) evaluated on the test split under the ``paif`` and
    ``strong`` threat models, with an mIoU-versus-eps sweep of ``paif``.
 
@@ -63,10 +63,11 @@ class ExperimentConfig:
     workers: int = 2  # jobs in parallel, one torch thread each
     data: DataSpec = field(default_factory=DataSpec)
     channels: int = 16  # fusion width of every retrained genotype
-    #: (label, genotype, mode): genotype is a GENOTYPES name, "searched" or "baseline"
+    #: [label, genotype, mode] or [label, genotype, mode, n]: genotype is a GENOTYPES name, "searched" or
+    #: "baseline"; n (optional) runs only the first n of ``seeds`` (the genotype comparison, to fit a CPU budget)
     runs: list[list[str]] = field(default_factory=lambda: [
         ["paif / no AAT", "paif", "clean"], ["paif / plain AT", "paif", "at"], ["paif / AAT", "paif", "aat"],
-        ["searched / AAT", "searched", "aat"], ["baseline (all residual) / AAT", "baseline", "aat"],
+        ["searched / AAT", "searched", "aat", "1"], ["baseline (all residual) / AAT", "baseline", "aat", "1"],
     ])
     #: key=value overrides of trainer/retrain.py shared by every run
     retrain: list[str] = field(default_factory=lambda: [
@@ -99,10 +100,13 @@ class Job:
 
 def plan(cfg: ExperimentConfig) -> list[Job]:
     """Every (run, seed) job, seeds outermost so partial results cover every configuration early."""
+    limits = []
     for run in cfg.runs:
-        if len(run) != 3:
-            raise ConfigError(f"runs: expected [label, genotype, mode] triples, got {run}")
-    return [Job(label, geno, mode, seed) for seed in cfg.seeds for label, geno, mode in cfg.runs]
+        if len(run) not in (3, 4) or (len(run) == 4 and not str(run[3]).isdigit()):
+            raise ConfigError(f"runs: expected [label, genotype, mode] or [label, genotype, mode, n_seeds], got {run}")
+        limits.append(int(run[3]) if len(run) == 4 else len(cfg.seeds))
+    return [Job(run[0], run[1], run[2], seed) for i, seed in enumerate(cfg.seeds)
+            for run, n in zip(cfg.runs, limits) if i < n]
 
 
 def _python(module_or_script: str, *args: str) -> list[str]:
@@ -283,7 +287,7 @@ def prepare(cfg: ExperimentConfig, out: Path) -> tuple[dict[str, str], dict[str,
     if not (data / "meta.json").is_file():
         d = cfg.data
         generate_dataset(data, n_train=d.n_train, n_val=d.n_val, n_test=d.n_test, size=tuple(d.size), seed=d.seed)
-    genotypes = {name: name for _, name, _ in cfg.runs}
+    genotypes = {run[1]: run[1] for run in cfg.runs}
     baseline = out / "baseline_genotype.json"
     baseline.write_text(json.dumps({**BASELINE_GENOTYPE, "channels": cfg.channels}, indent=2) + "\n")
     genotypes["baseline"] = str(baseline)

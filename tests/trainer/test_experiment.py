@@ -40,15 +40,19 @@ def test_aggregate_groups_by_label_in_first_seen_order():
 
 
 def test_plan_seeds_outermost_and_unique_keys():
-    cfg = load_config(ExperimentConfig, overrides=["seeds=[3,4]"])
+    cfg = load_config(ExperimentConfig, overrides=["seeds=[3,4]", 'runs=[["a","paif","clean"],["b","paif","aat"]]'])
     jobs = plan(cfg)
-    assert len(jobs) == 2 * len(cfg.runs)
-    assert [j.seed for j in jobs[: len(cfg.runs)]] == [3] * len(cfg.runs)
+    assert [(j.label, j.seed) for j in jobs] == [("a", 3), ("b", 3), ("a", 4), ("b", 4)]
     assert len({j.key for j in jobs}) == len(jobs)
 
 
+def test_plan_a_run_may_use_only_the_first_seeds():
+    cfg = load_config(ExperimentConfig, overrides=["seeds=[0,1,2]", 'runs=[["a","paif","aat"],["b","baseline","aat","1"]]'])
+    assert [(j.label, j.seed) for j in plan(cfg)] == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
 def test_bad_run_triple_is_a_config_error(capsys):
-    with pytest.raises(ConfigError, match="expected \\[label, genotype, mode\\]"):
+    with pytest.raises(ConfigError, match="expected \\[label, genotype, mode\\] or"):
         plan(load_config(ExperimentConfig, overrides=['runs=[["only label"]]']))
     assert main(["--plan", "colour=1"]) == 2
     assert "unknown config key(s) colour" in capsys.readouterr().err
@@ -58,6 +62,8 @@ def test_plan_flag_lists_jobs(capsys):
     assert main(["--plan", "seeds=[0]"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[0] == "paif-clean-s0" and len(lines) == len(ExperimentConfig().runs)
+    assert main(["--plan"]) == 0  # default: 3 seeds of the paif modes, 1 seed of the genotype comparison
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 * 3 + 2
 
 
 def test_extract_reads_an_evaluation_report():
