@@ -26,9 +26,10 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# data -> NNI search (search.yml) -> genotype -> AAT retrain -> paif/strong evaluation, ~6 min on 2 CPU cores;
+# each run writes a fresh runs/demo/demo-<time>/ and ends by printing the path of its report.md.
 demo: install
-	$(BIN)/python -m rgbt.synthetic --out data/synthetic --n-train 48 --n-val 16 --n-test 16 --seed 0
-	$(BIN)/python -m rgbt.summary data/synthetic
+	VENV=$(VENV) bash scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) $(RUNS) data/synthetic

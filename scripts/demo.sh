@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# `make demo`: the whole PAIF pipeline on the embedded synthetic dataset, in a few minutes on a 2-core CPU.
+#
+#   1 data      python -m rgbt.synthetic  -> data/synthetic (48 train / 16 val / 16 test, 128x160)
+#   2 search    python -m strategies.nni_local create --config search.yml   (nnictl, 2 robust DARTS trials)
+#   3 derive    derive/export_genotype.py: genotype of the trial with the lowest held-out adversarial loss
+#   4 retrain   trainer/retrain.py --config configs/demo_retrain.yaml        (AAT, 48 steps on 64x80 crops)
+#   5 evaluate  trainer/evaluate.py --threat paif --threat strong            (full attack step counts,
+#               first DEMO_LIMIT test images, eps sweep of paif only)
+#
+# Every run writes into a fresh folder runs/demo/demo-<time>/ (runs/demo/latest points at it); the NNI
+# experiment itself lands in runs/nni-experiments/<id>/ (search.yml). Environment knobs:
+#   DEMO_LIMIT=8          test images evaluated       OMP_NUM_THREADS=1   torch threads per process
+#   DEMO_RUNS=runs/demo   parent of the run folders   DEMO_SEARCH_TIMEOUT=480   seconds before the search is stopped
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${VENV:-.venv}
+[[ $VENV = /* ]] || VENV=$ROOT/$VENV
+export PATH="$VENV/bin:$PATH"   # nnictl's trialCommand `python` must be the project's interpreter
+# One thread per process: on 2 shared cores, torch's default 2 OpenMP threads slow down ~10x as soon as
+# another process competes for the CPU (measured: a 2-batch search epoch took 218 s instead of 17 s).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}   # NNI's "not a nn.Module" noise on every import
+
+DATA=data/synthetic
+LIMIT=${DEMO_LIMIT:-8}
+RUNS=${DEMO_RUNS:-runs/demo}
+SEARCH_TIMEOUT=${DEMO_SEARCH_TIMEOUT:-480}
+RUN=$RUNS/demo-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$RUNS"
+mkdir "$RUN"   # fails (stops the demo) rather than mixing two runs started within the same second
+ln -sfn "$(basename "$RUN")" "$RUNS/latest"
+
+TIMES=$RUN/stage_times.txt
+T_ALL=$(date +%s)
+stage() {  # stage N NAME: print a header and remember when the stage started
+    STAGE_NAME=$2
+    T_STAGE=$(date +%s)
+    printf '\n==> [%s/5] %s   (%s)\n' "$1" "$2" "$(date +%H:%M:%S)"
+}
+done_stage() {
+    local dt=$(( $(date +%s) - T_STAGE ))
+    printf '%-9s %4d s\n' "$STAGE_NAME" "$dt" | tee -a "$TIMES"
+}
+trap 'rc=$?; [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (exit $rc); logs in $RUN" >&2' EXIT
+
+echo "PAIF demo -> $RUN  (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+
+stage 1 data
+python -m rgbt.synthetic --out "$DATA" --n-train 48 --n-val 16 --n-test 16 --seed 0
+python -m rgbt.summary "$DATA"
+done_stage
+
+stage 2 search
+# nnictl create --foreground, pinned to 127.0.0.1; exits non-zero unless every trial succeeded. nnictl's own
+# lines are shown; the long summary JSON printed after them goes to search.json only.
+python -m strategies.nni_local create --config search.yml --timeout "$SEARCH_TIMEOUT" \
+    | tee "$RUN/search.json" | sed '/^{/,$d'
+# pick the trial whose architecture had the lowest adversarial loss on the held-out (val) split
+python - "$RUN/search.json" > "$RUN/search_pick.txt" <<'EOF'
+import json, sys
+text = open(sys.argv[1]).read()
+summary = json.loads(text if text.startswith("{") else text[text.rindex("\n{") + 1:])
+trials = [t for t in summary["trials"] if t.get("final")]
+adv = lambda t: t["final"].get("arch_adv", t["final"]["default"])
+best = min(trials, key=adv)
+print(f"{best['dir']}/search/search_result.json")
+out = sys.stderr
+print(f"experiment {summary['experiment_dir']}: {summary['status']}, {len(trials)} trials", file=out)
+for t in trials:
+    hp = ", ".join(f"{k}={v:g}" for k, v in t["parameters"].items())
+    clean = f"{t['final']['arch_clean']:.3f}" if "arch_clean" in t["final"] else "-"
+    print(f"  {'*' if t is best else ' '} trial {t['id']}  {hp}  held-out loss: clean {clean}, "
+          f"adversarial {adv(t):.3f}", file=out)
+print("  (* = picked: the lowest held-out adversarial loss)", file=out)
+EOF
+done_stage
+
+stage 3 derive
+python derive/export_genotype.py --run "$(head -n1 "$RUN/search_pick.txt")" --out "$RUN/out.json"
+done_stage
+
+stage 4 retrain
+python trainer/retrain.py --genotype "$RUN/out.json" --config configs/demo_retrain.yaml runs_root="$RUN" \
+    | tee "$RUN/retrain.json"
+CKPT=$(python -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["best"] or s["last"])' "$RUN/retrain.json")
+done_stage
+
+stage 5 evaluate
+python trainer/evaluate.py --checkpoint "$CKPT" --data "$DATA" --split test --threat paif --threat strong \
+    --limit "$LIMIT" --out "$RUN/eval" --no-progress 'sweep_threats=[paif]'
+done_stage
+
+printf '%-9s %4d s\n' total $(( $(date +%s) - T_ALL )) | tee -a "$TIMES"
+echo
+echo "report: $RUN/eval/report.md"
