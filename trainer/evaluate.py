@@ -367,12 +367,13 @@ def _collect_grid(rows: list[dict[str, Any]], limit: int, th: Threat, batch: dic
             return
         gt = batch["label"][i].cpu().numpy() if "label" in batch else None
         delta = (vis_adv[i] - batch["vis"][i]).abs().amax(0) * scale
+        delta_ir = ((ir_adv[i] - batch["ir"][i]).abs().amax(0) * scale).clamp(0, 1).cpu().numpy()
         rows.append({"label": f"{name}\nclean", "ir": _np_img(batch["ir"][i]), "vis": _np_img(batch["vis"][i]),
                      "fused": _np_img(clean.fused_rgb[i].clamp(0, 1)), "pred": clean.logits[i].argmax(0).cpu().numpy(),
-                     "gt": gt, "delta": None})
+                     "gt": gt, "delta": None, "delta_ir": None})
         rows.append({"label": f"{name}\n{th.name}", "ir": _np_img(ir_adv[i]), "vis": _np_img(vis_adv[i]),
                      "fused": _np_img(adv.fused_rgb[i].clamp(0, 1)), "pred": adv.logits[i].argmax(0).cpu().numpy(),
-                     "gt": gt, "delta": delta.clamp(0, 1).cpu().numpy()})
+                     "gt": gt, "delta": delta.clamp(0, 1).cpu().numpy(), "delta_ir": delta_ir})
 
 
 def _genotype_summary(g: dict[str, Any]) -> str:

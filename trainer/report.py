@@ -27,13 +27,14 @@ from trainer.runs import atomic_write_text  # noqa: E402
 
 __all__ = [
     "METRIC_HELP", "FUSION_METRIC_HELP", "to_jsonable", "write_json", "write_markdown", "render_markdown",
-    "save_grid", "save_curves", "GridRow",
+    "save_grid", "grid_figure", "save_curves", "GridRow", "DELTA_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
 
 GridRow = dict  # {"label": str, "ir": (H,W) float [0,1], "vis": (H,W,3) float [0,1], "fused": (H,W,3) float,
-#                  "pred": (H,W) int | None, "gt": (H,W) int | None, "delta": (H,W) float [0,1] | None}
+#                  "pred": (H,W) int | None, "gt": (H,W) int | None, "delta": (H,W) float [0,1] | None,
+#                  "delta_ir": (H,W) float [0,1] | None}  (deltas are |perturbation| / ε, 1 = full budget)
 
 METRIC_HELP: dict[str, str] = {
     "mIoU": "mean over the 9 classes (including 'unlabeled', the reference convention) of "
@@ -197,8 +198,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if grids:
         lines += ["## Samples", "",
                   "Rows: each sample clean, then attacked. Columns: infrared input, visible input, fused image "
-                  "(what the segmenter sees), predicted classes, ground truth (if labelled) and the perturbation "
-                  "added to the visible image, amplified to full range.", ""]
+                  "(what the segmenter sees), predicted classes, ground truth (if labelled) and the size of the "
+                  "perturbation the attack added (|δ| / ε, largest over the colour channels; 1 = the attack used "
+                  "its full L∞ budget ε at that pixel, see the colour bar; n/a on clean rows).", ""]
         for name, png in grids.items():
             lines += [f"### `{name}`", "", f"![samples, {name}]({png})", ""]
     lines += _glossary(report)
@@ -220,14 +222,30 @@ def _as_rgb(img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 1.0)
 
 
-def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Path:
-    """Save a picture grid: one row per entry of ``rows``; columns IR, VIS, fused, prediction, GT, |Δ VIS|.
+# Perturbation columns: row key -> column header. The values are |δ| / ε, so 1 means the attack used its
+# whole L∞ budget at that pixel (a sign-step PGD pushes most pixels to the budget, hence mostly bright cells).
+DELTA_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("delta_ir", "|δ_ir| / ε (1 = full budget)"),
+    ("delta", "|δ_vis| / ε (1 = full budget)"),
+)
+DELTA_CMAP = "magma"
+DELTA_COLORBAR_LABEL = "perturbation size |δ| / ε  (0 = untouched, 1 = full budget ε)"
 
-    Args:
-        rows: dicts with ``label`` (row title), ``ir`` (H,W) in [0,1], ``vis`` (H,W,3) in [0,1], ``fused``
-            (H,W) or (H,W,3) in [0,1], optional ``pred``/``gt`` (H,W) class ids (255 = ignore) and ``delta``
-            (H,W) in [0,1] (the perturbation magnitude, already scaled for display).
-    """
+# Grid geometry, in inches (fixed margins so the title, column headers, colour bar and legend never overlap).
+_CELL_W = 2.6
+_GAP_W = 0.25
+_GAP_H = 0.15
+_LEFT = 0.45            # room for the two-line row labels
+_HEADER = 0.32          # column headers above the first row
+_TITLE = 0.42           # the grid title above the column headers
+_LEGEND = 0.55          # the class legend below the grid
+_BOTTOM = 0.15
+_RIGHT = 0.2
+_CBAR = 1.25            # colour bar of the perturbation columns, right of the grid (bar + ticks + label)
+
+
+def grid_figure(rows: Sequence[GridRow], title: str = ""):
+    """Build the picture grid of :func:`save_grid` and return the matplotlib figure (the caller closes it)."""
     if not rows:
         raise ValueError("save_grid: expected at least one row, got none")
     cols = [("ir", "infrared"), ("vis", "visible"), ("fused", "fused")]
@@ -235,13 +253,25 @@ def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Pat
         cols.append(("pred", "prediction"))
     if any(r.get("gt") is not None for r in rows):
         cols.append(("gt", "ground truth"))
-    if any(r.get("delta") is not None for r in rows):
-        cols.append(("delta", "|perturbation of VIS| / ε"))
+    for key, name in DELTA_COLUMNS:
+        if any(r.get(key) is not None for r in rows):
+            cols.append((key, name))
+    has_delta = any(key in dict(DELTA_COLUMNS) for key, _ in cols)
+    has_legend = any(key in ("pred", "gt") for key, _ in cols)
+
     h, w = np.asarray(rows[0]["ir"]).shape[:2]
-    cell_w = 2.6
-    cell_h = cell_w * h / w
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(cell_w * len(cols) + 1.2, cell_h * len(rows) + 1.1),
-                             squeeze=False)
+    n_rows, n_cols = len(rows), len(cols)
+    cell_w, cell_h = _CELL_W, _CELL_W * h / w
+    grid_w = n_cols * cell_w + (n_cols - 1) * _GAP_W
+    grid_h = n_rows * cell_h + (n_rows - 1) * _GAP_H
+    top = _HEADER + (_TITLE if title else 0.0)
+    bottom = _LEGEND if has_legend else _BOTTOM
+    right = _CBAR if has_delta else _RIGHT
+    fig_w, fig_h = _LEFT + grid_w + right, top + grid_h + bottom
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, fig_h), squeeze=False)
+    fig.subplots_adjust(left=_LEFT / fig_w, right=(_LEFT + grid_w) / fig_w, bottom=bottom / fig_h,
+                        top=(bottom + grid_h) / fig_h, wspace=_GAP_W / cell_w, hspace=_GAP_H / cell_h)
+    delta_im = None
     for i, row in enumerate(rows):
         for j, (key, name) in enumerate(cols):
             ax = axes[i, j]
@@ -252,28 +282,55 @@ def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Pat
                 ax.set_facecolor("#eeeeee")
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="#888888")
             elif key in ("pred", "gt"):
-                ax.imshow(colorize(np.asarray(val)), interpolation="nearest")
-            elif key == "delta":
-                ax.imshow(np.clip(np.asarray(val), 0, 1), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(colorize(np.asarray(val)), interpolation="nearest", aspect="auto")
+            elif key in dict(DELTA_COLUMNS):
+                delta_im = ax.imshow(np.clip(np.asarray(val, dtype=np.float32), 0, 1), cmap=DELTA_CMAP, vmin=0,
+                                     vmax=1, interpolation="nearest", aspect="auto")
             else:
-                ax.imshow(_as_rgb(val), interpolation="nearest")
+                ax.imshow(_as_rgb(val), interpolation="nearest", aspect="auto")
             if i == 0:
                 ax.set_title(name, fontsize=10)
             if j == 0:
                 ax.set_ylabel(row.get("label", ""), fontsize=8, rotation=90)
     if title:
-        fig.suptitle(title, fontsize=11)
-    legend_h = 0.0
-    if any(key in ("pred", "gt") for key, _ in cols):
+        fig.suptitle(title, fontsize=11, y=1.0 - 0.12 / fig_h, va="top")
+    if has_delta:
+        # one vertical scale for all perturbation columns, beside the grid, at most ~4.5 in tall
+        bar_h = min(grid_h, max(2.0 * cell_h + _GAP_H, 4.5))
+        bar_bottom = bottom + grid_h - bar_h
+        cax = fig.add_axes(((_LEFT + grid_w + 0.15) / fig_w, bar_bottom / fig_h, 0.16 / fig_w, bar_h / fig_h))
+        mappable = delta_im if delta_im is not None else plt.cm.ScalarMappable(
+            norm=matplotlib.colors.Normalize(0, 1), cmap=DELTA_CMAP)
+        cbar = fig.colorbar(mappable, cax=cax)
+        cbar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0])
+        cbar.set_ticklabels(["0", "¼ ε", "½ ε", "¾ ε", "1 = ε"])
+        cbar.ax.tick_params(labelsize=8)
+        cbar.set_label(DELTA_COLORBAR_LABEL, fontsize=8)
+    if has_legend:
         handles = [Patch(facecolor=PALETTE[i] / 255.0, edgecolor="#666666", label=c) for i, c in enumerate(CLASSES)]
         handles.append(Patch(facecolor="white", edgecolor="#666666", label="ignored (255)"))
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 10), fontsize=8, frameon=False)
-        legend_h = 0.5 / fig.get_figheight()
-    fig.tight_layout(rect=(0, legend_h, 1, 1))
+        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.1 / fig_h),
+                   ncol=min(len(handles), 10), fontsize=8, frameon=False)
+    return fig
+
+
+def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Path:
+    """Save a picture grid: one row per entry of ``rows``; columns IR, VIS, fused, prediction, GT, |δ IR|, |δ VIS|.
+
+    Args:
+        rows: dicts with ``label`` (row title), ``ir`` (H,W) in [0,1], ``vis`` (H,W,3) in [0,1], ``fused``
+            (H,W) or (H,W,3) in [0,1], optional ``pred``/``gt`` (H,W) class ids (255 = ignore), and optional
+            ``delta`` / ``delta_ir`` (H,W) in [0,1]: the size of the perturbation of the visible / infrared
+            image divided by the attack budget ε (1 = the full budget). A column appears only if some row has
+            its key; the perturbation columns share one colour bar.
+    """
+    fig = grid_figure(rows, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 
