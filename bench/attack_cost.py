@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from typing import Any, Callable
 
@@ -28,6 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path in tests
+from _timing import sync, timeit  # noqa: E402
 from robustness.attacks import PGD, model_guard
 from robustness.threats import build_threat
 
@@ -44,23 +46,6 @@ def load_paif_model() -> nn.Module:
     return build_model(GENOTYPES["paif"], segmenter="b0", pretrained=None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def measure(model: nn.Module, size: tuple[int, int], batch: int, device: torch.device, amp: str = "none",

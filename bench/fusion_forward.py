@@ -19,13 +19,16 @@ import argparse
 import json
 import platform
 import sys
-import time
 from contextlib import nullcontext
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path in tests
+from _timing import sync, timeit  # noqa: E402
 from search_space.decompose import GuidedDecomposition, box_filter, guidance_from_features, guided_filter
 from search_space.genotype import GENOTYPES, Genotype, build_fusion_net
 from search_space.pipeline import build_model
@@ -48,24 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int) -> float:
-    """Median seconds per call of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(max(repeat, 1)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):

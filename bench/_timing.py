@@ -1,0 +1,28 @@
+"""Timing helpers shared by the bench scripts (not a benchmark itself)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock timings cover it (no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` (at least 1) runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(max(repeat, 1)):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
