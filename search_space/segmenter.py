@@ -16,7 +16,7 @@ from torch import nn
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 
-__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config"]
+__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config", "set_mit_norm_eps"]
 
 _logger = logging.getLogger(__name__)
 
@@ -92,3 +92,26 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
             f"(or a cached hub id), got {str(pretrained)!r}; download them once, or pass allow_download=True "
             f"({exc})") from exc
     return Segmenter(model, variant)
+
+
+def set_mit_norm_eps(segmenter: nn.Module, eps: float) -> int:
+    """Set ``eps`` of the MiT encoder's block LayerNorms (before attention, before the MLP) and stage-output
+    LayerNorms; the patch-embedding and sequence-reduction LayerNorms keep theirs.
+
+    The published MiT (SegFormer's ``mix_transformer.py``) uses eps 1e-6 for exactly these norms and 1e-5 for the
+    others; transformers uses 1e-5 for all. Works for the transformers 4 and 5 module names.
+
+    Returns:
+        The number of LayerNorms changed (2 per block + 1 per stage).
+    """
+    if eps <= 0:
+        raise ValueError(f"set_mit_norm_eps: expected eps > 0, got {eps}")
+    changed = 0
+    for name, module in segmenter.named_modules():
+        if isinstance(module, nn.LayerNorm) and ".decode_head." not in f".{name}." \
+                and "patch_embeddings" not in name and ".attention." not in f".{name}.":
+            module.eps = eps
+            changed += 1
+    if changed == 0:
+        raise ValueError("set_mit_norm_eps: expected a SegFormer segmenter with LayerNorms, found none")
+    return changed
