@@ -149,12 +149,13 @@ class FusionSegModel(nn.Module):
 
 def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: str = "b0",
                 num_classes: int = NUM_CLASSES, pretrained: str | Path | None = None, *,
-                seg_norm: str = "per_image", color: str = "bt601", fusion_output: str = "unit",
-                mit_norm_eps: float | None = None) -> FusionSegModel:
+                decoder_hidden_size: int | None = None, seg_norm: str = "per_image", color: str = "bt601",
+                fusion_output: str = "unit", mit_norm_eps: float | None = None) -> FusionSegModel:
     """Frozen fusion net of ``genotype`` (a Genotype, a name in GENOTYPES, JSON path/text) + SegFormer.
 
     Args:
-        genotype, segmenter, num_classes, pretrained: the architecture (see :func:`build_segmenter`).
+        genotype, segmenter, num_classes, pretrained, decoder_hidden_size: the architecture (see
+            :func:`search_space.segmenter.build_segmenter`).
         seg_norm: :data:`SEG_NORMS`; ``"published"`` reproduces the published whole-batch normalisation.
         color: ``"bt601"`` or ``"published"`` (``rgbt.color.COLOR_STANDARDS``).
         fusion_output: the fusion head's output, ``"unit"`` ((tanh + 1) / 2) or ``"tanh"`` (published).
@@ -164,11 +165,10 @@ def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: 
         The model; ``model.build_options`` holds the options (recorded in checkpoints under ``model``).
     """
     g = get_genotype(genotype)
-    fusion_kwargs = {} if fusion_output == "unit" else {"output": fusion_output}
-    seg = build_segmenter(segmenter, num_classes, pretrained)
+    seg = build_segmenter(segmenter, num_classes, pretrained, decoder_hidden_size=decoder_hidden_size)
     if mit_norm_eps is not None:
         set_mit_norm_eps(seg, float(mit_norm_eps))
-    model = FusionSegModel(build_fusion_net(g, **fusion_kwargs), seg, g, seg_norm=seg_norm, color=color)
+    model = FusionSegModel(build_fusion_net(g, output=fusion_output), seg, g, seg_norm=seg_norm, color=color)
     model.build_options.update(fusion_output=fusion_output,
                                mit_norm_eps=None if mit_norm_eps is None else float(mit_norm_eps))
     return model

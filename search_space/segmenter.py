@@ -62,7 +62,7 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrained: str | Path | None = None,
-                    allow_download: bool = False) -> Segmenter:
+                    allow_download: bool = False, decoder_hidden_size: int | None = None) -> Segmenter:
     """SegFormer MiT-``variant`` with ``num_classes`` outputs.
 
     Args:
@@ -71,13 +71,19 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
         pretrained: None (random init), a local directory with ``config.json`` + weights, or a hub id
             (only with ``allow_download=True``; otherwise only the local cache is consulted).
         allow_download: permit network access for a hub id.
+        decoder_hidden_size: width of the all-MLP head; None takes the variant's (256 for b0/b1, 768 for b2..b5).
+            The published PAIF MiT-b3 uses 256. Only for ``pretrained=None``.
     Returns:
         :class:`Segmenter`, ``forward(rgb_normalised (B, 3, H, W)) -> logits (B, num_classes, H/4, W/4)``.
     """
     from transformers import SegformerForSemanticSegmentation
 
+    overrides = {} if decoder_hidden_size is None else {"decoder_hidden_size": int(decoder_hidden_size)}
     if pretrained is None:
-        return Segmenter(SegformerForSemanticSegmentation(segformer_config(variant, num_classes)), variant)
+        return Segmenter(SegformerForSemanticSegmentation(segformer_config(variant, num_classes, **overrides)), variant)
+    if overrides:
+        raise ValueError(f"build_segmenter: expected decoder_hidden_size=None with pretrained weights, got "
+                         f"{decoder_hidden_size} (the head width comes from the pretrained config)")
     local = Path(pretrained).is_dir()
     if not local and not allow_download:
         _logger.info("pretrained %s is not a local directory: looking in the local hub cache only", pretrained)

@@ -146,7 +146,8 @@ def save_checkpoint(
         path: destination ``.pt`` file; parent directories are created.
         model: the ``FusionSegModel`` (its ``state_dict`` is stored on the CPU).
         genotype: the ``Genotype`` the fusion network was built from (stored as a dict).
-        segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``.
+        segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``; optionally ``decoder_hidden_size``
+            (the head width, when it is not the variant's).
         train_cfg: the resolved training config (a dataclass or a plain dict).
         state: optional resumable training state (epoch, step, optimizer/scheduler/scaler state dicts,
             best metric, ...): tensors and plain types only.
@@ -282,8 +283,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     seg = ckpt["segmenter"]
     options = _model_options(ckpt.get("model"), f"checkpoint {path}: model")
     try:
+        decoder = seg.get("decoder_hidden_size")
         model = build_model(genotype, segmenter=seg["variant"], num_classes=int(seg["num_classes"]),
-                            pretrained=None, **options)
+                            pretrained=None, decoder_hidden_size=None if decoder is None else int(decoder), **options)
     except ValueError as exc:  # bad option values
         raise CheckpointError(
             f"checkpoint {path}: cannot build the model with {seg} and options {options}: {exc}") from exc
