@@ -28,7 +28,7 @@ import logging
 import pickle
 import re
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -288,8 +288,8 @@ def convert_state_dict(
         ConversionError: naming the first key that does not fit (missing, unexpected or of another shape),
             with the number of other problems.
     """
-    produced = [d for r in rules for d in r.dst]
-    dup = sorted({d for d in produced if produced.count(d) > 1}) if len(set(produced)) != len(produced) else []
+    produced = Counter(d for r in rules for d in r.dst)
+    dup = sorted(d for d, n in produced.items() if n > 1)
     uncovered = sorted(set(target) - set(produced))
     unknown = sorted(set(produced) - set(target))
     if dup or uncovered or unknown:  # the rules do not fit our own model: a converter bug, not bad input
