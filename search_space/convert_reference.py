@@ -47,6 +47,7 @@ PUBLISHED_OPTIONS: dict[str, Any] = {
     "color": "published",         # RGB2YCrCb / YCrCb2RGB with rounded coefficients
     "fusion_output": "tanh",      # the fusion head's raw tanh is the fused Y
     "mit_norm_eps": 1e-6,         # MiT block and stage-output LayerNorms: partial(nn.LayerNorm, eps=1e-6)
+    "inputs": "both",             # both modalities
 }
 """``build_model`` options that reproduce the published forward; recorded in converted checkpoints."""
 

@@ -27,7 +27,7 @@ from search_space.genotype import Genotype, build_fusion_net, get_genotype
 from search_space.segmenter import build_segmenter, set_mit_norm_eps
 
 __all__ = ["FusionSegOutput", "FusionSegModel", "normalize_per_image", "normalize_published", "build_model",
-           "SEG_MULTIPLE", "SEG_NORMS", "MODEL_OPTIONS", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "SEG_MULTIPLE", "SEG_NORMS", "MODEL_OPTIONS", "INPUTS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 SEG_MULTIPLE = 32
 """The segmenter input is replicate-padded (bottom/right) to a multiple of this; logits are cropped back."""
@@ -40,8 +40,13 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 """ImageNet RGB statistics on the 0..255 scale, as used by the published PAIF forward."""
 
 MODEL_OPTIONS: dict[str, Any] = {"seg_norm": "per_image", "color": "bt601", "fusion_output": "unit",
-                                 "mit_norm_eps": None}
+                                 "mit_norm_eps": None, "inputs": "both"}
 """Forward options of :func:`build_model` with their defaults (ours); checkpoints record them under ``model``."""
+
+INPUTS: tuple[str, ...] = ("both", "ir", "vis")
+"""Which modalities reach the fusion net: ``"both"``; ``"ir"`` (the visible image is zeroed inside the model:
+an IR-only baseline) or ``"vis"`` (the infrared image is zeroed). Zeroing inside the model keeps training,
+attacks and evaluation consistent: a perturbation of the dropped modality has no effect."""
 
 
 class FusionSegOutput(NamedTuple):
@@ -106,21 +111,25 @@ class FusionSegModel(nn.Module):
         genotype: the fusion genotype, kept for checkpoints (optional).
         seg_norm: segmenter input normalisation, one of :data:`SEG_NORMS`.
         color: RGB↔YCbCr coefficients, one of ``rgbt.color.COLOR_STANDARDS``.
+        inputs: the modalities used, one of :data:`INPUTS` (single-modality baselines).
     """
 
     def __init__(self, fusion: nn.Module, segmenter: nn.Module, genotype: Genotype | None = None,
-                 seg_norm: str = "per_image", color: str = "bt601") -> None:
+                 seg_norm: str = "per_image", color: str = "bt601", inputs: str = "both") -> None:
         super().__init__()
         if seg_norm not in SEG_NORMS:
             raise ValueError(f"FusionSegModel: expected seg_norm in {SEG_NORMS}, got {seg_norm!r}")
         if color not in COLOR_STANDARDS:
             raise ValueError(f"FusionSegModel: expected color in {COLOR_STANDARDS}, got {color!r}")
+        if inputs not in INPUTS:
+            raise ValueError(f"FusionSegModel: expected inputs in {INPUTS}, got {inputs!r}")
         self.fusion = fusion
         self.segmenter = segmenter
         self.genotype = genotype
         self.seg_norm = seg_norm
         self.color = color
-        self.build_options: dict[str, Any] = dict(MODEL_OPTIONS, seg_norm=seg_norm, color=color)
+        self.inputs = inputs
+        self.build_options: dict[str, Any] = dict(MODEL_OPTIONS, seg_norm=seg_norm, color=color, inputs=inputs)
 
     def fuse(self, ir: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused_y (B,1,H,W), fused_rgb (B,3,H,W)), both in [0, 1]."""
@@ -128,6 +137,10 @@ class FusionSegModel(nn.Module):
                 or ir.shape[0] != vis.shape[0] or ir.shape[-2:] != vis.shape[-2:]:
             raise ValueError(f"FusionSegModel: expected ir (B,1,H,W) and vis (B,3,H,W) of one size, got "
                              f"{tuple(ir.shape)} and {tuple(vis.shape)}")
+        if self.inputs == "ir":
+            vis = torch.zeros_like(vis)
+        elif self.inputs == "vis":
+            ir = torch.zeros_like(ir)
         ycbcr = rgb_to_ycbcr(vis, standard=self.color)
         fused_y = self.fusion(ir, ycbcr[:, :1])
         fused_rgb = ycbcr_to_rgb(torch.cat((fused_y, ycbcr[:, 1:]), 1), standard=self.color).clamp(0.0, 1.0)
@@ -150,7 +163,8 @@ class FusionSegModel(nn.Module):
 def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: str = "b0",
                 num_classes: int = NUM_CLASSES, pretrained: str | Path | None = None, *,
                 decoder_hidden_size: int | None = None, seg_norm: str = "per_image", color: str = "bt601",
-                fusion_output: str = "unit", mit_norm_eps: float | None = None) -> FusionSegModel:
+                fusion_output: str = "unit", mit_norm_eps: float | None = None,
+                inputs: str = "both") -> FusionSegModel:
     """Frozen fusion net of ``genotype`` (a Genotype, a name in GENOTYPES, JSON path/text) + SegFormer.
 
     Args:
@@ -161,6 +175,7 @@ def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: 
         fusion_output: the fusion head's output, ``"unit"`` ((tanh + 1) / 2) or ``"tanh"`` (published).
         mit_norm_eps: eps of the MiT blocks' and stage outputs' LayerNorms (published: 1e-6); None keeps
             transformers' default (1e-5).
+        inputs: :data:`INPUTS`; ``"ir"`` / ``"vis"`` build a single-modality baseline.
     Returns:
         The model; ``model.build_options`` holds the options (recorded in checkpoints under ``model``).
     """
@@ -168,7 +183,8 @@ def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: 
     seg = build_segmenter(segmenter, num_classes, pretrained, decoder_hidden_size=decoder_hidden_size)
     if mit_norm_eps is not None:
         set_mit_norm_eps(seg, float(mit_norm_eps))
-    model = FusionSegModel(build_fusion_net(g, output=fusion_output), seg, g, seg_norm=seg_norm, color=color)
+    model = FusionSegModel(build_fusion_net(g, output=fusion_output), seg, g, seg_norm=seg_norm, color=color,
+                           inputs=inputs)
     model.build_options.update(fusion_output=fusion_output,
                                mit_norm_eps=None if mit_norm_eps is None else float(mit_norm_eps))
     return model

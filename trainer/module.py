@@ -145,8 +145,11 @@ class RetrainConfig:
     num_classes: int = 9
     #: pretrained SegFormer weights (local directory or cached hub id)
     pretrained: str | None = None
-    #: initialise all weights from a PAIF checkpoint (same genotype), e.g. a search result
+    #: initialise all weights from a PAIF checkpoint (same genotype), e.g. trainer.warmstart's start point
     init_from: str | None = None
+    #: modalities fed to the fusion net: "both", or "ir" / "vis" for a single-modality baseline (the other one is
+    #: zeroed inside the model, so training, attacks and evaluation agree)
+    inputs: str = "both"
     lambda_fusion: float = 0.1
     lambda_seg: float = 4.0
     #: checkpoint selection metric for best.pt (higher is better)

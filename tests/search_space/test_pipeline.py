@@ -97,7 +97,7 @@ def test_build_model_options(model: FusionSegModel) -> None:
     torch.manual_seed(0)
     pub = build_model(TINY, segmenter="b0", seg_norm="published", color="published", mit_norm_eps=1e-6).eval()
     assert pub.build_options == {"seg_norm": "published", "color": "published", "fusion_output": "unit",
-                                 "mit_norm_eps": 1e-6}
+                                 "mit_norm_eps": 1e-6, "inputs": "both"}
     eps = {n: m.eps for n, m in pub.segmenter.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     assert sorted(set(eps.values())) == [1e-6, 1e-5]
     assert all(v == 1e-5 for n, v in eps.items() if "patch_embeddings" in n or ".attention." in n)
@@ -110,3 +110,30 @@ def test_build_model_options(model: FusionSegModel) -> None:
         build_model(TINY, segmenter="b0", seg_norm="batch")
     with pytest.raises(ValueError, match="expected color"):
         build_model(TINY, segmenter="b0", color="bt709")
+
+
+@pytest.mark.parametrize("inputs,dropped", [("ir", "vis"), ("vis", "ir")])
+def test_single_modality_model_ignores_the_dropped_input(inputs: str, dropped: str, tmp_path) -> None:
+    """A single-modality baseline zeroes the other modality inside the model: its output does not move when
+    that input changes (so no attack on it can matter), and the option survives a checkpoint round trip."""
+    from trainer.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    m = build_model(TINY, segmenter="b0", inputs=inputs).eval()
+    ir, vis = torch.rand(1, 1, 32, 32), torch.rand(1, 3, 32, 32)
+    zero = {"ir": torch.zeros_like(ir), "vis": torch.zeros_like(vis)}
+    with torch.no_grad():
+        base = m(ir, vis).logits
+        moved = m(*((zero["ir"], vis) if dropped == "ir" else (ir, zero["vis"]))).logits
+        kept = m(*((ir, zero["vis"]) if dropped == "ir" else (zero["ir"], vis))).logits
+        both = build_model(TINY, segmenter="b0").eval()
+        both.load_state_dict(m.state_dict())
+        ref = both(*((zero["ir"], vis) if dropped == "ir" else (ir, zero["vis"]))).logits
+    torch.testing.assert_close(base, moved)
+    torch.testing.assert_close(base, ref)  # = the two-modality net fed a zero image
+    assert not torch.allclose(base, kept)
+    path = save_checkpoint(tmp_path / "m.pt", m, TINY, {"variant": "b0", "num_classes": 9}, {})
+    loaded, meta = load_model(path)
+    assert meta["model"]["inputs"] == inputs and loaded.inputs == inputs
+    with pytest.raises(ValueError, match="expected inputs in"):
+        build_model(TINY, segmenter="b0", inputs="thermal")
