@@ -42,6 +42,7 @@ from trainer.checkpoint import genotype_to_dict, save_checkpoint
 from trainer.config import config_to_dict
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
+from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
 
 __all__ = [
     "MODES", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
@@ -106,7 +107,7 @@ class TrainAttackConfig:
     #: perturbed modalities
     targets: tuple[str, ...] = ("ir", "vis")
     #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
-    model_mode: str = "keep"
+    model_mode: str = TRAIN_ATTACK_MODE
 
 
 @dataclass
@@ -310,6 +311,7 @@ class RetrainModule(pl.LightningModule):
         self.train_set = EpochKeyedDataset(train_set)
         self.val_set = val_set
         self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
+        self.objective = task_objective(self.task_loss)
         a = cfg.aat
         self.sampler = (AdaptiveEpsSampler(a.eps, a.prob_mode, a.temperature, a.momentum)
                         if cfg.mode == "aat" else None)
@@ -369,19 +371,21 @@ class RetrainModule(pl.LightningModule):
 
     def robust_loss(self, batch: dict[str, Any], eps: float | None, generator: torch.Generator | None = None
                     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L(u) + λ·L(u + δ_eps)`` (or ``L(u)`` when ``eps`` is None) and its detached parts."""
-        ir, vis, label = batch["ir"], batch["vis"], batch.get("label")
-        # The attack runs first: it restores BatchNorm buffers in place, which must not happen between a
-        # forward pass that saved them for backward and that backward.
-        adv_inputs = None if eps is None else self.make_attack(eps, generator)(ir, vis, label)
-        out = self.model(ir, vis)
-        clean, parts = self.task_loss(out, ir, vis, label)
-        logs = {"loss_clean": clean.detach(), "seg": parts["seg"].detach(), "fusion": parts["fusion"].detach()}
-        if adv_inputs is None:
-            return clean, logs
-        adv, _ = self.task_loss(self.model(*adv_inputs), ir, vis, label)  # clean sources as fusion targets
-        logs["loss_adv"] = adv.detach()
-        return clean + self.cfg.attack.adv_weight * adv, logs
+        """``L(u) + λ·L(u + δ_eps)`` (or ``L(u)`` when ``eps`` is None) and its detached parts.
+
+        :func:`trainer.robust_objective.robust_loss` with weights ``(1, λ)``, the loss the search uses too: the
+        fusion term of ``L(u + δ)`` compares with the clean sources; the attack runs first (it restores
+        BatchNorm buffers in place, which must not happen between a forward pass that saved them and its
+        backward).
+        """
+        attack = None if eps is None else self.make_attack(eps, generator)
+        adv_weight = self.cfg.attack.adv_weight if attack is not None else 0.0
+        out = robust_loss(self.model, self.objective, batch, attack, 1.0, adv_weight)
+        p = out.parts
+        logs = {"loss_clean": p["clean"], "seg": p["clean_seg"], "fusion": p["clean_fusion"]}
+        if attack is not None:
+            logs["loss_adv"] = p["adv"]
+        return out.loss, logs
 
     def _generator(self, *keys: Any) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, *keys))
