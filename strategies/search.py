@@ -13,7 +13,8 @@ Commands::
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
-label, argmax architecture, config; rewritten every epoch), ``genotype.json``, ``checkpoints/`` (every epoch
+label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
+loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (every epoch
 and ``last.ckpt``) and ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``).
 """
 from __future__ import annotations
@@ -36,8 +37,9 @@ if __package__ in (None, ""):  # `python strategies/search.py`: make the project
 from strategies.darts import RESULT_NAME, DartsSettings, EpochShuffleSampler, run_darts  # noqa: E402
 from strategies.objective import AttackConfig, build_attack_factory, task_objective  # noqa: E402
 from strategies.search_module import RobustSearchModule  # noqa: E402
+from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
-from trainer.runs import make_run_dir, seed_everything, setup_logging, versions  # noqa: E402
+from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, versions  # noqa: E402
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
            "main"]
@@ -119,6 +121,7 @@ class SearchConfig:
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # the metric that ranks finished searches
     w: float = 0.5  # robustness weight of the weight step
     w_arch: float = 0.5  # robustness weight of the architecture step
     lambda_fusion: float = 0.1
@@ -151,15 +154,7 @@ class SearchConfig:
             raise ValueError(f"device: expected auto, cpu or gpu, got {self.device!r}")
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
-    """Training and held-out loaders (dict batches) and whether the data has labels.
-
-    With ``val_split == train_split`` the two loaders read disjoint parts of that split
-    (:func:`holdout_split`); otherwise the whole ``train_split`` and the whole ``val_split``.
-    """
-    from nni.nas.evaluator.pytorch import DataLoader
-    from rgbt.dataset import RGBTDataset
-
+def _ensure_data(cfg: DataConfig) -> Path:
     root = Path(cfg.root)
     if not root.exists() and cfg.generate_synthetic:
         from rgbt.synthetic import generate_dataset
@@ -168,21 +163,55 @@ def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
         log.info("%s does not exist: generating the synthetic dataset (%d/%d/%d scenes, %dx%d)", root,
                  n_train, n_val, n_test, *cfg.synthetic_size)
         generate_dataset(root, n_train=n_train, n_val=n_val, n_test=n_test, size=tuple(cfg.synthetic_size), seed=0)
-    datasets = [RGBTDataset(root, split=split, crop=cfg.crop, flip=cfg.flip, layout=cfg.layout, seed=seed + i)
-                for i, split in enumerate((cfg.train_split, cfg.val_split))]
-    parts: list[Any] = list(datasets)
+    return root
+
+
+def search_datasets(cfg: DataConfig, seeds: tuple[int, int], flip: bool | None = None) -> tuple[list[Any], list[Any]]:
+    """([weight-step base, held-out base], [weight-step part, held-out part]) datasets.
+
+    The bases are ``RGBTDataset`` objects (augmentation seeds ``seeds``; ``flip`` None = ``cfg.flip``); the parts
+    are the bases themselves, or, with ``val_split == train_split``, disjoint subsets of the training split
+    (:func:`holdout_split`).
+    """
+    from rgbt.dataset import RGBTDataset
+
+    root = _ensure_data(cfg)
+    flip = cfg.flip if flip is None else flip
+    bases = [RGBTDataset(root, split=split, crop=cfg.crop, flip=flip, layout=cfg.layout, seed=seed)
+             for split, seed in zip((cfg.train_split, cfg.val_split), seeds)]
+    if cfg.val_split != cfg.train_split:
+        return bases, list(bases)
+    weight_idx, held_idx = holdout_split(bases[0].names, cfg.holdout_fraction, cfg.holdout_salt)
+    return bases, [Subset(bases[0], weight_idx), Subset(bases[1], held_idx)]
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
+    """Training and held-out loaders (dict batches) and whether the data has labels.
+
+    With ``val_split == train_split`` the two loaders read disjoint parts of that split
+    (:func:`holdout_split`); otherwise the whole ``train_split`` and the whole ``val_split``.
+    """
+    from nni.nas.evaluator.pytorch import DataLoader
+
+    bases, parts = search_datasets(cfg, (seed, seed + 1))
     if cfg.val_split == cfg.train_split:
-        weight_idx, held_idx = holdout_split(datasets[0].names, cfg.holdout_fraction, cfg.holdout_salt)
-        parts = [Subset(datasets[0], weight_idx), Subset(datasets[1], held_idx)]
         log.info("held out %d of %d %r images for the architecture step (fraction %.2f, salt %r)",
-                 len(held_idx), len(datasets[0]), cfg.train_split, cfg.holdout_fraction, cfg.holdout_salt)
+                 len(parts[1]), len(bases[0]), cfg.train_split, cfg.holdout_fraction, cfg.holdout_salt)
     loaders = []
-    for i, (ds, part) in enumerate(zip(datasets, parts)):
+    for i, (ds, part) in enumerate(zip(bases, parts)):
         sampler = EpochShuffleSampler(len(part), seed=seed + i, dataset=ds)
         loaders.append(DataLoader(part, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                   drop_last=len(part) >= cfg.batch_size, persistent_workers=cfg.num_workers > 0))
-    has_labels = datasets[0].has_labels and datasets[1].has_labels
+    has_labels = bases[0].has_labels and bases[1].has_labels
     return loaders[0], loaders[1], has_labels
+
+
+def selection_loader(cfg: DataConfig, seed: int) -> Any:
+    """The held-out part in a fixed order, no flips, crops from ``seed`` (the same pixels in every trial)."""
+    bases, parts = search_datasets(cfg, (seed, seed), flip=False)
+    bases[1].set_epoch(0)
+    return torch.utils.data.DataLoader(parts[1], batch_size=cfg.batch_size, shuffle=False,
+                                       num_workers=cfg.num_workers)
 
 
 def _accelerator(device: str) -> str:
@@ -257,6 +286,9 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
              cfg.w, cfg.w_arch, cfg.attack, len(train_loader), len(val_loader), run_dir)
     result = run_darts(space, module, train_loader, val_loader, run_dir, darts_settings(cfg), config_to_dict(cfg),
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
+    result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
+                                           cfg.selection, has_labels)
+    atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT_NAME)
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")
     return result

@@ -9,6 +9,7 @@ from derive.export_genotype import main as export_main
 from search_space.genotype import Genotype
 from strategies import search as search_entry
 from strategies.search import SearchConfig, run_search
+from strategies.darts import nni_metric
 from strategies.trial import parameters_to_overrides
 from trainer.config import ConfigError, load_config
 
@@ -35,6 +36,12 @@ def test_two_step_search_exports_a_valid_genotype(synthetic_root, tmp_path, caps
     for dist in result["probabilities"].values():
         assert sum(dist.values()) == pytest.approx(1.0, abs=1e-5)
     assert result["metrics"]["arch_adv"] > 0 and result["metrics"]["weight_clean"] > 0
+    # the selection metric: held-out (val: 2 scenes) adversarial loss, stored and reported as NNI's default
+    sel = result["selection"]
+    assert sel["metric"] == "heldout_adv_loss" and sel["mode"] == "min" and sel["images"] == 2
+    assert sel["value"] > 0 and sel["clean_loss"] > 0 and sel["settings"]["eps"] == pytest.approx(8 / 255)
+    assert json.loads((tmp_path / "run" / "search_result.json").read_text())["selection"] == sel
+    assert nni_metric(result)["default"] == sel["value"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
