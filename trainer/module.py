@@ -19,8 +19,8 @@ crops and flips (``RGBTDataset``'s randomness is a function of ``(seed, epoch, i
 ``(epoch, index)`` travels with each index, :class:`EpochKeyedDataset`), the attack's random start
 (a generator seeded per step), the AAT ε draw, and the global torch RNG (dropout / drop-path; reseeded at
 every step). The rest of the state (weights, AdamW moments, the LR schedule, the global step, the
-sampler's running losses, the best score, whether the pretext stage ran) is in the Lightning checkpoint
-written at the end of a training batch. Resuming from it replays the remaining batches exactly.
+sampler's running adversarial and clean losses, the best score, whether the pretext stage ran) is in the
+Lightning checkpoint written at the end of a training batch. Resuming from it replays the remaining batches exactly.
 """
 from __future__ import annotations
 
@@ -416,12 +416,14 @@ class RetrainModule(pl.LightningModule):
         cfg = self.cfg.aat
 
         calls = [0]  # inner-step counter: every inner step gets its own random streams
+        cleans: list[float] = []  # clean loss of every inner step (the sampler's clean reference)
 
         def objective(model: torch.nn.Module, batch: dict[str, Any], eps: float) -> tuple[Tensor, float]:
             keys = (calls[0], self.global_rank)
             calls[0] += 1
             torch.manual_seed(mix_seed(self.cfg.seed, "pretext-rng", *keys))
             loss, logs = self.robust_loss(batch, eps, self._generator("pretext-attack", *keys))
+            cleans.append(float(logs["loss_clean"]))
             return loss, float(logs["loss_adv"])
 
         def report(it: int, losses: list[float]) -> None:
@@ -433,12 +435,16 @@ class RetrainModule(pl.LightningModule):
             losses = pretext_initialise(self.model, cfg, objective, self._pretext_batch,
                                         average=self._average_across_ranks, on_meta_iter=report)
         if losses and self.sampler is not None:
-            mean = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            # the last meta-iteration's inner steps, task-major: task k owns steps k·n .. k·n + n - 1
+            n = cfg.inner_steps
+            last = cleans[-n * len(cfg.eps):]
+            clean = [sum(last[k * n:(k + 1) * n]) / n for k in range(len(cfg.eps))]
+            mean = torch.tensor([losses, clean], dtype=torch.float64, device=self.device)
             if _distributed():
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
-            for k, l in enumerate(mean.tolist()):
-                self.sampler.update(k, l)
+            for k, (adv_k, clean_k) in enumerate(zip(*mean.tolist())):
+                self.sampler.update(k, adv_k, clean_k)
         self.pretext_done = True
 
     def on_train_start(self) -> None:
@@ -467,7 +473,8 @@ class RetrainModule(pl.LightningModule):
             self.log("train/eps_255", float(eps * 255), batch_size=bs)
         if task is not None:
             adv = self.trainer.strategy.reduce(logs["loss_adv"].float(), reduce_op="mean")
-            self.sampler.update(task, float(adv))
+            clean = self.trainer.strategy.reduce(logs["loss_clean"].float(), reduce_op="mean")
+            self.sampler.update(task, float(adv), float(clean))
             for e, p in zip(self.sampler.eps, self.sampler.probabilities().tolist()):
                 self.log(f"aat/p_eps{e * 255:.0f}", p, batch_size=bs)
         return loss
