@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROB_MODES = ("softmax", "proportional")
+PROB_MODES = ("softmax", "proportional", "uniform")
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 #: ``objective(model, batch, eps) -> (loss, adv_loss)``: the robust loss ``L(u) + λ·L(u+δ_eps)`` to
@@ -119,6 +119,8 @@ class AdaptiveEpsSampler:
       the rule does not depend on the loss scale (λ weights, number of classes); lower T is greedier. Every
       task keeps a positive probability.
     * ``"proportional"``: ``p = g / sum(g)``.
+    * ``"uniform"``: ``p = 1/K`` whatever the losses (the ablation that isolates the adaptive sampler; the
+      running losses are still kept, for the logs).
 
     Tasks never observed get the largest observed weakness (optimistic: they will be tried); with no
     observation at all, or all gaps 0, the distribution is uniform. Draws use a generator seeded per call
@@ -166,7 +168,7 @@ class AdaptiveEpsSampler:
         """(K,) float64 probabilities, summing to 1, non-decreasing in each task's weakness."""
         g = self.weakness()
         seen = ~torch.isnan(g)
-        if not seen.any():
+        if self.mode == "uniform" or not seen.any():
             return torch.full_like(g, 1.0 / len(g))
         g[~seen] = g[seen].max()
         if self.mode == "proportional":

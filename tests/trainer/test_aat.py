@@ -214,3 +214,14 @@ def test_mix_seed_is_stable_and_distinguishes_keys():
     assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2)
     assert len({mix_seed(0, i, r) for i in range(50) for r in range(2)}) == 100
     assert 0 <= mix_seed("pretext", 3) < 2**63
+
+
+def test_uniform_sampler_ignores_the_losses() -> None:
+    """The ablation arm: probabilities stay 1/K whatever the running losses."""
+    from trainer.aat import AdaptiveEpsSampler
+
+    s = AdaptiveEpsSampler([2 / 255, 4 / 255, 8 / 255], mode="uniform")
+    for task, (adv, clean) in enumerate([(5.0, 0.1), (0.2, 0.1), (9.0, 0.1)]):
+        s.update(task, adv, clean)
+    assert torch.equal(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert {s.sample(seed) for seed in range(60)} == {0, 1, 2}
