@@ -192,6 +192,9 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % 100 == 0:
+                log.info("segmenter pretraining: step %d/%d, loss %.3f (mean of the last 100: %.3f), %.0f s", step + 1,
+                         s.steps, losses[-1], sum(losses[-100:]) / 100, time.time() - t0)
     report: dict[str, Any] = {"recipe": dataclasses.asdict(s), "seconds": time.time() - t0,
                               "loss_every_50": losses[::50] + losses[-1:]}
     if val is not None:
