@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "box_filter", "box_filter_cumsum", "box_filter_reference", "guided_filter", "guided_filter_autograd",
+    "box_filter", "box_filter_cumsum", "box_filter_reference", "box_filter_shifted", "guided_filter", "guided_filter_autograd",
     "guided_filter_reference",
     "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS",
 ]
@@ -164,6 +164,19 @@ def box_filter_cumsum(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
     s = _window_sum_1d(_window_sum_1d(x, radius, -2), radius, -1)
     count = _window_counts(h, radius, x.device, x.dtype)[:, None] * _window_counts(w, radius, x.device, x.dtype)
     return s / count
+
+
+def box_filter_shifted(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+    """:func:`box_filter` as plain functional ops (sum of 2r+1 shifted slices per axis of a zero-padded copy):
+    the form ``torch.compile`` fuses into one loop per axis; used by :func:`guided_filter` while compiling."""
+    _check_4d(x, "box_filter_shifted")
+    h, w = x.shape[-2:]
+    n = 2 * radius + 1
+    xp = F.pad(x, (0, 0, radius, radius))
+    s = sum(xp[..., d:d + h, :] for d in range(n))
+    sp = F.pad(s, (radius, radius))
+    s = sum(sp[..., d:d + w] for d in range(n))
+    return s * _inv_counts(h, w, radius, x.device, x.dtype)
 
 
 def box_filter_reference(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
@@ -338,7 +351,9 @@ def guided_filter(guide: torch.Tensor, x: torch.Tensor, eps: float | Sequence[fl
     _check_inputs(guide, x, "guided_filter")
     many = not isinstance(eps, (int, float))
     eps_list = tuple(float(e) for e in eps) if many else (float(eps),)
-    if radius == 0 or x.dtype != guide.dtype:
+    if torch.compiler.is_compiling():  # plain ops: inductor fuses them and derives the backward itself
+        outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_shifted)
+    elif radius == 0 or x.dtype != guide.dtype:
         outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_cumsum)
     else:
         outs = list(_GuidedFilterFn.apply(guide, x, eps_list, radius))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from search_space.decompose import (
-    GuidedDecomposition, box_filter, box_filter_cumsum, box_filter_reference, guidance_from_features, guided_filter,
+    GuidedDecomposition, box_filter, box_filter_cumsum, box_filter_reference, box_filter_shifted, guidance_from_features,
+    guided_filter,
     guided_filter_autograd, guided_filter_reference,
 )
 
@@ -118,3 +119,18 @@ def test_box_filter_other_radii(radius: int) -> None:
     x = torch.rand(1, 2, 23, 25, dtype=torch.float64)
     torch.testing.assert_close(box_filter(x, radius), box_filter_reference(x, radius), atol=1e-12, rtol=0)
     torch.testing.assert_close(box_filter_cumsum(x, radius), box_filter_reference(x, radius), atol=1e-12, rtol=0)
+    torch.testing.assert_close(box_filter_shifted(x, radius), box_filter_reference(x, radius), atol=1e-12, rtol=0)
+
+
+def test_guided_filter_compile_path_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile guided_filter takes the plain-ops path (shifted-slice box): same values, gradients."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 4, 13, 15, dtype=torch.float64, requires_grad=True)
+    eager = guided_filter(guidance_from_features(x), x, (1e-3, 1e-4))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = guided_filter(guidance_from_features(x), x, (1e-3, 1e-4))
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    ga = torch.autograd.grad(sum(t.sum() for t in eager), x)[0]
+    gb = torch.autograd.grad(sum(t.sum() for t in traced), x)[0]
+    torch.testing.assert_close(ga, gb, atol=1e-10, rtol=0)
