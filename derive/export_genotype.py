@@ -3,12 +3,20 @@
 PAIF (Liu et al., ACM MM 2023): the derived fusion network keeps, for every searched slot, the op with the
 largest architecture probability (DARTS' argmax rule, Liu et al., ICLR 2019). Commands::
 
-    python derive/export_genotype.py                          # latest runs/**/search_result.json -> out.json
-    python derive/export_genotype.py --run runs/search/search-<time> --out paif_searched.json
+    python derive/export_genotype.py --experiment <id>         # best finished trial of an nnictl sweep
+    python derive/export_genotype.py --experiment runs/nni-experiments/<id> --out paif_searched.json
+    python derive/export_genotype.py --run runs/search/search-<time>    # one search run
+    python derive/export_genotype.py                          # the newest search_result.json under runs/;
+                                                              # inside an NNI experiment: its best trial
     python derive/export_genotype.py --exclude selfattn_w8_h2 eca_k3    # never pick these ops
 
-Writes the genotype (``Genotype.to_json``), prints the probability table (one row per slot, ``*`` marks the
-pick) and saves a heat-map PNG next to the genotype (``--png`` to change).
+Trials of an experiment are ranked by the selection metric each search stores in its ``search_result.json``
+(``selection``: the held-out adversarial task loss, :mod:`strategies.selection`, comparable across trials, unlike
+the DARTS losses that mix in ``w_arch``); only SUCCEEDED trials count, never the newest by file time.
+
+Writes the genotype (``Genotype.to_json``, loadable as is), its provenance next to it (``out.provenance.json``:
+experiment, trial, metric name and value, the search config, every candidate trial), prints the probability
+table (one row per slot, ``*`` marks the pick) and saves a heat-map PNG next to the genotype (``--png``).
 """
 from __future__ import annotations
 
@@ -25,12 +33,16 @@ if __package__ in (None, ""):
 
 from search_space.genotype import Genotype, GenotypeError  # noqa: E402
 
-__all__ = ["RESULT_NAME", "find_latest_result", "load_result", "pick_architecture", "export_genotype",
+__all__ = ["RESULT_NAME", "EXPERIMENT_ROOTS", "find_latest_result", "load_result", "find_experiment_dir",
+           "experiment_of", "pick_best_trial", "provenance_path", "pick_architecture", "export_genotype",
            "probability_table", "save_heatmap", "main"]
 
 log = logging.getLogger(__name__)
 
 RESULT_NAME = "search_result.json"
+#: where ``--experiment <id>`` is looked up (search.yml's experimentWorkingDirectory, then NNI's default)
+EXPERIMENT_ROOTS = ("runs/nni-experiments", "~/nni-experiments")
+_DB = Path("db") / "nni.sqlite"
 
 
 def find_latest_result(root: str | Path = "runs") -> Path:
@@ -58,6 +70,74 @@ def load_result(run: str | Path | None = None, root: str | Path = "runs") -> tup
         raise ValueError(f"{path}: expected a search result with 'probabilities', got keys "
                          f"{sorted(result) if isinstance(result, dict) else type(result).__name__}")
     return path, result
+
+
+def find_experiment_dir(experiment: str | Path, roots: Sequence[str | Path] = EXPERIMENT_ROOTS) -> Path:
+    """The directory of an NNI experiment given as its directory or its id (looked up under ``roots``)."""
+    path = Path(experiment).expanduser()
+    if (path / _DB).is_file():
+        return path
+    for root in roots:
+        candidate = Path(root).expanduser() / str(experiment)
+        if (candidate / _DB).is_file():
+            return candidate
+    raise FileNotFoundError(f"--experiment {experiment}: expected an NNI experiment directory (with {_DB}) or an "
+                            f"experiment id under {', '.join(str(r) for r in roots)}, got neither")
+
+
+def experiment_of(result_path: str | Path) -> Path | None:
+    """The NNI experiment directory that holds ``result_path`` (a trial's result), or None."""
+    for parent in Path(result_path).resolve().parents:
+        if (parent / _DB).is_file():
+            return parent
+    return None
+
+
+def pick_best_trial(exp_dir: str | Path) -> tuple[dict[str, Any], Path, dict[str, Any], list[dict[str, Any]]]:
+    """(trial, result path, result, candidates) of the best finished trial of an NNI experiment.
+
+    Only trials whose status is SUCCEEDED and whose ``search/search_result.json`` holds a ``selection`` metric
+    compete; the best has the lowest value (``mode: min``; the highest for ``max``), ties broken by trial id.
+    ``candidates`` lists every trial with its status, metric value (None when it did not compete) and why not.
+    """
+    from strategies.nni_local import experiment_summary
+
+    summary = experiment_summary(exp_dir)
+    candidates, ranked = [], []
+    for trial in summary["trials"]:
+        entry = {"trial": trial["id"], "status": trial.get("status"), "parameters": trial.get("parameters"),
+                 "value": None}
+        if trial.get("status") != "SUCCEEDED":
+            entry["skipped"] = "not SUCCEEDED"
+        elif not trial.get("result"):
+            entry["skipped"] = f"no search/{RESULT_NAME}"
+        else:
+            result = json.loads(Path(trial["result"]).read_text())
+            selection = result.get("selection")
+            if not isinstance(selection, dict) or not isinstance(selection.get("value"), (int, float)) \
+                    or math.isnan(selection["value"]):
+                entry["skipped"] = "no selection metric in the result (a search from before the metric existed?)"
+            else:
+                entry.update(metric=selection.get("metric"), value=float(selection["value"]))
+                ranked.append((trial, Path(trial["result"]), result, selection))
+        candidates.append(entry)
+    if not ranked:
+        statuses = ", ".join(f"{c['trial']}: {c['status']} ({c.get('skipped', '')})" for c in candidates) or "none"
+        raise ValueError(f"experiment {exp_dir}: expected at least one SUCCEEDED trial with a selection metric in "
+                         f"its {RESULT_NAME}, got none (trials: {statuses})")
+    metrics = {(sel.get("metric"), sel.get("mode", "min")) for *_, sel in ranked}
+    if len(metrics) != 1:
+        raise ValueError(f"experiment {exp_dir}: expected one selection metric across trials, got {sorted(metrics)}")
+    (_, mode), = metrics
+    sign = -1.0 if mode == "max" else 1.0
+    trial, path, result, _ = min(ranked, key=lambda r: (sign * r[3]["value"], r[0]["id"]))
+    return trial, path, result, candidates
+
+
+def provenance_path(out: str | Path) -> Path:
+    """``out.json`` -> ``out.provenance.json`` (a sidecar: the genotype file stays loadable as it is)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.provenance.json")
 
 
 def pick_architecture(probs: Mapping[str, Mapping[str, float]], exclude: Sequence[str] = ()) -> dict[str, str]:
@@ -140,17 +220,49 @@ def save_heatmap(probs: Mapping[str, Mapping[str, float]], arch: Mapping[str, st
     return path
 
 
+def _select(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(result path, result, provenance) for the CLI arguments."""
+    exp_dir: Path | None = None
+    if args.experiment:
+        exp_dir = find_experiment_dir(args.experiment)
+    elif args.run is None:
+        latest = find_latest_result(args.root)
+        exp_dir = experiment_of(latest)
+        if exp_dir is None:
+            path, result = load_result(latest)
+        else:
+            log.info("%s belongs to NNI experiment %s: exporting its best finished trial, not the newest", latest,
+                     exp_dir.name)
+    else:
+        path, result = load_result(args.run)
+    provenance: dict[str, Any] = {"experiment_id": None, "experiment_dir": None, "trial_id": None}
+    if exp_dir is not None:
+        trial, path, result, candidates = pick_best_trial(exp_dir)
+        provenance.update(experiment_id=exp_dir.name, experiment_dir=str(exp_dir), trial_id=trial["id"],
+                          trial_parameters=trial.get("parameters"), candidates=candidates)
+        load_result(path)  # validates the file
+    selection = result.get("selection") or {}
+    provenance.update(result=str(path), metric=selection.get("metric"), value=selection.get("value"),
+                      mode=selection.get("mode"), selection_settings=selection.get("settings"),
+                      epoch=result.get("epoch"), search_config=result.get("config"))
+    return path, result, provenance
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", help="run directory or search_result.json (default: the latest under --root)")
-    parser.add_argument("--root", default="runs", help="where to look for the latest result (default: runs)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--experiment", metavar="ID_OR_DIR",
+                        help="NNI experiment id (under runs/nni-experiments or ~/nni-experiments) or directory: "
+                             "export its best finished trial")
+    source.add_argument("--run", help="run directory or search_result.json")
+    parser.add_argument("--root", default="runs", help="where to look for the newest result (default: runs)")
     parser.add_argument("--out", default="out.json", help="genotype JSON to write (default: out.json)")
     parser.add_argument("--png", help="heat-map PNG (default: next to --out, .png)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="OP", help="ops never to pick")
     parser.add_argument("--channels", type=int, help="genotype width (default: the search's channels)")
     args = parser.parse_args(argv)
     try:
-        path, result = load_result(args.run, args.root)
+        path, result, provenance = _select(args)
         genotype = export_genotype(result, args.exclude, args.channels)
     except (FileNotFoundError, ValueError, GenotypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -158,12 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     genotype.to_json(out)
+    provenance.update(genotype=str(out), exclude=list(args.exclude))
+    prov = provenance_path(out)
+    prov.write_text(json.dumps(provenance, indent=2) + "\n")
     arch = genotype.to_sample()
     png = save_heatmap(result["probabilities"], arch, args.png or out.with_suffix(".png"),
                        title=f"{path.parent.name} (epoch {result.get('epoch', '?')})")
+    if provenance["trial_id"] is not None:
+        print(f"experiment {provenance['experiment_id']}: trial {provenance['trial_id']} "
+              f"({provenance['metric']} = {provenance['value']:.4f}, best of "
+              f"{sum(c['value'] is not None for c in provenance['candidates'])} finished trials)")
     print(f"search result: {path}")
     print(probability_table(result["probabilities"], arch))
-    print(f"genotype: {out}\nheat-map: {png}")
+    print(f"genotype: {out}\nprovenance: {prov}\nheat-map: {png}")
     return 0
 
 

@@ -3,7 +3,8 @@
 #
 #   1 data      python -m rgbt.synthetic  -> data/synthetic (48 train / 16 val / 16 test, 128x160)
 #   2 search    python -m strategies.nni_local create --config search.yml   (nnictl, 2 robust DARTS trials)
-#   3 derive    derive/export_genotype.py: genotype of the trial with the lowest held-out adversarial loss
+#   3 derive    derive/export_genotype.py --experiment: the finished trial with the lowest held-out
+#               adversarial loss (strategies/selection.py)
 #   4 retrain   trainer/retrain.py --config configs/demo_retrain.yaml        (AAT, 48 steps on 64x80 crops)
 #   5 evaluate  trainer/evaluate.py --threat paif --threat strong            (full attack step counts,
 #               first DEMO_LIMIT test images, eps sweep of paif only)
@@ -59,28 +60,12 @@ stage 2 search
 # lines are shown; the long summary JSON printed after them goes to search.json only.
 python -m strategies.nni_local create --config search.yml --timeout "$SEARCH_TIMEOUT" \
     | tee "$RUN/search.json" | sed '/^{/,$d'
-# pick the trial whose architecture had the lowest adversarial loss on the held-out (val) split
-python - "$RUN/search.json" > "$RUN/search_pick.txt" <<'EOF'
-import json, sys
-text = open(sys.argv[1]).read()
-summary = json.loads(text if text.startswith("{") else text[text.rindex("\n{") + 1:])
-trials = [t for t in summary["trials"] if t.get("final")]
-adv = lambda t: t["final"].get("arch_adv", t["final"]["default"])
-best = min(trials, key=adv)
-print(f"{best['dir']}/search/search_result.json")
-out = sys.stderr
-print(f"experiment {summary['experiment_dir']}: {summary['status']}, {len(trials)} trials", file=out)
-for t in trials:
-    hp = ", ".join(f"{k}={v:g}" for k, v in t["parameters"].items())
-    clean = f"{t['final']['arch_clean']:.3f}" if "arch_clean" in t["final"] else "-"
-    print(f"  {'*' if t is best else ' '} trial {t['id']}  {hp}  held-out loss: clean {clean}, "
-          f"adversarial {adv(t):.3f}", file=out)
-print("  (* = picked: the lowest held-out adversarial loss)", file=out)
-EOF
+EXP=$(python -c 'import json,sys; t=open(sys.argv[1]).read(); t=t if t.startswith("{") else t[t.rindex("\n{")+1:]; print(json.loads(t)["experiment_dir"])' "$RUN/search.json")
 done_stage
 
 stage 3 derive
-python derive/export_genotype.py --run "$(head -n1 "$RUN/search_pick.txt")" --out "$RUN/out.json"
+# the finished trial with the lowest held-out adversarial loss (selection metric; provenance in out.provenance.json)
+python derive/export_genotype.py --experiment "$EXP" --out "$RUN/out.json"
 done_stage
 
 stage 4 retrain

@@ -54,12 +54,15 @@ class ChainCell(nn.Module):
 
 
 class SpatialAttentionFusion(nn.Module):
-    """PAIF rule: ``s·F_ir + (1−s)·F_vis``, ``s = sigmoid(conv_k([max F_ir, mean F_ir, max F_vis, mean F_vis]))``."""
+    """PAIF rule: ``s·F_ir + (1−s)·F_vis``, ``s = sigmoid(conv_k([max F_ir, mean F_ir, max F_vis, mean F_vis]))``.
+
+    The conv 4→1 has no bias, as published (100 parameters at k=5).
+    """
 
     def __init__(self, channels: int, kernel_size: int = 5) -> None:
         super().__init__()
         del channels
-        self.conv = nn.Conv2d(4, 1, kernel_size, padding=get_padding(kernel_size))
+        self.conv = nn.Conv2d(4, 1, kernel_size, padding=get_padding(kernel_size), bias=False)
 
     def forward(self, f_ir: torch.Tensor, f_vis: torch.Tensor) -> torch.Tensor:
         stats = torch.cat((f_ir.amax(1, keepdim=True), f_ir.mean(1, keepdim=True),

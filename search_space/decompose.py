@@ -17,8 +17,8 @@ Conventions (the same in the fast path and the plain oracle):
 * The guidance of a feature map ``x`` (B, C, H, W) is ``max_c x − min_c x`` (B, 1, H, W); every channel of
   ``x`` is filtered with that one guidance.
 * Interpretation of "eps 1e-3 and 1e-4" (DESIGN §4): each modality is filtered with **both** eps values;
-  ``low_e = GF_e(x)``, ``high_e = x − low_e``; the four maps ``[low_1e-3, high_1e-3, low_1e-4, high_1e-4]``
-  (4C channels) are reduced by a 1×1 conv to C. IR and VIS each have their own :class:`GuidedDecomposition`.
+  ``low_e = GF_e(x)``, ``high_e = x − low_e``; the four maps ``[low_1e-3, low_1e-4, high_1e-3, high_1e-4]``
+  (4C channels, the published order) are reduced by a 1×1 conv to C. IR and VIS each have their own :class:`GuidedDecomposition`.
   The window statistics are shared by both eps, so the second eps costs one extra box pass of 2C maps only.
 * The filter runs in float32 with autocast disabled (cumulative sums in bf16 would lose all precision).
 """
@@ -393,9 +393,11 @@ def guided_filter_reference(guide: torch.Tensor, x: torch.Tensor, eps: float, ra
 class GuidedDecomposition(nn.Module):
     """Split features into low/high frequency with two guided filters and reduce the four maps with a 1×1 conv.
 
-    ``out = conv1x1([low_1, x − low_1, low_2, x − low_2])`` with ``low_e = GF_e(x)`` guided by
-    ``max_c x − min_c x``. The conv keeps its 4C→C parameterisation; it is evaluated on ``[x, low_1, low_2]``
-    with the algebraically folded weight (identical result, a quarter less memory traffic).
+    ``out = conv1x1([low_1, low_2, x − low_1, x − low_2])`` with ``low_e = GF_e(x)`` guided by
+    ``max_c x − min_c x`` — the published channel order (all low-frequency maps, then all high-frequency
+    ones), so published weights load unchanged. The conv keeps its 4C→C parameterisation (with bias); it is
+    evaluated on ``[x, low_1, low_2]`` with the algebraically folded weight (identical result, a quarter less
+    memory traffic).
 
     Args:
         channels: C.
@@ -416,14 +418,21 @@ class GuidedDecomposition(nn.Module):
             xf = x.float()
             return guided_filter(guidance_from_features(xf), xf, self.eps, self.radius)
 
+    def folded_weight(self) -> torch.Tensor:
+        """The 1×1 weight (C, (1+E)·C, 1, 1) acting on ``[x, low_1, …, low_E]``.
+
+        With ``W = [W_low_1 … W_low_E, W_high_1 … W_high_E]`` and ``high_e = x − low_e``:
+        ``W·[lows, highs] = (Σ_e W_high_e)·x + Σ_e (W_low_e − W_high_e)·low_e``.
+        """
+        c, n = self.channels, len(self.eps)
+        w = self.reduce.weight
+        w_low = [w[:, k * c:(k + 1) * c] for k in range(n)]
+        w_high = [w[:, (n + k) * c:(n + k + 1) * c] for k in range(n)]
+        return torch.cat([sum(w_high), *(lo - hi for lo, hi in zip(w_low, w_high))], 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"GuidedDecomposition: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
         lows = [low.to(x.dtype) for low in self.bands(x)]
-        c = self.channels
-        w = self.reduce.weight  # (C, 4C, 1, 1) over [low_1, high_1, low_2, high_2, ...]
-        w_x = sum(w[:, (2 * k + 1) * c:(2 * k + 2) * c] for k in range(len(lows)))
-        w_low = [w[:, 2 * k * c:(2 * k + 1) * c] - w[:, (2 * k + 1) * c:(2 * k + 2) * c] for k in range(len(lows))]
-        weight = torch.cat([w_x, *w_low], 1)
-        return F.conv2d(torch.cat([x, *lows], 1), weight.to(x.dtype), self.reduce.bias)
+        return F.conv2d(torch.cat([x, *lows], 1), self.folded_weight().to(x.dtype), self.reduce.bias)

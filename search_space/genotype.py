@@ -206,8 +206,9 @@ def build_fusion_net(genotype: Genotype | str | Path | Mapping[str, Any], **spac
     """The fixed fusion network of ``genotype``: ``FusionSpace(...).freeze(genotype.to_sample())``.
 
     The space is built with only the genotype's ops (and rule) as candidates, so no unused op is allocated.
-    ``space_kwargs`` (``eps``, ``radius``) go to :class:`FusionSpace`.
-    Returns a module ``(ir (B,1,H,W), y (B,1,H,W)) -> fused_y (B,1,H,W)`` in [0, 1].
+    ``space_kwargs`` (``eps``, ``radius``, ``output``) go to :class:`FusionSpace`.
+    Returns a module ``(ir (B,1,H,W), y (B,1,H,W)) -> fused_y (B,1,H,W)``, in [0, 1] with the default
+    ``output="unit"``.
     """
     g = get_genotype(genotype)
     space = FusionSpace(channels=g.channels, steps=g.steps, candidates=g.ops, rules=(g.rule,), **space_kwargs)

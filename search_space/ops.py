@@ -6,6 +6,10 @@ dilated depthwise-separable conv with residual, DARTS separable conv (Liu et al.
 attention (Wang et al., CVPR 2020), spatial-attention block (CBAM, Woo et al., ECCV 2018), plus a windowed
 multi-head self-attention (Swin-style windows, Liu et al., ICCV 2021) that fits memory at full resolution.
 
+The blocks are the published ones (``operations_m.py`` of LiuZhu-CV/PAIF, read for facts): convs without
+bias, one PReLU slope per activation, and the ECA / spatial-attention candidates as full blocks around their
+gate (not bare gates), so their parameter counts match the published net (``eca_k3`` 18,436 at C=32).
+
 Every op maps (B, C, H, W) -> (B, C, H, W) for any H, W (odd or even). The registry name carries every
 parameter (``dense_k3_d1``); names are never parsed at build time — each entry is a ``functools.partial``.
 """
@@ -34,15 +38,17 @@ def get_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size - 1) // 2 * dilation
 
 
-def _conv(c_in: int, c_out: int, k: int, d: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
+def _conv(c_in: int, c_out: int, k: int, d: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    """Stride-1 'same' convolution; without bias by default, as every conv of the published op blocks."""
     return nn.Conv2d(c_in, c_out, k, padding=get_padding(k, d), dilation=d, groups=groups, bias=bias)
 
 
 class ResidualDenseBlock(nn.Module):
     """Three k×k (dilation d) convs with dense concatenation; ``x + x3 / 3``.
 
-    x1 = act(conv1(x)); x2 = act(conv2([x, x1])); x3 = conv3([x, x1, x2]); out = x + x3 / 3.
-    Convs: C→C, 2C→C, 3C→C, all with bias. Parameters: 6·k²·C² + 3C.
+    x1 = act(conv1(x)); x2 = act(conv2([x, x1])); x3 = act(conv3([x, x1, x2])); out = x + x3 / 3, with one
+    PReLU (a single slope, shared by the three convs) and convs C→C, 2C→C, 3C→C without bias, as published.
+    Parameters: 6·k²·C² + 1 (55,297 at k=3, C=32).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1) -> None:
@@ -51,20 +57,20 @@ class ResidualDenseBlock(nn.Module):
         self.conv1 = _conv(c, c, kernel_size, dilation)
         self.conv2 = _conv(2 * c, c, kernel_size, dilation)
         self.conv3 = _conv(3 * c, c, kernel_size, dilation)
-        self.act = nn.LeakyReLU(0.2, inplace=False)
+        self.act = nn.PReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.act(self.conv1(x))
         x2 = self.act(self.conv2(torch.cat((x, x1), 1)))
-        x3 = self.conv3(torch.cat((x, x1, x2), 1))
+        x3 = self.act(self.conv3(torch.cat((x, x1, x2), 1)))
         return x + x3 / 3.0
 
 
 class ResidualModule(nn.Module):
-    """k×k dilated conv → 3×3 d2 conv → 1×1 conv → BN → PReLU, plus identity.
+    """k×k dilated conv → 3×3 d2 conv → 1×1 conv → BN → PReLU, plus identity (published residual module).
 
-    The chain is written as DESIGN §4 states it (no activation between the convs); the PReLU has one
-    slope per channel. Parameters: k²C²+C + 9C²+C + C²+C + 2C + C.
+    No activation between the convs, no conv bias, one PReLU slope.
+    Parameters: k²C² + 9C² + C² + 2C + 1 (60,481 at k=7, C=32).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1) -> None:
@@ -73,9 +79,9 @@ class ResidualModule(nn.Module):
         self.body = nn.Sequential(
             _conv(c, c, kernel_size, dilation),
             _conv(c, c, 3, 2),
-            nn.Conv2d(c, c, 1),
+            _conv(c, c, 1),
             nn.BatchNorm2d(c),
-            nn.PReLU(c),
+            nn.PReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,15 +89,18 @@ class ResidualModule(nn.Module):
 
 
 class DilatedSepConvResidual(nn.Module):
-    """Dilated depthwise-separable conv with residual: ``x + BN(pw(dw_kxk_d(act(x))))``."""
+    """Dilated depthwise-separable conv with residual: ``x + BN(pw(dw_kxk_d(relu(x))))``.
+
+    Parameters: k²C + C² + 2C (1,376 at k=3, C=32).
+    """
 
     def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 2) -> None:
         super().__init__()
         c = channels
         self.body = nn.Sequential(
             nn.ReLU(inplace=False),
-            _conv(c, c, kernel_size, dilation, groups=c, bias=False),
-            nn.Conv2d(c, c, 1, bias=False),
+            _conv(c, c, kernel_size, dilation, groups=c),
+            _conv(c, c, 1),
             nn.BatchNorm2d(c),
         )
 
@@ -107,8 +116,8 @@ class SepConv(nn.Module):
         c = channels
 
         def half() -> list[nn.Module]:
-            return [nn.ReLU(inplace=False), _conv(c, c, kernel_size, groups=c, bias=False),
-                    nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)]
+            return [nn.ReLU(inplace=False), _conv(c, c, kernel_size, groups=c), _conv(c, c, 1),
+                    nn.BatchNorm2d(c)]
 
         self.body = nn.Sequential(*half(), *half())
 
@@ -116,31 +125,57 @@ class SepConv(nn.Module):
         return self.body(x)
 
 
-class ECABlock(nn.Module):
-    """Efficient channel attention: ``x · sigmoid(conv1d_k(avgpool(x)))`` (k parameters, no bias)."""
+class _GatedConvBlock(nn.Module):
+    """The published attention *block* around a gate: ``act(gate(conv2(act(f))) + f)`` with ``f = conv1(x)``.
 
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+    conv1 is 3×3 C→C, conv2 k×k C→C (no biases), ``act`` one PReLU slope shared by both uses. Subclasses
+    set ``self.gate`` (B, C, H, W) -> (B, C, H, W). The block has no identity path of its own: the chain
+    cell adds one around its ops.
+    """
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
-        del channels  # ECA is channel-count free
-        self.conv = nn.Conv1d(1, 1, kernel_size, padding=get_padding(kernel_size), bias=False)
+        self.conv1 = _conv(channels, channels, 3)
+        self.conv2 = _conv(channels, channels, kernel_size)
+        self.act = nn.PReLU()
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = x.mean(dim=(2, 3))                       # (B, C)
-        w = self.conv(w.unsqueeze(1)).squeeze(1)     # (B, C)
+        f = self.conv1(x)
+        return self.act(self.gate(self.conv2(self.act(f))) + f)
+
+
+class ECABlock(_GatedConvBlock):
+    """ECA block (Wang et al., CVPR 2020) as published: the gate is ``x · sigmoid(conv1d_k(avgpool(x)))``.
+
+    Parameters: 9C² + k²C² + k + 1 (18,436 at k=3, C=32).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__(channels, kernel_size)
+        self.eca = nn.Conv1d(1, 1, kernel_size, padding=get_padding(kernel_size), bias=False)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.eca(x.mean(dim=(2, 3)).unsqueeze(1)).squeeze(1)  # (B, C)
         return x * torch.sigmoid(w)[:, :, None, None]
 
 
-class SpatialAttentionBlock(nn.Module):
-    """Spatial attention: ``x · sigmoid(conv_kxk([max_c x, mean_c x]))``."""
+class SpatialAttentionBlock(_GatedConvBlock):
+    """Spatial-attention block (CBAM's spatial gate, Woo et al., ECCV 2018) as published: the gate is
+    ``x · sigmoid(conv_kxk([max_c x, mean_c x]))`` (conv 2→1, no bias).
+
+    Parameters: 9C² + k²C² + 2k² + 1.
+    """
 
     def __init__(self, channels: int, kernel_size: int = 7) -> None:
-        super().__init__()
-        del channels
-        self.conv = _conv(2, 1, kernel_size)
+        super().__init__(channels, kernel_size)
+        self.spatial = _conv(2, 1, kernel_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
         s = torch.cat((x.amax(1, keepdim=True), x.mean(1, keepdim=True)), 1)
-        return x * torch.sigmoid(self.conv(s))
+        return x * torch.sigmoid(self.spatial(s))
 
 
 class WindowSelfAttention(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 
-__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config"]
+__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config", "set_mit_norm_eps"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrained: str | Path | None = None,
-                    allow_download: bool = False) -> Segmenter:
+                    allow_download: bool = False, decoder_hidden_size: int | None = None) -> Segmenter:
     """SegFormer MiT-``variant`` with ``num_classes`` outputs.
 
     Args:
@@ -71,13 +71,19 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
         pretrained: None (random init), a local directory with ``config.json`` + weights, or a hub id
             (only with ``allow_download=True``; otherwise only the local cache is consulted).
         allow_download: permit network access for a hub id.
+        decoder_hidden_size: width of the all-MLP head; None takes the variant's (256 for b0/b1, 768 for b2..b5).
+            The published PAIF MiT-b3 uses 256. Only for ``pretrained=None``.
     Returns:
         :class:`Segmenter`, ``forward(rgb_normalised (B, 3, H, W)) -> logits (B, num_classes, H/4, W/4)``.
     """
     from transformers import SegformerForSemanticSegmentation
 
+    overrides = {} if decoder_hidden_size is None else {"decoder_hidden_size": int(decoder_hidden_size)}
     if pretrained is None:
-        return Segmenter(SegformerForSemanticSegmentation(segformer_config(variant, num_classes)), variant)
+        return Segmenter(SegformerForSemanticSegmentation(segformer_config(variant, num_classes, **overrides)), variant)
+    if overrides:
+        raise ValueError(f"build_segmenter: expected decoder_hidden_size=None with pretrained weights, got "
+                         f"{decoder_hidden_size} (the head width comes from the pretrained config)")
     local = Path(pretrained).is_dir()
     if not local and not allow_download:
         _logger.info("pretrained %s is not a local directory: looking in the local hub cache only", pretrained)
@@ -92,3 +98,26 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
             f"(or a cached hub id), got {str(pretrained)!r}; download them once, or pass allow_download=True "
             f"({exc})") from exc
     return Segmenter(model, variant)
+
+
+def set_mit_norm_eps(segmenter: nn.Module, eps: float) -> int:
+    """Set ``eps`` of the MiT encoder's block LayerNorms (before attention, before the MLP) and stage-output
+    LayerNorms; the patch-embedding and sequence-reduction LayerNorms keep theirs.
+
+    The published MiT (SegFormer's ``mix_transformer.py``) uses eps 1e-6 for exactly these norms and 1e-5 for the
+    others; transformers uses 1e-5 for all. Works for the transformers 4 and 5 module names.
+
+    Returns:
+        The number of LayerNorms changed (2 per block + 1 per stage).
+    """
+    if eps <= 0:
+        raise ValueError(f"set_mit_norm_eps: expected eps > 0, got {eps}")
+    changed = 0
+    for name, module in segmenter.named_modules():
+        if isinstance(module, nn.LayerNorm) and ".decode_head." not in f".{name}." \
+                and "patch_embeddings" not in name and ".attention." not in f".{name}.":
+            module.eps = eps
+            changed += 1
+    if changed == 0:
+        raise ValueError("set_mit_norm_eps: expected a SegFormer segmenter with LayerNorms, found none")
+    return changed

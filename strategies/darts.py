@@ -229,9 +229,19 @@ class SearchRecorder(pl.Callback):
 
 
 def nni_metric(result: Mapping[str, Any]) -> dict[str, float]:
-    """An NNI metric dict: ``default`` = mean architecture-step (held-out) loss, plus every probability."""
+    """An NNI metric dict: ``default`` plus the epoch's losses and every probability.
+
+    ``default`` is the selection metric (``result["selection"]["value"]``, the held-out adversarial task loss of
+    :mod:`strategies.selection`, comparable across trials) once the search has computed it, i.e. in the final
+    result. Intermediate (per-epoch) results carry the epoch's mean held-out adversarial loss ``arch_adv``
+    (or ``arch_loss`` when the architecture step runs no attack): progress only, not comparable across trials.
+    """
     metrics = result.get("metrics", {})
-    default = metrics.get("arch_loss", metrics.get("weight_loss", float("nan")))
+    selection = result.get("selection")
+    if selection is not None:
+        default = selection["value"]
+    else:
+        default = metrics.get("arch_adv", metrics.get("arch_loss", metrics.get("weight_loss", float("nan"))))
     out = {"default": float(default)}
     out.update({f"{k}": float(v) for k, v in metrics.items()})
     for label, dist in result["probabilities"].items():

@@ -13,12 +13,14 @@ Commands::
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
-label, argmax architecture, config; rewritten every epoch), ``genotype.json``, ``checkpoints/`` (every epoch
+label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
+loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (every epoch
 and ``last.ckpt``) and ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch.utils.data import Subset
 
 if __package__ in (None, ""):  # `python strategies/search.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,14 +37,18 @@ if __package__ in (None, ""):  # `python strategies/search.py`: make the project
 from strategies.darts import RESULT_NAME, DartsSettings, EpochShuffleSampler, run_darts  # noqa: E402
 from strategies.objective import AttackConfig, build_attack_factory, task_objective  # noqa: E402
 from strategies.search_module import RobustSearchModule  # noqa: E402
+from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
-from trainer.runs import make_run_dir, seed_everything, setup_logging, versions  # noqa: E402
+from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, versions  # noqa: E402
 
-__all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "run_search", "prepare_data", "main"]
+__all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
+           "main"]
 
 log = logging.getLogger("strategies.search")
 
 DEFAULT_SYNTHETIC = "data/synthetic"
+#: split names reserved for the final evaluation: never used to train or select an architecture
+TEST_SPLITS = ("test", "test_day", "test_night")
 
 
 @dataclass
@@ -49,7 +56,12 @@ class DataConfig:
     root: str = DEFAULT_SYNTHETIC  # MSRS / MFNet layout root; the synthetic set is generated here if missing
     layout: str = "auto"
     train_split: str = "train"  # weights are trained on this split ...
-    val_split: str = "val"  # ... the architecture on this held-out split
+    #: ... the architecture on this held-out split; never a test split. When it equals train_split, a
+    #: deterministic holdout_fraction of the training file names is held out (see holdout_split) and the
+    #: weight step trains on the rest (MSRS has no val split)
+    val_split: str = "val"
+    holdout_fraction: float = 0.5  # share of train_split held out when val_split == train_split
+    holdout_salt: str = "paif-search-holdout"  # changes which images are held out (the choice stays deterministic)
     crop: tuple[int, int] | None = (128, 160)  # random crop (h, w); None keeps full images
     flip: bool = True
     batch_size: int = 4
@@ -57,6 +69,40 @@ class DataConfig:
     generate_synthetic: bool = True  # generate the synthetic dataset into `root` when it does not exist
     synthetic_counts: tuple[int, int, int] = (48, 16, 16)  # train, val, test scenes when generating
     synthetic_size: tuple[int, int] = (128, 160)
+
+    def __post_init__(self) -> None:
+        for key in ("train_split", "val_split"):
+            if getattr(self, key) in TEST_SPLITS:
+                raise ValueError(
+                    f"data.{key}: expected a training or validation split, got {getattr(self, key)!r}, a test split "
+                    "that the evaluation reports on (selecting on it leaks the test set); use data.val_split=val, "
+                    "or data.val_split=train with data.holdout_fraction to hold out part of the training split")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction: expected a fraction in (0, 1), got {self.holdout_fraction}")
+
+
+def holdout_split(names: Sequence[str], fraction: float, salt: str = "paif-search-holdout"
+                  ) -> tuple[list[int], list[int]]:
+    """Deterministic split of a split's file names into (weight-step indices, held-out indices).
+
+    Names are ranked by ``sha256(salt + ":" + name)`` and the first ``round(fraction·n)`` (at least 1, at most
+    n - 1) are held out: the choice depends only on the names and the salt, not on listing order, process or
+    seed. Both index lists are returned sorted.
+
+    Raises:
+        ValueError: fewer than 2 names, duplicate names, or ``fraction`` outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout_split: expected a fraction in (0, 1), got {fraction}")
+    if len(names) < 2:
+        raise ValueError(f"holdout_split: expected at least 2 images to split into weight and held-out parts, "
+                         f"got {len(names)}; add images or use a separate val_split")
+    if len(set(names)) != len(names):
+        raise ValueError("holdout_split: expected unique file names, got duplicates")
+    rank = sorted(range(len(names)), key=lambda i: hashlib.sha256(f"{salt}:{names[i]}".encode()).hexdigest())
+    n_held = min(len(names) - 1, max(1, round(fraction * len(names))))
+    held = sorted(rank[:n_held])
+    return sorted(rank[n_held:]), held
 
 
 @dataclass
@@ -75,6 +121,7 @@ class SearchConfig:
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # the metric that ranks finished searches
     w: float = 0.5  # robustness weight of the weight step
     w_arch: float = 0.5  # robustness weight of the architecture step
     lambda_fusion: float = 0.1
@@ -107,11 +154,7 @@ class SearchConfig:
             raise ValueError(f"device: expected auto, cpu or gpu, got {self.device!r}")
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
-    """Training and held-out loaders (dict batches) and whether the data has labels."""
-    from nni.nas.evaluator.pytorch import DataLoader
-    from rgbt.dataset import RGBTDataset
-
+def _ensure_data(cfg: DataConfig) -> Path:
     root = Path(cfg.root)
     if not root.exists() and cfg.generate_synthetic:
         from rgbt.synthetic import generate_dataset
@@ -120,14 +163,55 @@ def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
         log.info("%s does not exist: generating the synthetic dataset (%d/%d/%d scenes, %dx%d)", root,
                  n_train, n_val, n_test, *cfg.synthetic_size)
         generate_dataset(root, n_train=n_train, n_val=n_val, n_test=n_test, size=tuple(cfg.synthetic_size), seed=0)
+    return root
+
+
+def search_datasets(cfg: DataConfig, seeds: tuple[int, int], flip: bool | None = None) -> tuple[list[Any], list[Any]]:
+    """([weight-step base, held-out base], [weight-step part, held-out part]) datasets.
+
+    The bases are ``RGBTDataset`` objects (augmentation seeds ``seeds``; ``flip`` None = ``cfg.flip``); the parts
+    are the bases themselves, or, with ``val_split == train_split``, disjoint subsets of the training split
+    (:func:`holdout_split`).
+    """
+    from rgbt.dataset import RGBTDataset
+
+    root = _ensure_data(cfg)
+    flip = cfg.flip if flip is None else flip
+    bases = [RGBTDataset(root, split=split, crop=cfg.crop, flip=flip, layout=cfg.layout, seed=seed)
+             for split, seed in zip((cfg.train_split, cfg.val_split), seeds)]
+    if cfg.val_split != cfg.train_split:
+        return bases, list(bases)
+    weight_idx, held_idx = holdout_split(bases[0].names, cfg.holdout_fraction, cfg.holdout_salt)
+    return bases, [Subset(bases[0], weight_idx), Subset(bases[1], held_idx)]
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
+    """Training and held-out loaders (dict batches) and whether the data has labels.
+
+    With ``val_split == train_split`` the two loaders read disjoint parts of that split
+    (:func:`holdout_split`); otherwise the whole ``train_split`` and the whole ``val_split``.
+    """
+    from nni.nas.evaluator.pytorch import DataLoader
+
+    bases, parts = search_datasets(cfg, (seed, seed + 1))
+    if cfg.val_split == cfg.train_split:
+        log.info("held out %d of %d %r images for the architecture step (fraction %.2f, salt %r)",
+                 len(parts[1]), len(bases[0]), cfg.train_split, cfg.holdout_fraction, cfg.holdout_salt)
     loaders = []
-    for i, split in enumerate((cfg.train_split, cfg.val_split)):
-        ds = RGBTDataset(root, split=split, crop=cfg.crop, flip=cfg.flip, layout=cfg.layout, seed=seed + i)
-        sampler = EpochShuffleSampler(len(ds), seed=seed + i, dataset=ds)
-        loaders.append(DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                  drop_last=len(ds) >= cfg.batch_size, persistent_workers=cfg.num_workers > 0))
-    has_labels = loaders[0].dataset.has_labels and loaders[1].dataset.has_labels
+    for i, (ds, part) in enumerate(zip(bases, parts)):
+        sampler = EpochShuffleSampler(len(part), seed=seed + i, dataset=ds)
+        loaders.append(DataLoader(part, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                  drop_last=len(part) >= cfg.batch_size, persistent_workers=cfg.num_workers > 0))
+    has_labels = bases[0].has_labels and bases[1].has_labels
     return loaders[0], loaders[1], has_labels
+
+
+def selection_loader(cfg: DataConfig, seed: int) -> Any:
+    """The held-out part in a fixed order, no flips, crops from ``seed`` (the same pixels in every trial)."""
+    bases, parts = search_datasets(cfg, (seed, seed), flip=False)
+    bases[1].set_epoch(0)
+    return torch.utils.data.DataLoader(parts[1], batch_size=cfg.batch_size, shuffle=False,
+                                       num_workers=cfg.num_workers)
 
 
 def _accelerator(device: str) -> str:
@@ -202,6 +286,9 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
              cfg.w, cfg.w_arch, cfg.attack, len(train_loader), len(val_loader), run_dir)
     result = run_darts(space, module, train_loader, val_loader, run_dir, darts_settings(cfg), config_to_dict(cfg),
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
+    result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
+                                           cfg.selection, has_labels)
+    atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT_NAME)
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")
     return result

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from nni.nas.evaluator.pytorch import LightningModule
 
-from strategies.objective import AttackFactory, AttackFn, Objective, robust_loss
+from trainer.robust_objective import AttackFactory, AttackFn, Objective, convex_weights, robust_loss
 
 __all__ = ["RobustSearchModule", "is_architecture_step"]
 
@@ -33,6 +33,9 @@ def is_architecture_step(batch_idx: int) -> bool:
 
 class RobustSearchModule(LightningModule):
     """Robust objective ``(1-w)·L(u) + w·L(u+δ)`` with ``w`` for weights and ``w_arch`` for α.
+
+    The loss is :func:`trainer.robust_objective.robust_loss` (the one retraining uses): fusion targets of
+    ``L(u+δ)`` are the clean sources; build the attack with ``model_mode="keep"`` (the supernet's training mode).
 
     Args:
         objective: ``objective(model(ir, vis), batch) -> (loss, parts)``.
@@ -88,7 +91,7 @@ class RobustSearchModule(LightningModule):
     def robust_step(self, batch: Mapping[str, Any], architecture: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted loss of one step; ``architecture`` selects ``w_arch`` (else ``w``)."""
         w = self.w_arch if architecture else self.w
-        out = robust_loss(self.model, self.objective, batch, w, self.attack() if w > 0 else None)
+        out = robust_loss(self.model, self.objective, batch, self.attack() if w > 0 else None, *convex_weights(w))
         return out.loss, out.parts
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:

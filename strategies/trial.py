@@ -13,7 +13,8 @@ Command (``trialCommand`` in search.yml)::
 
 Under nnictl the run directory is ``$NNI_OUTPUT_DIR/search`` (inside the experiment directory, so NNI's
 TensorBoard button shows ``tensorboard/``); the architecture probabilities are reported as intermediate
-results every epoch and the final result (``default`` = held-out robust loss) at the end. Any failure exits
+results every epoch and the final result at the end, whose ``default`` is the selection metric (held-out
+adversarial task loss without ``w_arch``, :mod:`strategies.selection`), comparable across trials. Any failure exits
 non-zero, so NNI marks the trial FAILED.
 """
 from __future__ import annotations

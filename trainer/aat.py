@@ -9,8 +9,10 @@ the reconstruction of ``DESIGN.md`` §7:
    ``n`` inner optimiser steps on ``L(u) + λ·L(u + δ_εk)`` starting at θ and ends at θ_k; the outer
    update moves θ toward the mean task weights: ``θ ← θ + β·(mean_k θ_k − θ)``.
 2. **Online adversarial training** from that initialisation: every batch draws its ε from the tasks with
-   probabilities that grow with each task's running (EMA) adversarial loss
-   (:class:`AdaptiveEpsSampler`), so the model trains most where it is weakest.
+   probabilities that grow with each task's weakness (:class:`AdaptiveEpsSampler`): its running robust gap
+   (adversarial minus clean loss) per unit of budget, so the model trains most where it is weakest relative
+   to the attack's strength. (The raw adversarial loss would not do: it grows with ε whatever the model,
+   so it would always favour the largest budget.)
 
 Everything here works on generic callables (a model, an ``objective(model, batch, eps)``, a batch source),
 so it is tested with toy models; ``trainer.module`` plugs in the fusion + segmentation pipeline.
@@ -33,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROB_MODES = ("softmax", "proportional")
+PROB_MODES = ("softmax", "proportional", "uniform")
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 #: ``objective(model, batch, eps) -> (loss, adv_loss)``: the robust loss ``L(u) + λ·L(u+δ_eps)`` to
@@ -59,11 +61,11 @@ class AATConfig:
     inner_lr: float = 5e-4
     #: Reptile outer step size β in (0, 1]: θ ← θ + β·(mean task weights − θ)
     beta: float = 1.0
-    #: how running losses become probabilities: "softmax" or "proportional"
+    #: how the weaknesses (robust gap per unit budget) become probabilities: "softmax" or "proportional"
     prob_mode: str = "softmax"
-    #: softmax temperature, relative to the mean running loss (scale-free, see AdaptiveEpsSampler)
+    #: softmax temperature, relative to the mean weakness (scale-free, see AdaptiveEpsSampler)
     temperature: float = 0.5
-    #: EMA momentum of the running adversarial loss per task
+    #: EMA momentum of the running adversarial and clean losses per task
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
@@ -99,24 +101,35 @@ def mix_seed(*keys: int | str) -> int:
 # Adaptive ε sampler (online stage)
 # ----------------------------------------------------------------------------------------------------
 class AdaptiveEpsSampler:
-    """Draws a task (an attack budget ε) per batch, favouring tasks with a high running adversarial loss.
+    """Draws a task (an attack budget ε) per batch, favouring the task where the model is weakest for its budget.
 
-    Each task k keeps an exponential moving average ``r_k`` of the adversarial loss observed when it was
-    drawn (``r_k ← m·r_k + (1−m)·loss``; the first observation initialises it). Probabilities:
+    Weakness rule. Each task k keeps exponential moving averages of the adversarial loss ``a_k`` and of the
+    clean loss ``c_k`` of the same batches, observed when k was drawn (``r ← m·r + (1−m)·loss``; the first
+    observation initialises them). Its weakness is the robust gap per unit of budget
 
-    * ``"softmax"``: ``p = softmax(r / (T · mean(r)))`` — the temperature is relative to the mean running
-      loss, so the rule does not depend on the loss scale (λ weights, number of classes); lower T is
-      greedier. Every task keeps a positive probability.
-    * ``"proportional"``: ``p = r / sum(r)`` (losses are non-negative).
+        ``g_k = max(a_k − c_k, 0) / ε_k``,
 
-    Tasks never observed get the largest observed running loss (optimistic: they will be tried); with no
-    observation at all the distribution is uniform. Draws use a generator seeded per call
+    i.e. how much loss the attack adds per unit of ε. The raw adversarial loss grows with ε for any model, so
+    ranking by it always favours the largest budget; the gap per unit budget is roughly constant in ε for a
+    model that is uniformly (locally linearly) vulnerable, and it is largest at the budget where the model
+    gives way most relative to the attack's strength (for a model robust at 8/255 but brittle at 2/255 it
+    favours 2/255). Probabilities:
+
+    * ``"softmax"``: ``p = softmax(g / (T · mean(g)))`` — the temperature is relative to the mean weakness, so
+      the rule does not depend on the loss scale (λ weights, number of classes); lower T is greedier. Every
+      task keeps a positive probability.
+    * ``"proportional"``: ``p = g / sum(g)``.
+    * ``"uniform"``: ``p = 1/K`` whatever the losses (the ablation that isolates the adaptive sampler; the
+      running losses are still kept, for the logs).
+
+    Tasks never observed get the largest observed weakness (optimistic: they will be tried); with no
+    observation at all, or all gaps 0, the distribution is uniform. Draws use a generator seeded per call
     (``sample(seed)``), so the sampler's whole state is the running losses (:meth:`state_dict`).
 
     Args:
-        eps: the task budgets, e.g. ``(2/255, 4/255, 8/255)``.
+        eps: the task budgets (> 0), e.g. ``(2/255, 4/255, 8/255)``.
         mode: "softmax" or "proportional".
-        temperature: softmax temperature relative to the mean running loss (> 0).
+        temperature: softmax temperature relative to the mean weakness (> 0).
         momentum: EMA momentum in [0, 1).
     """
 
@@ -124,6 +137,9 @@ class AdaptiveEpsSampler:
                  momentum: float = 0.9) -> None:
         if not len(eps):
             raise ValueError("AdaptiveEpsSampler: expected at least one task budget, got none")
+        if any(not float(e) > 0 for e in eps):
+            raise ValueError(f"AdaptiveEpsSampler: expected budgets > 0 (the weakness is a gap per unit of budget), "
+                             f"got {tuple(eps)}")
         if mode not in PROB_MODES:
             raise ValueError(f"AdaptiveEpsSampler: expected mode in {PROB_MODES}, got {mode!r}")
         if not temperature > 0 or not 0 <= momentum < 1:
@@ -131,7 +147,8 @@ class AdaptiveEpsSampler:
                              f"{temperature} and {momentum}")
         self.eps = tuple(float(e) for e in eps)
         self.mode, self.temperature, self.momentum = mode, float(temperature), float(momentum)
-        self.running = torch.full((len(self.eps),), math.nan, dtype=torch.float64)
+        self.running = torch.full((len(self.eps),), math.nan, dtype=torch.float64)  # EMA adversarial loss
+        self.running_clean = torch.full((len(self.eps),), math.nan, dtype=torch.float64)  # EMA clean loss
         self.counts = torch.zeros(len(self.eps), dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -141,46 +158,67 @@ class AdaptiveEpsSampler:
         return (f"AdaptiveEpsSampler(eps={tuple(round(e * 255, 3) for e in self.eps)}/255, mode={self.mode!r}, "
                 f"temperature={self.temperature}, momentum={self.momentum})")
 
+    def weakness(self) -> Tensor:
+        """(K,) float64 ``max(a_k − c_k, 0) / ε_k`` (NaN for tasks never observed)."""
+        clean = torch.nan_to_num(self.running_clean, nan=0.0)
+        eps = torch.tensor(self.eps, dtype=torch.float64)
+        return (self.running - clean).clamp_min(0.0) / eps
+
     def probabilities(self) -> Tensor:
-        """(K,) float64 probabilities, summing to 1, non-decreasing in each task's running loss."""
-        r = self.running.clone()
-        seen = ~torch.isnan(r)
-        if not seen.any():
-            return torch.full_like(r, 1.0 / len(r))
-        r[~seen] = r[seen].max()
-        r = r.clamp_min(0.0)
+        """(K,) float64 probabilities, summing to 1, non-decreasing in each task's weakness."""
+        g = self.weakness()
+        seen = ~torch.isnan(g)
+        if self.mode == "uniform" or not seen.any():
+            return torch.full_like(g, 1.0 / len(g))
+        g[~seen] = g[seen].max()
         if self.mode == "proportional":
-            total = r.sum()
-            return r / total if total > 0 else torch.full_like(r, 1.0 / len(r))
-        scale = r.mean().clamp_min(1e-12)
-        return torch.softmax(r / (self.temperature * scale), dim=0)
+            total = g.sum()
+            return g / total if total > 0 else torch.full_like(g, 1.0 / len(g))
+        scale = g.mean().clamp_min(1e-12)
+        return torch.softmax(g / (self.temperature * scale), dim=0)
 
     def sample(self, seed: int) -> int:
         """Index of the task drawn with :meth:`probabilities`, from a generator seeded with ``seed``."""
         gen = torch.Generator().manual_seed(int(seed) % (2**63))
         return int(torch.multinomial(self.probabilities(), 1, generator=gen).item())
 
-    def update(self, task: int, loss: float) -> None:
-        """Record the adversarial loss observed for ``task`` (EMA)."""
+    def _ema(self, running: Tensor, task: int, loss: float) -> None:
+        old = running[task].item()
+        running[task] = loss if math.isnan(old) else self.momentum * old + (1 - self.momentum) * loss
+
+    def update(self, task: int, loss: float, clean_loss: float | None = None) -> None:
+        """Record the adversarial ``loss`` and the ``clean_loss`` of the same batch observed for ``task`` (EMA).
+
+        Pass ``clean_loss``: without it the task's clean reference is taken as 0 (its weakness is then the raw
+        adversarial loss per unit budget).
+        """
         if not 0 <= task < len(self.eps):
             raise IndexError(f"AdaptiveEpsSampler.update: expected task in [0, {len(self.eps)}), got {task}")
         loss = float(loss)
-        if not math.isfinite(loss):
-            log.warning("AdaptiveEpsSampler: ignoring non-finite loss %s for task %d", loss, task)
+        clean = None if clean_loss is None else float(clean_loss)
+        if not math.isfinite(loss) or (clean is not None and not math.isfinite(clean)):
+            log.warning("AdaptiveEpsSampler: ignoring non-finite losses (adv %s, clean %s) for task %d", loss,
+                        clean, task)
             return
-        old = self.running[task].item()
-        self.running[task] = loss if math.isnan(old) else self.momentum * old + (1 - self.momentum) * loss
+        self._ema(self.running, task, loss)
+        if clean is not None:
+            self._ema(self.running_clean, task, clean)
         self.counts[task] += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"eps": list(self.eps), "running": self.running.clone(), "counts": self.counts.clone()}
+        return {"eps": list(self.eps), "running": self.running.clone(), "running_clean": self.running_clean.clone(),
+                "counts": self.counts.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state without ``running_clean`` (older checkpoints) has no clean reference."""
         eps = tuple(float(e) for e in state["eps"])
         if len(eps) != len(self.eps) or any(abs(a - b) > 1e-12 for a, b in zip(eps, self.eps)):
             raise ValueError(f"AdaptiveEpsSampler.load_state_dict: expected tasks {self.eps}, got {eps}; "
                              "resume with the same aat.eps")
         self.running = state["running"].clone().to(torch.float64)
+        clean = state.get("running_clean")
+        self.running_clean = (clean.clone().to(torch.float64) if clean is not None
+                              else torch.full_like(self.running, math.nan))
         self.counts = state["counts"].clone().to(torch.int64)
 
 

@@ -10,7 +10,12 @@ Layout (format version 1)::
 
     {"format": "paif-checkpoint", "format_version": 1, "created": "2025-...Z",
      "state_dict": {name: tensor}, "genotype": {...}, "segmenter": {"variant": "b0", "num_classes": 9},
+     "model": {"seg_norm": "per_image", "color": "bt601", "fusion_output": "unit", "mit_norm_eps": None},
      "train_cfg": {...}, "versions": {"python": ..., "torch": ...}, "state": None | {"epoch": .., ...}}
+
+``model`` holds the forward options of ``search_space.pipeline.build_model`` (``MODEL_OPTIONS``); a checkpoint
+without it (older files) loads with the defaults. Converted published checkpoints
+(``python -m search_space.convert_reference``) record the published forward there.
 
 Make a randomly initialised checkpoint (tests, demos)::
 
@@ -133,6 +138,7 @@ def save_checkpoint(
     segmenter_cfg: Mapping[str, Any],
     train_cfg: Any,
     state: Mapping[str, Any] | None = None,
+    model_cfg: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file + ``os.replace``).
 
@@ -140,10 +146,13 @@ def save_checkpoint(
         path: destination ``.pt`` file; parent directories are created.
         model: the ``FusionSegModel`` (its ``state_dict`` is stored on the CPU).
         genotype: the ``Genotype`` the fusion network was built from (stored as a dict).
-        segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``.
+        segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``; optionally ``decoder_hidden_size``
+            (the head width, when it is not the variant's).
         train_cfg: the resolved training config (a dataclass or a plain dict).
         state: optional resumable training state (epoch, step, optimizer/scheduler/scaler state dicts,
             best metric, ...): tensors and plain types only.
+        model_cfg: the forward options of ``build_model`` (``seg_norm``, ``color``, ``fusion_output``,
+            ``mit_norm_eps``); default ``model.build_options`` when the model has them, else none (defaults).
     Returns:
         The path written.
     """
@@ -160,6 +169,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "genotype": genotype_to_dict(genotype),
         "segmenter": _plain(seg, "segmenter_cfg"),
+        "model": _model_options(model_cfg if model_cfg is not None else getattr(model, "build_options", {}),
+                                "model_cfg"),
         "train_cfg": _plain(train_cfg if train_cfg is not None else {}, "train_cfg"),
         "versions": _plain(versions(), "versions"),
         "state": None if state is None else _plain(dict(state), "state"),
@@ -215,6 +226,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def _model_options(options: Any, where: str) -> dict[str, Any]:
+    """Check forward options against ``search_space.pipeline.MODEL_OPTIONS``; returns them as a plain dict."""
+    from search_space.pipeline import MODEL_OPTIONS
+
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise CheckpointError(f"{where}: expected a dict of model options, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(MODEL_OPTIONS))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model option(s) {unknown}; expected a subset of "
+                              f"{sorted(MODEL_OPTIONS)} (a checkpoint from a newer version of this code?)")
+    return _plain(dict(options), where)
+
+
 def _mismatch(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor]) -> list[str]:
     def head(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
@@ -241,7 +267,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
 
     Returns:
         ``(model, meta)``: the model in eval mode on ``map_location``; ``meta`` is the checkpoint without
-        ``state_dict`` (format_version, created, genotype dict, segmenter, train_cfg, versions, state).
+        ``state_dict`` (format_version, created, genotype dict, segmenter, model options, train_cfg, versions,
+        state); ``meta["model"]`` always holds the options the model was built with.
     Raises:
         CheckpointError: everything :func:`load_checkpoint` raises, an invalid genotype, or weights that
             do not match the architecture (the mismatched keys are named).
@@ -254,7 +281,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     except Exception as exc:  # GenotypeError, TypeError, ... from user data
         raise CheckpointError(f"checkpoint {path}: invalid genotype {ckpt['genotype']!r}: {exc}") from exc
     seg = ckpt["segmenter"]
-    model = build_model(genotype, segmenter=seg["variant"], num_classes=int(seg["num_classes"]), pretrained=None)
+    options = _model_options(ckpt.get("model"), f"checkpoint {path}: model")
+    try:
+        decoder = seg.get("decoder_hidden_size")
+        model = build_model(genotype, segmenter=seg["variant"], num_classes=int(seg["num_classes"]),
+                            pretrained=None, decoder_hidden_size=None if decoder is None else int(decoder), **options)
+    except ValueError as exc:  # bad option values
+        raise CheckpointError(
+            f"checkpoint {path}: cannot build the model with {seg} and options {options}: {exc}") from exc
     problems = _mismatch(model.state_dict(), ckpt["state_dict"])
     if problems:
         raise CheckpointError(
@@ -264,6 +298,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.to(map_location).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    meta["model"] = dict(getattr(model, "build_options", options))
     meta["path"] = str(path)
     meta["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
     return model, meta
@@ -293,7 +328,8 @@ def _summary(path: str | Path) -> dict[str, Any]:
     n = sum(int(t.numel()) for t in ckpt["state_dict"].values() if isinstance(t, torch.Tensor))
     return {
         "path": str(path), "format_version": ckpt["format_version"], "created": ckpt.get("created"),
-        "genotype": ckpt["genotype"], "segmenter": ckpt["segmenter"], "tensors": len(ckpt["state_dict"]),
+        "genotype": ckpt["genotype"], "segmenter": ckpt["segmenter"], "model": ckpt.get("model", {}),
+        "tensors": len(ckpt["state_dict"]),
         "values": n, "train_cfg": ckpt["train_cfg"], "versions": ckpt["versions"],
         "state": sorted(ckpt["state"]) if isinstance(ckpt.get("state"), dict) else None,
     }

@@ -43,7 +43,7 @@ from rgbt.dataset import DataError, RGBTDataset
 from robustness.threats import THREAT_MODELS, ThreatError, build_threat, load_threats_yaml, resolve_threat
 from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, save_config
-from trainer.metrics import ConfusionMatrix, FusionMetrics
+from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
 from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
 from trainer.runs import make_run_dir, seed_everything, setup_logging, versions
 
@@ -74,6 +74,9 @@ class EvaluateConfig:
     resize: list[int] = field(default_factory=list)  # [] = native resolution; [H, W] resizes every image (quick checks)
     progress: bool = True  # tqdm progress bar
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default (set 1 on oversubscribed machines)
+    #: "published": classes absent from truth and prediction count as IoU 0 (the published evaluation);
+    #: "present": they drop out of the mean (trainer.metrics)
+    miou_convention: str = "published"
 
 
 # ---------------------------------------------------------------------------------------- threat models
@@ -228,9 +231,10 @@ def _np_img(t: torch.Tensor) -> np.ndarray:
     return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
 
 
-def _seg_summary(cm: ConfusionMatrix) -> dict[str, Any]:
-    r = cm.compute()
-    return {"miou": r["miou"], "miou_objects": r["miou_objects"], "macc": r["macc"], "pixel_acc": r["pixel_acc"],
+def _seg_summary(cm: ConfusionMatrix, miou_convention: str = "published") -> dict[str, Any]:
+    r = cm.compute(miou_convention)
+    return {"miou": r["miou"], "miou_objects": r["miou_objects"], "miou_convention": r["miou_convention"],
+            "miou_by_convention": r["miou_by_convention"], "macc": r["macc"], "pixel_acc": r["pixel_acc"],
             "iou": dict(zip(r["classes"], r["iou"])), "recall": dict(zip(r["classes"], r["recall"])),
             "pixels": r["pixels"]}
 
@@ -245,8 +249,9 @@ def _sweep_eps(cfg: EvaluateConfig) -> list[float]:
 class _Accumulator:
     """Per-condition metrics: confusion matrix, fusion metrics, fused-image PSNR against the clean run."""
 
-    def __init__(self, num_classes: int, labelled: bool, fusion: bool) -> None:
+    def __init__(self, num_classes: int, labelled: bool, fusion: bool, miou_convention: str = "published") -> None:
         self.cm = ConfusionMatrix(num_classes) if labelled else None
+        self.miou_convention = miou_convention
         self.fusion = FusionMetrics() if fusion else None
         self.psnr: list[float] = []
 
@@ -261,7 +266,7 @@ class _Accumulator:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "segmentation": _seg_summary(self.cm) if self.cm is not None else None,
+            "segmentation": _seg_summary(self.cm, self.miou_convention) if self.cm is not None else None,
             "fusion": self.fusion.compute() if self.fusion is not None else None,
             "fused_psnr": float(np.mean(self.psnr)) if self.psnr else None,
         }
@@ -271,6 +276,8 @@ class _Accumulator:
 def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` and write the report files into ``run_dir``."""
     t0 = time.time()
+    if cfg.miou_convention not in MIOU_CONVENTIONS:
+        raise ConfigError(f"miou_convention: expected one of {MIOU_CONVENTIONS}, got {cfg.miou_convention!r}")
     seed_everything(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -307,9 +314,9 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
         notes.append(f"Images were resized to {cfg.resize[0]}×{cfg.resize[1]} (`resize`), not evaluated at their "
                      "native resolution: not comparable with full-resolution numbers.")
 
-    accs = {"clean": _Accumulator(num_classes, labelled, fusion=True)}
+    accs = {"clean": _Accumulator(num_classes, labelled, fusion=True, miou_convention=cfg.miou_convention)}
     for th in threats:
-        accs[th.name] = _Accumulator(num_classes, labelled, fusion=True)
+        accs[th.name] = _Accumulator(num_classes, labelled, fusion=True, miou_convention=cfg.miou_convention)
     sweep_attacks: dict[tuple[str, float], Callable] = {}
     unknown = sorted(set(cfg.sweep_threats) - {th.name for th in threats})
     if unknown:
@@ -321,7 +328,8 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
         for e in sweep:
             if e > 0 and not math.isclose(e / 255, th.eps, rel_tol=1e-6):
                 sweep_attacks[(th.name, e)] = th.make(e / 255)
-                accs[f"{th.name}@{e:g}"] = _Accumulator(num_classes, labelled, fusion=False)
+                accs[f"{th.name}@{e:g}"] = _Accumulator(num_classes, labelled, fusion=False,
+                                                        miou_convention=cfg.miou_convention)
 
     grid: dict[str, list[dict[str, Any]]] = {th.name: [] for th in threats}
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
@@ -425,6 +433,7 @@ def _assemble(cfg: EvaluateConfig, meta: dict[str, Any], device: torch.device, l
         "threats": threat_rep,
         "eps_sweep": curves,
         "eps_sweep_metric": "miou" if labelled else "fused_psnr",
+        "miou_convention": cfg.miou_convention,
     }
 
 

@@ -6,16 +6,24 @@
 
 What it runs, on a seeded synthetic RGB-T dataset (``rgbt.synthetic``):
 
-1. a short robust DARTS search (``strategies/search.py``) whose argmax genotype is the "searched" genotype;
-2. for every seed: the ``paif`` genotype retrained ``--no-aat`` (clean), with plain adversarial training (``at``)
-   and with AAT (``aat``); for the first seed (by default; CPU budget): the searched genotype and a plain
-   non-searched baseline (all ``residual_k3_d1``) retrained with AAT;
+1. a common starting point (``trainer.warmstart``, cached by content hash): a SegFormer pretrained on max-rule
+   fused training images (our stand-in for ImageNet MiT weights) and a fusion net warmed up on the fusion loss;
+2. every arm retrained from that point (``retrain.py init_from=``) with the same recipe and data, per seed:
+   no AAT (clean), plain adversarial training (``at``, 8/255), AAT, and AAT with uniform ε sampling (isolates the
+   adaptive sampler); for one seed, IR-only and VIS-only inputs without AAT (the other modality zeroed in the
+   model: shows that the benchmark needs fusion);
 3. every final checkpoint (``last.pt``: no selection) evaluated on the test split under the ``paif`` and
    ``strong`` threat models, with an mIoU-versus-eps sweep of ``paif``.
 
-It writes ``results.json`` (every number), ``results.md`` (mean ± sample std over seeds) and ``miou_vs_eps.png``.
-Jobs run in subprocesses (``workers`` at a time, one torch thread each); a job whose ``done.json`` exists is
-skipped, so an interrupted experiment continues where it stopped when run again with the same ``out``.
+It writes ``results.json`` (every number), ``results.md`` (mean ± sample std over seeds, paired differences per
+seed, per-class IoU, the claims tested and whether they hold) and ``miou_vs_eps.png``. Jobs run in subprocesses
+(``workers`` at a time, one torch thread each); a job whose ``done.json`` exists is skipped, and an interrupted
+training run continues from its ``resume.ckpt``, so an interrupted experiment continues where it stopped when
+run again with the same ``out`` (finished arms are never redone).
+
+A run is ``[label, genotype, mode]`` optionally followed by the number of seeds it uses (the first n of
+``seeds``) and by ``key=value`` overrides of ``trainer/retrain.py`` for that run only, e.g.
+``["AAT, uniform eps", "paif", "aat", "3", "aat.prob_mode=uniform"]``.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,9 +59,9 @@ BASELINE_GENOTYPE: dict[str, Any] = {
 @dataclass
 class DataSpec:
     size: tuple[int, int] = (96, 128)  # synthetic scene size (H, W)
-    n_train: int = 96
-    n_val: int = 8
-    n_test: int = 12
+    n_train: int = 400
+    n_val: int = 32
+    n_test: int = 24
     seed: int = 0  # dataset seed (fixed across training seeds)
 
 
@@ -63,21 +72,29 @@ class ExperimentConfig:
     workers: int = 2  # jobs in parallel, one torch thread each
     data: DataSpec = field(default_factory=DataSpec)
     channels: int = 16  # fusion width of every retrained genotype
-    #: [label, genotype, mode] or [label, genotype, mode, n]: genotype is a GENOTYPES name, "searched" or
-    #: "baseline"; n (optional) runs only the first n of ``seeds`` (the genotype comparison, to fit a CPU budget)
+    #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch
+    warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=200"])
+    #: [label, genotype, mode, (n_seeds), (key=value ...)]: genotype is a GENOTYPES name, "searched" or
+    #: "baseline"; n_seeds (optional) runs only the first n of ``seeds``; key=value override retrain for this run
     runs: list[list[str]] = field(default_factory=lambda: [
-        ["paif / no AAT", "paif", "clean"], ["paif / plain AT", "paif", "at"], ["paif / AAT", "paif", "aat"],
-        ["searched / AAT", "searched", "aat", "1"], ["baseline (all residual) / AAT", "baseline", "aat", "1"],
+        ["no AAT", "paif", "clean"], ["plain AT", "paif", "at"], ["AAT", "paif", "aat"],
+        ["AAT, uniform eps", "paif", "aat", "3", "aat.prob_mode=uniform"],
+        ["IR only / no AAT", "paif", "clean", "1", "inputs=ir"],
+        ["VIS only / no AAT", "paif", "clean", "1", "inputs=vis"],
     ])
     #: key=value overrides of trainer/retrain.py shared by every run
     retrain: list[str] = field(default_factory=lambda: [
-        "max_steps=200", "data.crop=[64,80]", "data.batch_size=4", "data.val_limit=4", "val.attack_steps=2",
-        "val.num_images=0", "save_every_steps=50", "log_every_steps=25",
+        "max_steps=600", "data.batch_size=8", "optim.lr=0.0003", "optim.warmup_steps=30", "aat.meta_iters=1",
+        "data.val_limit=8", "val.attack_steps=2", "val.num_images=0", "save_every_steps=50", "log_every_steps=25",
     ])
-    #: key=value overrides of strategies/search.py
+    #: key=value overrides of strategies/search.py (only when a run uses the "searched" genotype)
     search: list[str] = field(default_factory=lambda: [
         "epochs=2", "max_train_batches=12", "data.crop=[64,80]", "data.batch_size=2", "space.channels=16",
         "w=0.5", "w_arch=0.5",
+    ])
+    #: paired differences per seed, [a, b] -> a − b (runs matched by seed)
+    pairs: list[list[str]] = field(default_factory=lambda: [
+        ["AAT", "no AAT"], ["AAT", "plain AT"], ["AAT", "AAT, uniform eps"],
     ])
     threats: list[str] = field(default_factory=lambda: ["paif", "strong"])
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # in 1/255
@@ -92,21 +109,37 @@ class Job:
     genotype: str
     mode: str
     seed: int
+    overrides: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
-        return f"{self.genotype}-{self.mode}-s{self.seed}"
+        """Folder name: the label as a slug plus the seed (``"AAT, uniform eps"`` -> ``aat-uniform-eps-s0``)."""
+        return f"{re.sub(r'[^a-z0-9]+', '-', self.label.lower()).strip('-')}-s{self.seed}"
+
+
+def _parse_run(run: Sequence[str], n_seeds: int) -> tuple[str, str, str, int, tuple[str, ...]]:
+    if len(run) < 3:
+        raise ConfigError(f"runs: expected [label, genotype, mode, (n_seeds), (key=value ...)], got {run}")
+    label, genotype, mode, *rest = (str(x) for x in run)
+    n = n_seeds
+    if rest and rest[0].isdigit():
+        n, rest = int(rest[0]), rest[1:]
+    bad = [x for x in rest if "=" not in x]
+    if bad:
+        raise ConfigError(f"runs: expected [label, genotype, mode, (n_seeds), (key=value ...)], got {run} "
+                          f"({bad[0]!r} is neither a seed count nor key=value)")
+    return label, genotype, mode, n, tuple(rest)
 
 
 def plan(cfg: ExperimentConfig) -> list[Job]:
     """Every (run, seed) job, seeds outermost so partial results cover every configuration early."""
-    limits = []
-    for run in cfg.runs:
-        if len(run) not in (3, 4) or (len(run) == 4 and not str(run[3]).isdigit()):
-            raise ConfigError(f"runs: expected [label, genotype, mode] or [label, genotype, mode, n_seeds], got {run}")
-        limits.append(int(run[3]) if len(run) == 4 else len(cfg.seeds))
-    return [Job(run[0], run[1], run[2], seed) for i, seed in enumerate(cfg.seeds)
-            for run, n in zip(cfg.runs, limits) if i < n]
+    runs = [_parse_run(run, len(cfg.seeds)) for run in cfg.runs]
+    jobs = [Job(label, geno, mode, seed, extra) for i, seed in enumerate(cfg.seeds)
+            for label, geno, mode, n, extra in runs if i < n]
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"runs: expected distinct labels, got jobs {sorted(k for k in keys if keys.count(k) > 1)}")
+    return jobs
 
 
 def _python(module_or_script: str, *args: str) -> list[str]:
@@ -125,7 +158,8 @@ def _run(cmd: Sequence[str], logfile: Path) -> None:
         raise RuntimeError(f"{cmd[1]} failed with exit code {code}; see {logfile}:\n{tail}")
 
 
-def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, Any]:
+def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
+            starts: dict[str, str] | None = None) -> dict[str, Any]:
     """Retrain then evaluate one job; resumable through ``done.json`` / ``train_done.json`` markers."""
     jdir = out / "jobs" / job.key
     done = jdir / "done.json"
@@ -143,10 +177,11 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
                           "num_threads=1")
         else:
             shutil.rmtree(runs_root, ignore_errors=True)
+            start = (starts or {}).get(job.genotype)
             cmd = _python("trainer/retrain.py", "--genotype", genotypes[job.genotype], f"mode={job.mode}",
                           f"seed={job.seed}", f"channels={cfg.channels}", f"data.root={out / 'data'}",
                           f"runs_root={runs_root}", f"run_name={job.key}", "progress_bar=false", "num_threads=1",
-                          *cfg.retrain)
+                          *([f"init_from={start}"] if start else []), *cfg.retrain, *job.overrides)
         _run(cmd, logfile)
         last = sorted(runs_root.glob("*/last.pt"))
         if not last:
@@ -176,7 +211,27 @@ def extract(report: dict[str, Any]) -> dict[str, Any]:
         out[name] = rep["segmentation"]["miou"]
         out[f"{name}_objects"] = rep["segmentation"]["miou_objects"]
     out["curves"] = {name: [[p["eps_255"], p["miou"]] for p in pts] for name, pts in report["eps_sweep"].items()}
+    out["iou"] = {"clean": report["clean"]["segmentation"].get("iou", {}),
+                  **{name: rep["segmentation"].get("iou", {}) for name, rep in report["threats"].items()}}
+    out["fusion"] = report["clean"].get("fusion") or {}
     return out
+
+
+def max_rule_fusion_metrics(data: Path, split: str = "test") -> dict[str, float]:
+    """Fusion metrics of the plain max rule ``max(IR, Y)`` on ``split``: the bar a learnt fusion should clear."""
+    import torch
+
+    from rgbt.color import rgb_to_y
+    from rgbt.dataset import RGBTDataset
+    from trainer.metrics import FusionMetrics
+
+    ds = RGBTDataset(data, split)
+    acc = FusionMetrics()
+    for i in range(len(ds)):
+        item = ds[i]
+        ir, y = item["ir"][None], rgb_to_y(item["vis"][None])
+        acc.update(torch.maximum(ir, y), ir, y)
+    return acc.compute()
 
 
 # ------------------------------------------------------------------------------------------- aggregate
@@ -244,16 +299,64 @@ def plot_curves(results: Sequence[dict[str, Any]], threat: str, path: Path) -> N
     plt.close(fig)
 
 
+def paired_differences(results: Sequence[dict[str, Any]], a: str, b: str, column: str) -> dict[str, Any]:
+    """``a − b`` of ``column`` per seed over the seeds both runs have: ``{"seeds", "diffs", "mean", "std"}``."""
+    by = {lab: {r["job"]["seed"]: r.get(column, float("nan")) for r in results if r["job"]["label"] == lab}
+          for lab in (a, b)}
+    seeds = sorted(set(by[a]) & set(by[b]))
+    diffs = [by[a][s] - by[b][s] for s in seeds]
+    m, sd = mean_std(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "std": sd}
+
+
+def _mean_of(results: Sequence[dict[str, Any]], label: str, column: str) -> float:
+    return mean_std([r.get(column, float("nan")) for r in results if r["job"]["label"] == label])[0]
+
+
+def check_claims(results: Sequence[dict[str, Any]], strongest: str) -> list[dict[str, Any]]:
+    """The claims the experiment tests (not assumes), each with its numbers and ``holds`` (None: no data)."""
+    def pair(a: str, b: str, col: str) -> dict[str, Any]:
+        return paired_differences(results, a, b, col)
+
+    claims = []
+    d = pair("AAT", "no AAT", strongest)
+    claims.append({"id": "aat_vs_none", "claim": f"AAT − no AAT under `{strongest}` ≥ +15 points (mean of paired differences)",
+                   "value": d["mean"], "holds": None if not d["seeds"] else d["mean"] >= 0.15})
+    d = pair("no AAT", "AAT", "clean")
+    claims.append({"id": "clean_cost", "claim": "AAT's clean cost (no AAT − AAT, clean mIoU) ≤ 3 points", "value": d["mean"],
+                   "holds": None if not d["seeds"] else d["mean"] <= 0.03})
+    adv, cln = pair("AAT", "plain AT", strongest), pair("AAT", "plain AT", "clean")
+    claims.append({"id": "aat_vs_at", "claim": f"AAT ≥ plain AT under `{strongest}` at equal or better clean mIoU",
+                   "value": [adv["mean"], cln["mean"]],
+                   "holds": None if not adv["seeds"] else (adv["mean"] >= 0 and cln["mean"] >= 0)})
+    fused = _mean_of(results, "no AAT", "clean")
+    for single in ("IR only / no AAT", "VIS only / no AAT"):
+        other = _mean_of(results, single, "clean")
+        claims.append({"id": f"fused_vs_{single.split()[0].lower()}",
+                       "claim": f"fused (no AAT) > {single.split(' /')[0]} (clean mIoU)", "value": [fused, other],
+                       "holds": None if math.isnan(fused) or math.isnan(other) else fused > other})
+    return claims
+
+
+def _pct(x: float) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100 * x:+.1f}"
+
+
 def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]],
-                  searched: dict[str, Any] | None, wall: float) -> Path:
+                  searched: dict[str, Any] | None, wall: float, extras: dict[str, Any] | None = None) -> Path:
+    """results.json, results.md (tables, paired differences, per-class IoU, claims) and miou_vs_eps.png."""
+    extras = extras or {}
     columns = ["clean", *cfg.threats]
+    strongest = cfg.threats[-1] if cfg.threats else "clean"
     rows = aggregate(results, columns)
     obj_rows = aggregate(results, [f"{c}_objects" for c in columns])
+    pairs = {f"{a} − {b}": {c: paired_differences(results, a, b, c) for c in columns} for a, b in cfg.pairs}
+    claims = check_claims(results, strongest)
     (out / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "searched_genotype": searched, "jobs": results,
          "summary": [{"label": r["label"], "seeds": r["seeds"],
                       **{c: {"mean": r["stats"][c][0], "std": r["stats"][c][1]} for c in columns}} for r in rows],
-         "wall_seconds": wall}, indent=2) + "\n")
+         "paired": pairs, "claims": claims, "wall_seconds": wall, **extras}, indent=2, default=str) + "\n")
     plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
     d = cfg.data
     md = [
@@ -261,16 +364,48 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
         f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). Wall time {wall / 60:.1f} min "
         f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
         f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
-        f"{d.n_test} test scenes. Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}; seeds "
-        f"{cfg.seeds}. Evaluation: final checkpoint (`last.pt`, no selection) on the test split; test mIoU in % over "
-        "9 classes, mean ± sample std over seeds.", "",
+        f"{d.n_test} test scenes. Start point: `trainer.warmstart` {' '.join(cfg.warmstart or ['(none)'])}. "
+        f"Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}; seeds {cfg.seeds}. Evaluation: final "
+        "checkpoint (`last.pt`, no selection) on the test split; test mIoU in % over 9 classes, mean ± sample std "
+        "over seeds.", "",
         render_table(rows, columns), "",
         "The same, over the 8 object classes (without `unlabeled`):", "",
         render_table(obj_rows, [f"{c}_objects" for c in columns]), "",
-        "![mIoU versus eps](miou_vs_eps.png)", "",
-        "Threat models: `paif` = PGD L∞ ε 8/255, step 2/255, 5 steps on both modalities (the reference protocol); "
-        "`strong` = per-image worst case over PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255.", "",
+        "## Paired differences per seed (points of mIoU)", "",
+        "| pair | metric | per seed | mean ± std |", "|---|---|---|---|",
     ]
+    for name, per_col in pairs.items():
+        for c, dd in per_col.items():
+            if dd["seeds"]:
+                per = ", ".join(f"s{s}: {_pct(v)}" for s, v in zip(dd["seeds"], dd["diffs"]))
+                md.append(f"| {name} | {c} | {per} | {_pct(dd['mean'])} ± {100 * dd['std']:.1f} |")
+    md += ["", "## Claims tested", "", "| claim | measured | holds |", "|---|---|---|"]
+    for c in claims:
+        v = c["value"]
+        shown = " / ".join(f"{100 * x:.1f}" for x in v) if isinstance(v, list) else _pct(v)
+        md.append(f"| {c['claim']} | {shown} | {'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} |")
+    md += ["", "## Per-class IoU (%, mean over seeds)", ""]
+    classes = next((list(r["iou"]["clean"]) for r in results if r.get("iou", {}).get("clean")), [])
+    if classes:
+        md += ["| run | input | " + " | ".join(classes) + " |", "|---|---|" + "---|" * len(classes)]
+        for label in dict.fromkeys(r["job"]["label"] for r in results):
+            for col in ("clean", strongest):
+                per = [mean_std([r["iou"].get(col, {}).get(k, float("nan")) for r in results
+                                 if r["job"]["label"] == label])[0] for k in classes]
+                md.append(f"| {label} | {col} | " + " | ".join("–" if math.isnan(x) else f"{100 * x:.1f}"
+                                                              for x in per) + " |")
+    maxrule = extras.get("max_rule_fusion")
+    if maxrule:
+        md += ["", "## Fusion quality (clean test images; SSIM and MI are sums over the two sources)", "",
+               "| fused by | SSIM | Qabf | MI | VIF |", "|---|---|---|---|---|",
+               f"| max rule `max(IR, Y)` | {maxrule['SSIM']:.3f} | {maxrule['Qabf']:.3f} | {maxrule['MI']:.3f} | "
+               f"{maxrule['VIF']:.3f} |"]
+        for label in dict.fromkeys(r["job"]["label"] for r in results):
+            f = [r.get("fusion", {}) for r in results if r["job"]["label"] == label]
+            vals = [mean_std([x.get(k, float("nan")) for x in f])[0] for k in ("SSIM", "Qabf", "MI", "VIF")]
+            md.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    md += ["", "![mIoU versus eps](miou_vs_eps.png)", "",
+           f"Threat models: see the README's threat-model table; `{strongest}` is the strongest one evaluated.", ""]
     if searched:
         md += [f"Searched genotype: `{json.dumps(searched)}`", ""]
     path = out / "results.md"
@@ -306,6 +441,27 @@ def prepare(cfg: ExperimentConfig, out: Path) -> tuple[dict[str, str], dict[str,
     return genotypes, searched
 
 
+def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The common starting point of every arm, per genotype (``trainer.warmstart``, cached under ``out/cache``).
+
+    The segmenter is pretrained once (its cache key does not depend on the genotype); each genotype gets its
+    own warmed fusion net. Runs in this process with every core (no job runs beside it).
+    """
+    if cfg.warmstart is None:
+        return {}
+    from trainer.warmstart import WarmStartConfig, warm_start
+
+    used = dict.fromkeys(_parse_run(run, len(cfg.seeds))[1] for run in cfg.runs)
+    infos = {}
+    for name in used:
+        ws = load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotypes[name]}",
+                                                 f"cache={out / 'cache'}", f"channels={cfg.channels}",
+                                                 "progress_bar=false", *cfg.warmstart])
+        log.info("warm start for %s (cached under %s)", name, ws.cache)
+        infos[name] = warm_start(ws)
+    return infos
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of ExperimentConfig keys")
@@ -330,12 +486,17 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, out / "config.yaml")
     t0 = time.time()
     genotypes, searched = prepare(cfg, out)
+    starts = warm_starts(cfg, out, genotypes)
+    baseline_path = out / "max_rule_fusion.json"
+    if not baseline_path.is_file():
+        baseline_path.write_text(json.dumps(max_rule_fusion_metrics(out / "data"), indent=2) + "\n")
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     from tqdm import tqdm
 
     with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        futures = {pool.submit(run_job, job, cfg, out, genotypes): job for job in jobs}
+        futures = {pool.submit(run_job, job, cfg, out, genotypes, {g: i["start"] for g, i in starts.items()}): job
+                   for job in jobs}
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="experiment", unit="job"):
             job = futures[fut]
             try:
@@ -346,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("failed %s: %s", job.key, exc)
     order = {job.key: i for i, job in enumerate(jobs)}
     results.sort(key=lambda r: order[Job(**r["job"]).key])
-    path = write_outputs(cfg, out, results, searched, time.time() - t0)
+    path = write_outputs(cfg, out, results, searched, time.time() - t0,
+                         extras={"warm_start": starts, "max_rule_fusion": json.loads(baseline_path.read_text())})
     print(path.read_text())
     if failures:
         print("failed jobs:\n" + "\n".join(failures), file=sys.stderr)

@@ -6,10 +6,13 @@ SeAFusion evaluation code (Ha et al., IROS 2017; Sun et al., RA-L 2019; Tang et 
 
 * pixels whose target is ``ignore_index`` are dropped;
 * IoU_c = TP / (TP + FP + FN) is NaN when class c is absent from both target and prediction, and
-  recall_c = TP / (TP + FN) is NaN when c is absent from the target; the means (``miou`` over the 9
-  classes including 'unlabeled', ``miou_objects`` over the 8 object classes 1..8, ``macc``) are
-  NaN-means, i.e. over the classes present in the target or prediction (IoU) / in the target (recall).
-  A class predicted but absent from the target has IoU 0 and so lowers the mean.
+  recall_c = TP / (TP + FN) is NaN when c is absent from the target (the per-class lists keep the NaN);
+* mIoU convention (``miou_convention``, :data:`MIOU_CONVENTIONS`) for ``miou`` (over the 9 classes including
+  'unlabeled') and ``miou_objects`` (over the 8 object classes 1..8):
+  ``"published"`` (default, the published PAIF / MFNet evaluation): an absent class counts as IoU 0 and the
+  mean is over all classes; ``"present"``: NaN-mean, over the classes present in the target or prediction
+  only (absent classes drop out, which raises the mean on subsets that miss a class). Both conventions give
+  a class predicted but absent from the target IoU 0. ``macc`` is always the NaN-mean of recall.
 
 Fusion (single grey images; the IVIF benchmark conventions of VIFB, Zhang et al., CVPRW 2020, and the
 evaluation scripts of PIAFusion / SeAFusion / CDDFuse):
@@ -51,6 +54,8 @@ from trainer.losses import _gaussian_kernel1d
 from trainer.losses import ssim as _ssim_map
 
 __all__ = [
+    "MIOU_CONVENTIONS",
+    "mean_iou",
     "ConfusionMatrix",
     "entropy",
     "std",
@@ -78,6 +83,24 @@ FUSION_METRIC_NAMES: tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VI
 def _nanmean(t: torch.Tensor) -> float:
     finite = t[~torch.isnan(t)]
     return float(finite.mean()) if finite.numel() else float("nan")
+
+
+#: ``published``: classes absent from target and prediction count as IoU 0 (the published evaluation);
+#: ``present``: they drop out of the mean.
+MIOU_CONVENTIONS = ("published", "present")
+
+
+def mean_iou(iou: torch.Tensor, convention: str = "published") -> float:
+    """Mean of per-class IoUs (NaN = class absent from target and prediction) under ``convention``.
+
+    ``"published"``: NaN counts as 0, mean over all entries; ``"present"``: NaN entries are skipped (NaN when
+    every entry is NaN).
+    """
+    if convention not in MIOU_CONVENTIONS:
+        raise ValueError(f"miou_convention: expected one of {MIOU_CONVENTIONS}, got {convention!r}")
+    if convention == "present":
+        return _nanmean(iou)
+    return float(torch.nan_to_num(iou, nan=0.0).mean()) if iou.numel() else float("nan")
 
 
 class ConfusionMatrix:
@@ -145,14 +168,18 @@ class ConfusionMatrix:
         self.matrix = self.matrix + other.matrix.to(self.matrix.device)
         return self
 
-    def compute(self) -> dict:
+    def compute(self, miou_convention: str = "published") -> dict:
         """Metrics of the accumulated counts.
 
+        Args:
+            miou_convention: ``"published"`` (absent classes count as IoU 0) or ``"present"`` (they drop out).
+
         Returns:
-            dict with ``iou`` and ``recall`` (lists of K floats, NaN for absent classes), ``miou`` (NaN-mean
-            over all K classes), ``miou_objects`` (NaN-mean over classes 1..K-1), ``macc`` (NaN-mean of
-            recall), ``pixel_acc`` (correct / counted pixels), ``pixels`` (counted pixels) and
-            ``classes`` (names).
+            dict with ``iou`` and ``recall`` (lists of K floats, NaN for absent classes), ``miou`` (mean over
+            all K classes) and ``miou_objects`` (over classes 1..K-1) under ``miou_convention``,
+            ``miou_convention``, ``miou_by_convention`` (``{convention: {"miou", "miou_objects"}}`` for every
+            convention), ``macc`` (NaN-mean of recall), ``pixel_acc`` (correct / counted pixels), ``pixels``
+            (counted pixels) and ``classes`` (names).
         """
         m = self.matrix.double().cpu()
         tp = m.diag()
@@ -162,11 +189,16 @@ class ConfusionMatrix:
         iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
         recall = torch.where(gt > 0, tp / gt.clamp_min(1), nan)
         total = float(m.sum())
+        by = {c: {"miou": mean_iou(iou, c), "miou_objects": mean_iou(iou[1:], c)} for c in MIOU_CONVENTIONS}
+        if miou_convention not in by:
+            raise ValueError(f"miou_convention: expected one of {MIOU_CONVENTIONS}, got {miou_convention!r}")
         return {
             "iou": iou.tolist(),
             "recall": recall.tolist(),
-            "miou": _nanmean(iou),
-            "miou_objects": _nanmean(iou[1:]),
+            "miou": by[miou_convention]["miou"],
+            "miou_objects": by[miou_convention]["miou_objects"],
+            "miou_convention": miou_convention,
+            "miou_by_convention": by,
             "macc": _nanmean(recall),
             "pixel_acc": float(tp.sum()) / total if total else float("nan"),
             "pixels": int(total),

@@ -19,8 +19,8 @@ crops and flips (``RGBTDataset``'s randomness is a function of ``(seed, epoch, i
 ``(epoch, index)`` travels with each index, :class:`EpochKeyedDataset`), the attack's random start
 (a generator seeded per step), the AAT ε draw, and the global torch RNG (dropout / drop-path; reseeded at
 every step). The rest of the state (weights, AdamW moments, the LR schedule, the global step, the
-sampler's running losses, the best score, whether the pretext stage ran) is in the Lightning checkpoint
-written at the end of a training batch. Resuming from it replays the remaining batches exactly.
+sampler's running adversarial and clean losses, the best score, whether the pretext stage ran) is in the
+Lightning checkpoint written at the end of a training batch. Resuming from it replays the remaining batches exactly.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from trainer.checkpoint import genotype_to_dict, save_checkpoint
 from trainer.config import config_to_dict
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
+from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
 
 __all__ = [
     "MODES", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
@@ -106,7 +107,7 @@ class TrainAttackConfig:
     #: perturbed modalities
     targets: tuple[str, ...] = ("ir", "vis")
     #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
-    model_mode: str = "keep"
+    model_mode: str = TRAIN_ATTACK_MODE
 
 
 @dataclass
@@ -145,8 +146,11 @@ class RetrainConfig:
     num_classes: int = 9
     #: pretrained SegFormer weights (local directory or cached hub id)
     pretrained: str | None = None
-    #: initialise all weights from a PAIF checkpoint (same genotype), e.g. a search result
+    #: initialise all weights from a PAIF checkpoint (same genotype), e.g. trainer.warmstart's start point
     init_from: str | None = None
+    #: modalities fed to the fusion net: "both", or "ir" / "vis" for a single-modality baseline (the other one is
+    #: zeroed inside the model, so training, attacks and evaluation agree)
+    inputs: str = "both"
     lambda_fusion: float = 0.1
     lambda_seg: float = 4.0
     #: checkpoint selection metric for best.pt (higher is better)
@@ -310,6 +314,7 @@ class RetrainModule(pl.LightningModule):
         self.train_set = EpochKeyedDataset(train_set)
         self.val_set = val_set
         self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
+        self.objective = task_objective(self.task_loss)
         a = cfg.aat
         self.sampler = (AdaptiveEpsSampler(a.eps, a.prob_mode, a.temperature, a.momentum)
                         if cfg.mode == "aat" else None)
@@ -369,19 +374,21 @@ class RetrainModule(pl.LightningModule):
 
     def robust_loss(self, batch: dict[str, Any], eps: float | None, generator: torch.Generator | None = None
                     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L(u) + λ·L(u + δ_eps)`` (or ``L(u)`` when ``eps`` is None) and its detached parts."""
-        ir, vis, label = batch["ir"], batch["vis"], batch.get("label")
-        # The attack runs first: it restores BatchNorm buffers in place, which must not happen between a
-        # forward pass that saved them for backward and that backward.
-        adv_inputs = None if eps is None else self.make_attack(eps, generator)(ir, vis, label)
-        out = self.model(ir, vis)
-        clean, parts = self.task_loss(out, ir, vis, label)
-        logs = {"loss_clean": clean.detach(), "seg": parts["seg"].detach(), "fusion": parts["fusion"].detach()}
-        if adv_inputs is None:
-            return clean, logs
-        adv, _ = self.task_loss(self.model(*adv_inputs), ir, vis, label)  # clean sources as fusion targets
-        logs["loss_adv"] = adv.detach()
-        return clean + self.cfg.attack.adv_weight * adv, logs
+        """``L(u) + λ·L(u + δ_eps)`` (or ``L(u)`` when ``eps`` is None) and its detached parts.
+
+        :func:`trainer.robust_objective.robust_loss` with weights ``(1, λ)``, the loss the search uses too: the
+        fusion term of ``L(u + δ)`` compares with the clean sources; the attack runs first (it restores
+        BatchNorm buffers in place, which must not happen between a forward pass that saved them and its
+        backward).
+        """
+        attack = None if eps is None else self.make_attack(eps, generator)
+        adv_weight = self.cfg.attack.adv_weight if attack is not None else 0.0
+        out = robust_loss(self.model, self.objective, batch, attack, 1.0, adv_weight)
+        p = out.parts
+        logs = {"loss_clean": p["clean"], "seg": p["clean_seg"], "fusion": p["clean_fusion"]}
+        if attack is not None:
+            logs["loss_adv"] = p["adv"]
+        return out.loss, logs
 
     def _generator(self, *keys: Any) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(mix_seed(self.cfg.seed, *keys))
@@ -412,12 +419,14 @@ class RetrainModule(pl.LightningModule):
         cfg = self.cfg.aat
 
         calls = [0]  # inner-step counter: every inner step gets its own random streams
+        cleans: list[float] = []  # clean loss of every inner step (the sampler's clean reference)
 
         def objective(model: torch.nn.Module, batch: dict[str, Any], eps: float) -> tuple[Tensor, float]:
             keys = (calls[0], self.global_rank)
             calls[0] += 1
             torch.manual_seed(mix_seed(self.cfg.seed, "pretext-rng", *keys))
             loss, logs = self.robust_loss(batch, eps, self._generator("pretext-attack", *keys))
+            cleans.append(float(logs["loss_clean"]))
             return loss, float(logs["loss_adv"])
 
         def report(it: int, losses: list[float]) -> None:
@@ -429,12 +438,16 @@ class RetrainModule(pl.LightningModule):
             losses = pretext_initialise(self.model, cfg, objective, self._pretext_batch,
                                         average=self._average_across_ranks, on_meta_iter=report)
         if losses and self.sampler is not None:
-            mean = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            # the last meta-iteration's inner steps, task-major: task k owns steps k·n .. k·n + n - 1
+            n = cfg.inner_steps
+            last = cleans[-n * len(cfg.eps):]
+            clean = [sum(last[k * n:(k + 1) * n]) / n for k in range(len(cfg.eps))]
+            mean = torch.tensor([losses, clean], dtype=torch.float64, device=self.device)
             if _distributed():
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
-            for k, l in enumerate(mean.tolist()):
-                self.sampler.update(k, l)
+            for k, (adv_k, clean_k) in enumerate(zip(*mean.tolist())):
+                self.sampler.update(k, adv_k, clean_k)
         self.pretext_done = True
 
     def on_train_start(self) -> None:
@@ -463,7 +476,8 @@ class RetrainModule(pl.LightningModule):
             self.log("train/eps_255", float(eps * 255), batch_size=bs)
         if task is not None:
             adv = self.trainer.strategy.reduce(logs["loss_adv"].float(), reduce_op="mean")
-            self.sampler.update(task, float(adv))
+            clean = self.trainer.strategy.reduce(logs["loss_clean"].float(), reduce_op="mean")
+            self.sampler.update(task, float(adv), float(clean))
             for e, p in zip(self.sampler.eps, self.sampler.probabilities().tolist()):
                 self.log(f"aat/p_eps{e * 255:.0f}", p, batch_size=bs)
         return loss

@@ -115,6 +115,7 @@ def _segmentation_section(report: Mapping[str, Any]) -> list[str]:
             continue
         rows.append([f"`{name}`", _f(s["miou"]), _f(clean["miou"] - s["miou"]), _f(s["miou_objects"]), _f(s["macc"])])
     lines += _table(["condition", "mIoU", "drop", "mIoU (objects)", "mAcc"], rows)
+    lines += _miou_convention_lines(report, clean)
     header = ["class", "clean"] + [f"`{n}`" for n, t in threats.items() if t.get("segmentation")]
     rows = []
     for c in CLASSES:
@@ -123,6 +124,26 @@ def _segmentation_section(report: Mapping[str, Any]) -> list[str]:
         rows.append(row)
     lines += ["Per-class IoU (– = the class never occurs and is never predicted):", ""] + _table(header, rows)
     return lines
+
+
+#: how each mIoU convention treats a class absent from both the ground truth and the prediction
+MIOU_CONVENTION_TEXT = {
+    "published": "classes absent from both the ground truth and the prediction count as IoU 0 and the mean runs "
+                 "over all 9 classes (8 for objects), as in the published PAIF / MFNet evaluation",
+    "present": "classes absent from both the ground truth and the prediction drop out of the mean, which runs "
+               "over the classes present only",
+}
+
+
+def _miou_convention_lines(report: Mapping[str, Any], clean: Mapping[str, Any]) -> list[str]:
+    """The mIoU convention used in the tables, and the clean mIoU under the other one."""
+    used = clean.get("miou_convention", report.get("miou_convention", "published"))
+    text = f"mIoU convention: **{used}** — {MIOU_CONVENTION_TEXT.get(used, 'unknown')}."
+    others = {k: v for k, v in (clean.get("miou_by_convention") or {}).items() if k != used}
+    for name, v in others.items():
+        text += (f" Under the **{name}** convention ({MIOU_CONVENTION_TEXT.get(name, '')}) the clean mIoU is "
+                 f"{_f(v.get('miou'))} and the clean object mIoU {_f(v.get('miou_objects'))}.")
+    return [text, ""]
 
 
 def _fusion_section(report: Mapping[str, Any]) -> list[str]:

@@ -156,7 +156,11 @@ def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
     from search_space.pipeline import build_model
 
-    model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=cfg.pretrained)
+    try:
+        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes,
+                            pretrained=cfg.pretrained, inputs=cfg.inputs)
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from exc
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)["state_dict"]
         try:

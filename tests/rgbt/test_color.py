@@ -72,3 +72,24 @@ def test_shape_and_type_errors():
         ycbcr_to_rgb(torch.zeros(4, 4))
     with pytest.raises(TypeError, match=r"rgb_to_y: expected a torch.Tensor, got list"):
         rgb_to_y([[0.0]])
+
+
+def test_published_standard_matches_published_matrices() -> None:
+    """``standard="published"``: the PAIF code's RGB2YCrCb / YCrCb2RGB numbers, as matrices (channels Y, Cr, Cb
+    there, Y, Cb, Cr here); they differ from exact BT.601 by < 2e-3 and are not exact inverses."""
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    r, g, b = x.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    expected = torch.stack((y, (b - y) * 0.564 + 0.5, (r - y) * 0.713 + 0.5), 1)
+    ycc = rgb_to_ycbcr(x, standard="published")
+    torch.testing.assert_close(ycc, expected, atol=1e-12, rtol=0)
+    # published inverse: [Y, Cr - .5, Cb - .5] @ [[1, 1, 1], [1.403, -0.714, 0], [0, -0.344, 1.773]]
+    mat = torch.tensor([[1.0, 1.0, 1.0], [1.403, -0.714, 0.0], [0.0, -0.344, 1.773]], dtype=torch.float64)
+    ycrcb = torch.stack((ycc[:, 0], ycc[:, 2] - 0.5, ycc[:, 1] - 0.5), -1)
+    torch.testing.assert_close(ycbcr_to_rgb(ycc, standard="published"), (ycrcb @ mat).permute(0, 3, 1, 2),
+                               atol=1e-12, rtol=0)
+    diff = (ycc - rgb_to_ycbcr(x)).abs().max().item()
+    assert 0 < diff < 2e-3
+    assert 0 < (ycbcr_to_rgb(ycc, standard="published") - x).abs().max().item() < 3e-3
+    with pytest.raises(ValueError, match="expected standard"):
+        rgb_to_ycbcr(x, standard="bt709")

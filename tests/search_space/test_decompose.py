@@ -66,7 +66,8 @@ def test_decomposition_equals_unfolded_concat_conv() -> None:
     mod = GuidedDecomposition(8)
     x = torch.randn(2, 8, 17, 22, requires_grad=True)
     lows = guided_filter(guidance_from_features(x), x, mod.eps, mod.radius)
-    maps = torch.cat([t for low in lows for t in (low, x - low)], 1)
+    # the published order: every low-frequency map, then every high-frequency map
+    maps = torch.cat([*lows, *(x - low for low in lows)], 1)
     expected = mod.reduce(maps)
     out = mod(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -64,3 +64,76 @@ def test_odd_size_and_gradient(model: FusionSegModel) -> None:
     assert out.logits.shape == (1, 9, 17, 22)
     out.logits.logsumexp(1).mean().backward()
     assert ir.grad.abs().sum() > 0 and vis.grad.abs().sum() > 0
+
+
+def _published_norm_reference(rgb: torch.Tensor) -> torch.Tensor:
+    """Independent transcription of the published forward: where-clamp, batch min-max, x255, per-channel loop."""
+    x = torch.where(rgb > 1, torch.ones_like(rgb), rgb)
+    x = torch.where(x < 0, torch.zeros_like(x), x)
+    x = (x - torch.min(x)) / (torch.max(x) - torch.min(x)) * 255
+    mean, std = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+    out = x.clone()
+    for c in range(3):
+        out[:, c] = (x[:, c] - mean[c]) / std[c]
+    return out
+
+
+def test_normalize_published_matches_reference_and_couples_images() -> None:
+    from search_space.pipeline import normalize_published
+
+    torch.manual_seed(3)
+    x = torch.stack([torch.rand(3, 8, 10) * 0.5, torch.rand(3, 8, 10) * 1.4 - 0.2])
+    torch.testing.assert_close(normalize_published(x), _published_norm_reference(x))
+    # whole-batch statistics: image 0 alone normalises differently than inside the batch
+    assert not torch.allclose(normalize_published(x[:1]), normalize_published(x)[:1])
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
+        normalize_published(torch.rand(2, 1, 4, 4))
+
+
+def test_build_model_options(model: FusionSegModel) -> None:
+    from search_space.pipeline import MODEL_OPTIONS
+
+    assert model.build_options == MODEL_OPTIONS
+    torch.manual_seed(0)
+    pub = build_model(TINY, segmenter="b0", seg_norm="published", color="published", mit_norm_eps=1e-6).eval()
+    assert pub.build_options == {"seg_norm": "published", "color": "published", "fusion_output": "unit",
+                                 "mit_norm_eps": 1e-6, "inputs": "both"}
+    eps = {n: m.eps for n, m in pub.segmenter.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert sorted(set(eps.values())) == [1e-6, 1e-5]
+    assert all(v == 1e-5 for n, v in eps.items() if "patch_embeddings" in n or ".attention." in n)
+    pub.load_state_dict(model.state_dict())
+    ir, vis = torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(ir, vis), pub(ir, vis)
+    assert not torch.allclose(a.logits, b.logits)
+    with pytest.raises(ValueError, match="expected seg_norm"):
+        build_model(TINY, segmenter="b0", seg_norm="batch")
+    with pytest.raises(ValueError, match="expected color"):
+        build_model(TINY, segmenter="b0", color="bt709")
+
+
+@pytest.mark.parametrize("inputs,dropped", [("ir", "vis"), ("vis", "ir")])
+def test_single_modality_model_ignores_the_dropped_input(inputs: str, dropped: str, tmp_path) -> None:
+    """A single-modality baseline zeroes the other modality inside the model: its output does not move when
+    that input changes (so no attack on it can matter), and the option survives a checkpoint round trip."""
+    from trainer.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    m = build_model(TINY, segmenter="b0", inputs=inputs).eval()
+    ir, vis = torch.rand(1, 1, 32, 32), torch.rand(1, 3, 32, 32)
+    zero = {"ir": torch.zeros_like(ir), "vis": torch.zeros_like(vis)}
+    with torch.no_grad():
+        base = m(ir, vis).logits
+        moved = m(*((zero["ir"], vis) if dropped == "ir" else (ir, zero["vis"]))).logits
+        kept = m(*((ir, zero["vis"]) if dropped == "ir" else (zero["ir"], vis))).logits
+        both = build_model(TINY, segmenter="b0").eval()
+        both.load_state_dict(m.state_dict())
+        ref = both(*((zero["ir"], vis) if dropped == "ir" else (ir, zero["vis"]))).logits
+    torch.testing.assert_close(base, moved)
+    torch.testing.assert_close(base, ref)  # = the two-modality net fed a zero image
+    assert not torch.allclose(base, kept)
+    path = save_checkpoint(tmp_path / "m.pt", m, TINY, {"variant": "b0", "num_classes": 9}, {})
+    loaded, meta = load_model(path)
+    assert meta["model"]["inputs"] == inputs and loaded.inputs == inputs
+    with pytest.raises(ValueError, match="expected inputs in"):
+        build_model(TINY, segmenter="b0", inputs="thermal")

@@ -11,6 +11,7 @@ from nni.nas.strategy import DARTS
 
 from strategies.darts import RESULT_NAME, DartsSettings, EpochShuffleSampler, run_darts
 from strategies.objective import robust_loss
+from trainer.robust_objective import convex_weights
 from strategies.search_module import RobustSearchModule, is_architecture_step
 from strategies_toy import ToyData, ToySpace, toy_attack_factory, toy_objective
 
@@ -97,7 +98,7 @@ def test_attack_does_not_disturb_the_supernet():
 
     bn = supernet.head[0]
     before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
-    robust_loss(supernet, toy_objective, batch, w=1.0, attack=noisy_attack)
+    robust_loss(supernet, toy_objective, batch, noisy_attack, *convex_weights(1.0))
     # only the objective's own (adversarial, w=1) forward pass updates the BN statistics
     assert supernet.training
     assert all(torch.equal(p.grad, torch.full_like(p, 0.25)) for p in supernet.parameters())

@@ -9,6 +9,7 @@ from derive.export_genotype import main as export_main
 from search_space.genotype import Genotype
 from strategies import search as search_entry
 from strategies.search import SearchConfig, run_search
+from strategies.darts import nni_metric
 from strategies.trial import parameters_to_overrides
 from trainer.config import ConfigError, load_config
 
@@ -35,6 +36,12 @@ def test_two_step_search_exports_a_valid_genotype(synthetic_root, tmp_path, caps
     for dist in result["probabilities"].values():
         assert sum(dist.values()) == pytest.approx(1.0, abs=1e-5)
     assert result["metrics"]["arch_adv"] > 0 and result["metrics"]["weight_clean"] > 0
+    # the selection metric: held-out (val: 2 scenes) adversarial loss, stored and reported as NNI's default
+    sel = result["selection"]
+    assert sel["metric"] == "heldout_adv_loss" and sel["mode"] == "min" and sel["images"] == 2
+    assert sel["value"] > 0 and sel["clean_loss"] > 0 and sel["settings"]["eps"] == pytest.approx(8 / 255)
+    assert json.loads((tmp_path / "run" / "search_result.json").read_text())["selection"] == sel
+    assert nni_metric(result)["default"] == sel["value"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
@@ -78,3 +85,50 @@ def test_trial_parameters_map_to_config_keys():
     overrides = parameters_to_overrides({"w": 0.2, "w_arch": 1, "eps": 0.01, "attack_steps": 2, "seed": 3, "lr": 0.1})
     cfg = load_config(SearchConfig, "configs/search.yaml", overrides)
     assert (cfg.w, cfg.w_arch, cfg.attack.eps, cfg.attack.steps, cfg.seed, cfg.lr) == (0.2, 1.0, 0.01, 2, 3, 0.1)
+
+
+# ------------------------------------------------------------------ held-out part of the training split
+def test_holdout_split_is_disjoint_deterministic_and_independent_of_listing_order():
+    from strategies.search import holdout_split
+
+    names = [f"{i:05d}D" for i in range(40)]
+    weight, held = holdout_split(names, 0.25)
+    assert set(weight).isdisjoint(held) and sorted(weight + held) == list(range(40))
+    assert len(held) == 10  # round(0.25 · 40)
+    assert holdout_split(names, 0.25) == (weight, held)  # deterministic
+    rev = names[::-1]
+    w_rev, h_rev = holdout_split(rev, 0.25)
+    assert {rev[i] for i in h_rev} == {names[i] for i in held}  # by name, not by position
+    # the hash rule, recomputed another way: the 10 names with the smallest sha256("salt:name")
+    import hashlib
+
+    smallest = sorted(names, key=lambda n: hashlib.sha256(f"paif-search-holdout:{n}".encode()).hexdigest())[:10]
+    assert {names[i] for i in held} == set(smallest)
+    assert holdout_split(names, 0.25, salt="other")[1] != held
+    assert len(holdout_split(names[:2], 0.01)[1]) == 1 and len(holdout_split(names[:2], 0.99)[1]) == 1
+    with pytest.raises(ValueError, match="at least 2 images"):
+        holdout_split(names[:1], 0.5)
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\), got 1.0"):
+        holdout_split(names, 1.0)
+
+
+def test_search_data_holds_out_part_of_the_training_split(synthetic_root):
+    from rgbt.dataset import RGBTDataset
+    from strategies.search import DataConfig, prepare_data
+
+    cfg = DataConfig(root=str(synthetic_root), val_split="train", holdout_fraction=0.5, crop=None, batch_size=1)
+    names = []
+    for _ in range(2):  # twice: the same split every time
+        train, held, labelled = prepare_data(cfg, seed=0)
+        names.append(tuple({b for batch in loader for b in batch["name"]} for loader in (train, held)))
+    (w_names, h_names), again = names
+    assert again == (w_names, h_names) and labelled
+    assert w_names.isdisjoint(h_names)
+    assert w_names | h_names == set(RGBTDataset(synthetic_root, "train").names)  # 6 train scenes, 3 + 3
+    assert len(h_names) == 3
+
+
+@pytest.mark.parametrize("override", ["data.val_split=test", "data.val_split=test_night", "data.train_split=test"])
+def test_search_refuses_to_select_on_a_test_split(override):
+    with pytest.raises(ConfigError, match="expected a training or validation split, got 'test"):
+        load_config(SearchConfig, "configs/search.yaml", [override])

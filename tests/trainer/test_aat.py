@@ -121,46 +121,89 @@ def test_aat_config_validation():
 
 
 # ------------------------------------------------------------------------------------------- sampler
+EPS = (2 / 255, 4 / 255, 8 / 255)
+
+
 @pytest.mark.parametrize("mode", ["softmax", "proportional"])
-def test_sampler_probabilities_grow_with_running_loss_and_sum_to_one(mode):
-    s = AdaptiveEpsSampler((2 / 255, 4 / 255, 8 / 255), mode=mode, temperature=0.5, momentum=0.0)
+def test_sampler_probabilities_follow_the_gap_per_budget_and_sum_to_one(mode):
+    s = AdaptiveEpsSampler(EPS, mode=mode, temperature=0.5, momentum=0.0)
     torch.testing.assert_close(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
-    for k, loss in enumerate((1.0, 2.0, 3.0)):
-        s.update(k, loss)
+    # clean loss 1 everywhere; adversarial 1.2, 1.8, 2.6 -> gaps 0.2, 0.8, 1.6 -> per 1/255: 0.1, 0.2, 0.2
+    for k, adv in enumerate((1.2, 1.8, 2.6)):
+        s.update(k, adv, 1.0)
+    g = torch.tensor([0.2 / 2, 0.8 / 4, 1.6 / 8], dtype=torch.float64) * 255
+    torch.testing.assert_close(s.weakness(), g)
     p = s.probabilities()
     assert math.isclose(p.sum().item(), 1.0, abs_tol=1e-12)
-    assert p[0] < p[1] < p[2]
     if mode == "proportional":
-        torch.testing.assert_close(p, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) / 6)
-    else:  # softmax(r / (T·mean r)) with mean 2, T = 0.5 -> softmax(r)
-        torch.testing.assert_close(p, torch.softmax(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 0))
-    # raising task 0's loss raises its probability
-    before = p[0].item()
-    s.update(0, 10.0)
-    assert s.probabilities()[0].item() > before
-    assert math.isclose(s.probabilities().sum().item(), 1.0, abs_tol=1e-12)
+        torch.testing.assert_close(p, g / g.sum())
+    else:  # softmax(g / (T·mean g))
+        torch.testing.assert_close(p, torch.softmax(g / (0.5 * g.mean()), 0))
+    assert p[0] < p[1] and math.isclose(p[1].item(), p[2].item(), rel_tol=1e-12)
+
+
+def test_sampler_moves_probability_toward_a_task_whose_loss_is_raised():
+    s = AdaptiveEpsSampler(EPS, momentum=0.5)
+    for k in range(3):
+        s.update(k, 1.0 + 0.025 * EPS[k] * 255, 1.0)  # gap proportional to ε: equally weak everywhere
+    torch.testing.assert_close(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    before = s.probabilities()
+    s.update(1, 3.0, 1.0)  # the 4/255 task's adversarial loss is raised artificially
+    after = s.probabilities()
+    assert after[1] > before[1] + 0.2 and after[0] < before[0] and after[2] < before[2]
+    assert math.isclose(after.sum().item(), 1.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "proportional"])
+def test_sampler_moves_away_from_8_255_when_the_model_handles_it_best_for_its_budget(mode):
+    """8/255 has the largest adversarial loss (it always does) but the smallest gap per unit budget."""
+    s = AdaptiveEpsSampler(EPS, mode=mode, momentum=0.0)
+    clean = 1.0
+    adv = (1.3, 1.5, 1.6)  # gaps 0.3, 0.5, 0.6 -> per 1/255: 0.15, 0.125, 0.075
+    for k, a in enumerate(adv):
+        s.update(k, a, clean)
+    p = s.probabilities()
+    assert p[2] < 1 / 3 and p[2] < p[1] < p[0]
+    # the old rule (rank by the raw adversarial loss) would have favoured 8/255
+    assert max(range(3), key=lambda k: adv[k]) == 2
+
+
+def test_sampler_gap_is_clamped_and_needs_positive_budgets():
+    s = AdaptiveEpsSampler(EPS, mode="proportional", momentum=0.0)
+    for k in range(3):
+        s.update(k, 0.9, 1.0)  # adversarial below clean (noise): gap 0, no weakness anywhere -> uniform
+    torch.testing.assert_close(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expected budgets > 0"):
+        AdaptiveEpsSampler((0.0, 4 / 255))
 
 
 def test_sampler_ema_unseen_tasks_and_state_roundtrip():
     s = AdaptiveEpsSampler((0.1, 0.2, 0.3), momentum=0.9)
-    s.update(1, 2.0)
-    s.update(1, 4.0)
+    s.update(1, 2.0, 1.0)
+    s.update(1, 4.0, 0.5)
     assert math.isclose(s.running[1].item(), 0.9 * 2.0 + 0.1 * 4.0)
-    # unseen tasks count as the largest observed loss -> uniform here
+    assert math.isclose(s.running_clean[1].item(), 0.9 * 1.0 + 0.1 * 0.5)
+    # unseen tasks count as the largest observed weakness -> uniform here
     torch.testing.assert_close(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
-    s.update(0, float("nan"))  # ignored
+    s.update(0, float("nan"), 1.0)  # ignored
+    s.update(2, 1.0, float("inf"))  # ignored
     assert s.counts.tolist() == [0, 2, 0]
+    s.update(0, 3.0, 1.0)
     t = AdaptiveEpsSampler((0.1, 0.2, 0.3), momentum=0.9)
     t.load_state_dict(s.state_dict())
-    torch.testing.assert_close(t.probabilities(), s.probabilities())
+    torch.testing.assert_close(t.probabilities(), s.probabilities(), rtol=0, atol=0)
+    assert torch.equal(t.running_clean.nan_to_num(-1), s.running_clean.nan_to_num(-1))
+    old = {k: v for k, v in s.state_dict().items() if k != "running_clean"}  # a checkpoint from before
+    t.load_state_dict(old)
+    assert torch.isnan(t.running_clean).all() and torch.equal(t.running.nan_to_num(-1), s.running.nan_to_num(-1))
     with pytest.raises(ValueError, match="same aat.eps"):
         AdaptiveEpsSampler((0.1, 0.2)).load_state_dict(s.state_dict())
 
 
 def test_sampler_draws_follow_probabilities_and_are_seeded():
     s = AdaptiveEpsSampler((0.1, 0.2, 0.3), mode="proportional", momentum=0.0)
-    for k, loss in enumerate((1.0, 1.0, 2.0)):
-        s.update(k, loss)
+    for k, gap in enumerate((0.1, 0.2, 0.6)):  # gaps per unit budget 1, 1, 2
+        s.update(k, 1.0 + gap, 1.0)
     draws = [s.sample(mix_seed(7, i)) for i in range(4000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3).double() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64), atol=0.03, rtol=0)
@@ -171,3 +214,14 @@ def test_mix_seed_is_stable_and_distinguishes_keys():
     assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2)
     assert len({mix_seed(0, i, r) for i in range(50) for r in range(2)}) == 100
     assert 0 <= mix_seed("pretext", 3) < 2**63
+
+
+def test_uniform_sampler_ignores_the_losses() -> None:
+    """The ablation arm: probabilities stay 1/K whatever the running losses."""
+    from trainer.aat import AdaptiveEpsSampler
+
+    s = AdaptiveEpsSampler([2 / 255, 4 / 255, 8 / 255], mode="uniform")
+    for task, (adv, clean) in enumerate([(5.0, 0.1), (0.2, 0.1), (9.0, 0.1)]):
+        s.update(task, adv, clean)
+    assert torch.equal(s.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert {s.sample(seed) for seed in range(60)} == {0, 1, 2}

@@ -198,3 +198,27 @@ def test_init_checkpoint_is_seeded(tmp_path):
     a = load_checkpoint(init_checkpoint(tmp_path / "a.pt", channels=8, seed=1))["state_dict"]
     b = load_checkpoint(init_checkpoint(tmp_path / "b.pt", channels=8, seed=1))["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_options_are_recorded_and_rebuilt(tmp_path, model, genotype):
+    """``model`` options (seg_norm, color, mit_norm_eps) round-trip; a file without them loads with defaults."""
+    from search_space.pipeline import MODEL_OPTIONS
+
+    pub = build_model(genotype, segmenter="b0", seg_norm="published", color="published", mit_norm_eps=1e-6)
+    pub.load_state_dict(model.state_dict())
+    path = save_checkpoint(tmp_path / "pub.pt", pub, genotype, SEG, {})
+    assert torch.load(path, weights_only=True)["model"]["seg_norm"] == "published"
+    loaded, meta = load_model(path)
+    assert loaded.seg_norm == "published" and loaded.color == "published"
+    assert meta["model"] == pub.build_options
+    ir, vis = torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ir, vis).logits, pub.eval()(ir, vis).logits)
+    old = _rewrite(path, tmp_path / "old.pt", lambda c: c.pop("model"))
+    assert load_model(old)[1]["model"] == MODEL_OPTIONS
+    bad = _rewrite(path, tmp_path / "bad.pt", lambda c: c["model"].update(gamma=2))
+    with pytest.raises(CheckpointError, match=r"unknown model option\(s\) \['gamma'\]"):
+        load_model(bad)
+    bad = _rewrite(path, tmp_path / "bad2.pt", lambda c: c["model"].update(seg_norm="batch"))
+    with pytest.raises(CheckpointError, match="expected seg_norm"):
+        load_model(bad)

@@ -56,6 +56,7 @@ def test_report_json_structure_and_ranges(labelled_run):
     out, rep = labelled_run
     assert {"config", "versions", "checkpoint", "data", "notes", "clean", "threats", "eps_sweep", "pictures"} <= set(rep)
     assert rep["data"] == {"root": rep["config"]["data"], "split": "test", "num_images": 2, "labelled": True}
+    assert rep["miou_convention"] == "published" == rep["config"]["miou_convention"]
     assert list(rep["threats"]) == ["paif", "strong"]  # strong added although not asked for
     assert any("`strong` was added" in n for n in rep["notes"])
     assert any("overridden to 1" in n for n in rep["notes"])
@@ -65,6 +66,8 @@ def test_report_json_structure_and_ranges(labelled_run):
         for k in ("miou", "miou_objects", "macc"):
             assert 0.0 <= seg[k] <= 1.0
         assert list(seg["iou"]) == list(CLASSES)
+        assert seg["miou_convention"] == "published" and seg["miou_by_convention"]["published"]["miou"] == seg["miou"]
+        assert seg["miou_by_convention"]["present"]["miou"] >= seg["miou"]  # absent classes dropped, not 0
         assert all(v is None or 0.0 <= v <= 1.0 for v in seg["iou"].values())
         assert set(cond["fusion"]) == FUSION_KEYS
         assert all(v is None or math.isfinite(v) for v in cond["fusion"].values())
@@ -87,7 +90,9 @@ def test_clean_miou_matches_a_direct_computation(setup, labelled_run):
     for item in RGBTDataset(data, split="test"):
         with torch.no_grad():
             cm.update(model(item["ir"][None], item["vis"][None]).logits.argmax(1), item["label"][None])
-    assert labelled_run[1]["clean"]["segmentation"]["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-9)
+    seg = labelled_run[1]["clean"]["segmentation"]
+    assert seg["miou"] == pytest.approx(cm.compute()["miou"], abs=1e-9)
+    assert seg["miou_by_convention"]["present"]["miou"] == pytest.approx(cm.compute("present")["miou"], abs=1e-9)
 
 
 def test_pictures_markdown_and_run_files(labelled_run):
@@ -97,7 +102,8 @@ def test_pictures_markdown_and_run_files(labelled_run):
         _valid_png(out / png)
     md = (out / "report.md").read_text()
     for text in ["# PAIF evaluation report", "| condition | mIoU | drop", "![samples, paif](grid_paif.png)",
-                 "(eps_curve.png)", "## How to read this report", "**mIoU**", "**Qabf**", "`strong` was added"]:
+                 "(eps_curve.png)", "## How to read this report", "**mIoU**", "**Qabf**", "`strong` was added",
+                 "mIoU convention: **published**", "Under the **present** convention"]:
         assert text in md, text
     assert (out / "config.yaml").is_file()
     assert "evaluating" in (out / "evaluate.log").read_text()
@@ -119,6 +125,7 @@ def test_sweep_threats_limits_the_sweep(setup, tmp_path):
     (["--threat", "nosuch"], "unknown threat model 'nosuch'"),
     (["colour=1"], "unknown config key(s) colour"),
     (["sweep_threats=[a2rnet]"], "sweep_threats: expected names among the evaluated threats"),
+    (["miou_convention=nan"], "miou_convention: expected one of ('published', 'present'), got 'nan'"),
 ])
 def test_bad_input_gives_exit_code_2(setup, tmp_path, capsys, extra, message):
     base, data, ckpt = setup

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
-from trainer.experiment import (ExperimentConfig, aggregate, extract, main, mean_std, plan, plot_curves,
-                                render_table, write_outputs)
+from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, main, mean_std,
+                                paired_differences, plan, plot_curves, render_table, write_outputs)
 
 
 def _result(label: str, seed: int, clean: float, paif: float) -> dict:
@@ -52,8 +52,12 @@ def test_plan_a_run_may_use_only_the_first_seeds():
 
 
 def test_bad_run_triple_is_a_config_error(capsys):
-    with pytest.raises(ConfigError, match="expected \\[label, genotype, mode\\] or"):
+    with pytest.raises(ConfigError, match="expected \\[label, genotype, mode, \\(n_seeds\\)"):
         plan(load_config(ExperimentConfig, overrides=['runs=[["only label"]]']))
+    with pytest.raises(ConfigError, match="'uniform' is neither a seed count nor key=value"):
+        plan(load_config(ExperimentConfig, overrides=['runs=[["a","paif","aat","uniform"]]']))
+    with pytest.raises(ConfigError, match="expected distinct labels"):
+        plan(load_config(ExperimentConfig, overrides=['runs=[["A a","paif","aat"],["a-A","paif","clean"]]']))
     assert main(["--plan", "colour=1"]) == 2
     assert "unknown config key(s) colour" in capsys.readouterr().err
 
@@ -61,9 +65,38 @@ def test_bad_run_triple_is_a_config_error(capsys):
 def test_plan_flag_lists_jobs(capsys):
     assert main(["--plan", "seeds=[0]"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split()[0] == "paif-clean-s0" and len(lines) == len(ExperimentConfig().runs)
-    assert main(["--plan"]) == 0  # default: 3 seeds of the paif modes, 1 seed of the genotype comparison
-    assert len(capsys.readouterr().out.strip().splitlines()) == 3 * 3 + 2
+    assert lines[0].split()[0] == "no-aat-s0" and len(lines) == len(ExperimentConfig().runs)
+    assert main(["--plan"]) == 0  # default: 3 seeds of the 4 training modes, 1 seed of IR-only and VIS-only
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3 * 4 + 2
+
+
+def test_plan_carries_per_run_overrides():
+    cfg = load_config(ExperimentConfig, overrides=[
+        "seeds=[0,1]", 'runs=[["AAT, uniform eps","paif","aat","aat.prob_mode=uniform"],["IR","paif","clean","1","inputs=ir"]]'])
+    jobs = plan(cfg)
+    assert [(j.key, j.overrides) for j in jobs] == [("aat-uniform-eps-s0", ("aat.prob_mode=uniform",)),
+                                                    ("ir-s0", ("inputs=ir",)),
+                                                    ("aat-uniform-eps-s1", ("aat.prob_mode=uniform",))]
+
+
+def test_paired_differences_and_claims():
+    def r(label, seed, clean, strong):
+        return {"job": {"label": label, "seed": seed}, "clean": clean, "strong": strong}
+
+    res = [r("no AAT", 0, 0.80, 0.10), r("no AAT", 1, 0.78, 0.05), r("AAT", 0, 0.79, 0.40), r("AAT", 1, 0.74, 0.30),
+           r("AAT", 2, 0.70, 0.20), r("plain AT", 0, 0.70, 0.35), r("plain AT", 1, 0.72, 0.36),
+           r("IR only / no AAT", 0, 0.50, 0.0), r("VIS only / no AAT", 0, 0.81, 0.0)]
+    d = paired_differences(res, "AAT", "no AAT", "strong")
+    assert d["seeds"] == [0, 1] and d["diffs"] == pytest.approx([0.30, 0.25])  # seed 2 has no partner
+    assert d["mean"] == pytest.approx(0.275) and d["std"] == pytest.approx(statistics.stdev([0.30, 0.25]))
+    claims = {c["id"]: c for c in check_claims(res, "strong")}
+    assert claims["aat_vs_none"]["holds"] is True
+    assert claims["clean_cost"]["value"] == pytest.approx(0.025) and claims["clean_cost"]["holds"]
+    at = claims["aat_vs_at"]  # AAT − AT per seed: strong +0.05, -0.06; clean +0.09, +0.02
+    assert at["value"] == pytest.approx([-0.005, 0.055]) and at["holds"] is False
+    assert claims["fused_vs_ir"]["holds"] is True
+    assert claims["fused_vs_vis"]["holds"] is False
+    assert all(c["holds"] is None for c in check_claims([], "strong"))
 
 
 def test_extract_reads_an_evaluation_report():
@@ -72,7 +105,8 @@ def test_extract_reads_an_evaluation_report():
               "threats": {"paif": {"segmentation": {"miou": 0.2, "miou_objects": 0.1}}},
               "eps_sweep": {"paif": [{"eps_255": 0.0, "miou": 0.4}, {"eps_255": 8.0, "miou": 0.2}]}}
     assert extract(report) == {"clean": 0.4, "clean_objects": 0.3, "paif": 0.2, "paif_objects": 0.1,
-                               "curves": {"paif": [[0.0, 0.4], [8.0, 0.2]]}}
+                               "curves": {"paif": [[0.0, 0.4], [8.0, 0.2]]}, "iou": {"clean": {}, "paif": {}},
+                               "fusion": {}}
 
 
 def test_outputs_table_json_and_plot(tmp_path):
@@ -85,3 +119,50 @@ def test_outputs_table_json_and_plot(tmp_path):
     with Image.open(tmp_path / "miou_vs_eps.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     plot_curves(res, "nosuch", tmp_path / "empty.png")  # no curve for that threat: an empty plot, no crash
+
+
+TINY = ["seeds=[0]", "workers=1", "channels=4", "threats=[paif]", "sweep_threats=[paif]", "eps_sweep=[0,8]",
+        "eval_batch_size=2", "data.size=[32,48]", "data.n_train=4", "data.n_val=2", "data.n_test=2",
+        'runs=[["no AAT","paif","clean"],["AAT","paif","aat"]]',
+        'warmstart=["seg.steps=2","seg.batch_size=2","fusion.steps=1","fusion.batch_size=2","fusion.crop=[24,32]"]',
+        'retrain=["max_steps=2","data.batch_size=2","data.val_limit=1","val.attack_steps=1","val.num_images=0",'
+        '"aat.meta_iters=1","aat.inner_steps=1","attack.steps=1","save_every_steps=1"]']
+
+
+@pytest.mark.slow
+def test_experiment_resumes_per_arm_after_kill(tmp_path):
+    """Kill -9 the experiment once its first arm is done: the rerun finishes the rest and never redoes that arm."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "trainer.experiment", "--out", str(out), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "jobs" / "no-aat-s0" / "done.json"
+    deadline = time.time() + 600
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert first.is_file(), "the first arm did not finish"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.md").is_file()
+    before = (first.read_text(), first.stat().st_mtime_ns)
+
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (first.read_text(), first.stat().st_mtime_ns) == before
+    log = (out / "jobs" / "no-aat-s0" / "job.log").read_text()
+    assert log.count("trainer/retrain.py") == 1 and log.count("trainer/evaluate.py") == 1
+    assert (out / "jobs" / "aat-s0" / "done.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert [j["job"]["label"] for j in results["jobs"]] == ["no AAT", "AAT"]
+    assert results["warm_start"]["paif"]["start"].startswith(str(out / "cache"))
+    md = (out / "results.md").read_text()
+    assert "## Claims tested" in md and "max rule `max(IR, Y)`" in md

@@ -30,7 +30,7 @@ def test_confusion_matrix_by_hand_with_absent_class_and_ignore():
     cm.update(pred, target)
     expected = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     assert torch.equal(cm.matrix, expected)
-    r = cm.compute()
+    r = cm.compute(miou_convention="present")
     assert r["iou"][:3] == pytest.approx([1.0, 0.5, 0.5]) and math.isnan(r["iou"][3])
     assert r["miou"] == pytest.approx(2.0 / 3.0)            # class 3 absent everywhere: left out
     assert r["miou_objects"] == pytest.approx(0.5)           # classes 1..3 -> (0.5 + 0.5) / 2
@@ -68,9 +68,36 @@ def test_confusion_matrix_matches_numpy_loop_logits_merge_reset(rng):
     b.update(pred[1:], target[1:])
     assert torch.equal(a.merge(b).matrix, cm.matrix)
     iou = np.diag(ref) / (ref.sum(0) + ref.sum(1) - np.diag(ref))
-    assert cm.compute()["miou"] == pytest.approx(np.nanmean(iou))
+    assert cm.compute(miou_convention="present")["miou"] == pytest.approx(np.nanmean(iou))
+    assert cm.compute()["miou"] == pytest.approx(np.nan_to_num(iou).sum() / k)
     cm.reset()
     assert int(cm.matrix.sum()) == 0
+
+
+def test_miou_conventions_on_a_subset_missing_classes():
+    """A 9-class subset with classes 4..8 absent from truth and prediction: the conventions differ.
+
+    Confusion (rows truth, cols prediction), 10 pixels: 0->0 x3, 1->1 x2, 1->2 x1, 2->2 x2, 3->0 x1, 3->3 x1.
+    IoU_0 = 3/(3+1) = 0.75, IoU_1 = 2/(3) = 2/3, IoU_2 = 2/(2+1) = 2/3, IoU_3 = 1/(2) = 0.5, IoU_4..8 absent.
+    published: (0.75 + 2/3 + 2/3 + 0.5 + 5·0) / 9 = 2.5833/9; objects (2/3 + 2/3 + 0.5) / 8 = 1.8333/8.
+    present:   (0.75 + 2/3 + 2/3 + 0.5) / 4 = 2.5833/4;    objects (2/3 + 2/3 + 0.5) / 3.
+    """
+    target = torch.tensor([[[0, 0, 0, 1, 1, 1, 2, 2, 3, 3]]])
+    pred = torch.tensor([[[0, 0, 0, 1, 1, 2, 2, 2, 0, 3]]])
+    cm = M.ConfusionMatrix()
+    cm.update(pred, target)
+    total = 0.75 + 2 / 3 + 2 / 3 + 0.5
+    objects = 2 / 3 + 2 / 3 + 0.5
+    pub, pres = cm.compute(), cm.compute(miou_convention="present")
+    assert pub["miou_convention"] == "published" and pres["miou_convention"] == "present"
+    assert pub["miou"] == pytest.approx(total / 9) and pub["miou_objects"] == pytest.approx(objects / 8)
+    assert pres["miou"] == pytest.approx(total / 4) and pres["miou_objects"] == pytest.approx(objects / 3)
+    assert pub["miou_by_convention"] == pres["miou_by_convention"] == {
+        "published": {"miou": pytest.approx(total / 9), "miou_objects": pytest.approx(objects / 8)},
+        "present": {"miou": pytest.approx(total / 4), "miou_objects": pytest.approx(objects / 3)}}
+    assert all(math.isnan(v) for v in pub["iou"][4:])  # per-class lists keep NaN for absent classes
+    with pytest.raises(ValueError, match=r"miou_convention: expected one of \('published', 'present'\), got 'nan'"):
+        cm.compute(miou_convention="nan")
 
 
 def test_confusion_matrix_rejects_bad_input():

@@ -1,0 +1,79 @@
+"""trainer.warmstart: max-rule images, data fingerprints, the cached pretrained segmenter and start checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from rgbt.color import rgb_to_y
+from trainer import warmstart
+from trainer.config import load_config
+from trainer.warmstart import WarmStartConfig, data_fingerprint, max_rule_rgb, warm_start
+
+
+def test_max_rule_rgb_luminance_is_the_max() -> None:
+    """On grey visible images (no chroma, so no clamping) the luminance of the result is max(IR, Y)."""
+    torch.manual_seed(0)
+    ir = torch.rand(2, 1, 9, 11)
+    grey = torch.rand(2, 1, 9, 11)
+    out = max_rule_rgb(ir, grey.expand(-1, 3, -1, -1))
+    torch.testing.assert_close(rgb_to_y(out), torch.maximum(ir, grey), atol=1e-5, rtol=0)
+    assert out.shape == (2, 3, 9, 11) and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from rgbt.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("ws") / "data"
+    generate_dataset(root, n_train=4, n_val=2, n_test=2, size=(32, 48), seed=0)
+    return root
+
+
+def test_fingerprint_follows_the_bytes(tiny_data, tmp_path) -> None:
+    from rgbt.dataset import RGBTDataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    assert data_fingerprint(RGBTDataset(tiny_data, "train")) == data_fingerprint(RGBTDataset(copy, "train"))
+    ir = sorted((copy / "train" / "ir").glob("*.png"))[0]
+    shutil.copy(sorted((copy / "train" / "ir").glob("*.png"))[1], ir)  # same name, other pixels
+    assert data_fingerprint(RGBTDataset(tiny_data, "train")) != data_fingerprint(RGBTDataset(copy, "train"))
+
+
+def _cfg(data, cache, **extra) -> WarmStartConfig:
+    overrides = {"data": str(data), "cache": str(cache), "channels": 4, "seg.steps": 2, "seg.batch_size": 2,
+                 "fusion.steps": 2, "fusion.batch_size": 2, "fusion.crop": [24, 32], "progress_bar": False,
+                 **extra}
+    return load_config(WarmStartConfig, None, overrides)
+
+
+def test_warm_start_is_cached_and_loads(tiny_data, tmp_path, monkeypatch) -> None:
+    from trainer.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    info = warm_start(_cfg(tiny_data, tmp_path))
+    report = json.loads((tmp_path / info["segmenter_dir"].split("/")[-1] / "pretrain.json").read_text())
+    assert set(report["val"]) >= {"miou", "miou_objects"} and len(report["loss_every_50"]) == 2
+    model, meta = load_model(info["start"])
+    assert meta["genotype"]["channels"] == 4 and model.fusion is not None
+
+    # a second call with the same data and recipe reuses both stages
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached stage ran again")
+
+    monkeypatch.setattr(warmstart, "pretrain_segmenter", boom)
+    monkeypatch.setattr(warmstart, "warm_fusion", boom)
+    assert warm_start(_cfg(tiny_data, tmp_path)) == info
+    # another fusion recipe reuses the segmenter but makes a new start point
+    monkeypatch.undo()
+    monkeypatch.setattr(warmstart, "pretrain_segmenter", boom)
+    other = warm_start(_cfg(tiny_data, tmp_path, **{"fusion.steps": 1}))
+    assert other["segmenter_dir"] == info["segmenter_dir"] and other["start"] != info["start"]
+
+
+def test_test_split_is_refused(tiny_data, tmp_path) -> None:
+    with pytest.raises(ValueError, match="must not see the test split"):
+        _cfg(tiny_data, tmp_path, val_split="test")

@@ -1,0 +1,331 @@
+"""A common starting point for retraining on a CPU budget: a pretrained segmenter and a warmed-up fusion net.
+
+PAIF (Liu et al., ACM MM 2023) starts its SegFormer from ImageNet-pretrained MiT weights. Without a download
+the counterpart is to pretrain the segmenter once on the training split, on images fused by the plain max
+rule (luminance ``max(IR, Y)`` with the visible chroma), and save it in the ``transformers`` format, so that
+it enters retraining through the same ``pretrained=`` path a user with real MiT weights takes. The fusion net
+is warmed up on the reference-free fusion loss alone (cheap: no segmenter), so the segmenter sees a sensible
+fused image from the first joint step. Both are cached by content hash (data files + recipe + genotype), so
+every arm of an experiment starts from the same point and it is computed once::
+
+    python -m trainer.warmstart --data data/synthetic --genotype paif --cache runs/cache [key=value ...]
+    python trainer/retrain.py --genotype paif init_from=<printed start checkpoint> ...
+
+Writes under ``cache``:
+
+* ``segformer-<hash>/``: ``config.json`` + weights (``save_pretrained``) and ``pretrain.json`` (recipe, data
+  fingerprint, loss curve, held-out mIoU on ``val_split``: never the test split);
+* ``start-<hash>.pt``: a PAIF checkpoint (``trainer.checkpoint``) = the warmed fusion net + that segmenter,
+  for ``retrain.py init_from=``; ``start-<hash>.json`` describes it.
+
+Each entry is written atomically (temporary name, then rename); an interrupted stage restarts from its
+beginning (stages take minutes), a finished one is never redone.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import ConfigError, load_config
+
+__all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
+           "pretrain_segmenter", "warm_fusion", "warm_start", "main"]
+
+log = logging.getLogger("trainer.warmstart")
+
+RECIPE_VERSION = 1
+"""Bumped whenever the code of a stage changes what it produces (part of every cache key)."""
+
+
+@dataclass
+class SegPretrainConfig:
+    """Segmenter pretraining on max-rule fused images (full images, random horizontal flips)."""
+
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3  # AdamW, linear warm-up then linear decay to 0
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+
+
+@dataclass
+class FusionWarmConfig:
+    """Fusion-net warm-up on the fusion loss alone (random crops)."""
+
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    crop: list[int] = field(default_factory=lambda: [64, 80])
+
+
+@dataclass
+class WarmStartConfig:
+    data: str = "data/synthetic"
+    train_split: str = "train"
+    val_split: str = "val"  # held-out split for the pretraining report (never test)
+    genotype: str = "paif"
+    channels: int | None = None  # fusion width override (null = the genotype's)
+    segmenter: str = "b0"
+    num_classes: int = 9
+    seed: int = 0
+    cache: str = "runs/cache"
+    num_threads: int = 0  # torch CPU threads (0 = default)
+    progress_bar: bool = True
+    seg: SegPretrainConfig = field(default_factory=SegPretrainConfig)
+    fusion: FusionWarmConfig = field(default_factory=FusionWarmConfig)
+
+    def __post_init__(self) -> None:
+        for split in (self.train_split, self.val_split):
+            if split and split.lower().startswith("test"):
+                raise ValueError(f"split: expected a training or held-out split, got {split!r}; the warm start "
+                                 "must not see the test split")
+        for name, value in (("seg.steps", self.seg.steps), ("seg.batch_size", self.seg.batch_size),
+                            ("fusion.batch_size", self.fusion.batch_size)):
+            if value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        if self.fusion.steps < 0:
+            raise ValueError(f"fusion.steps: expected >= 0, got {self.fusion.steps}")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def max_rule_rgb(ir: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """The plain max-rule fusion as an RGB image: luminance ``max(IR, Y)`` with the visible Cb, Cr.
+
+    Args:
+        ir: (B, 1, H, W) in [0, 1].
+        vis: (B, 3, H, W) RGB in [0, 1].
+    Returns:
+        (B, 3, H, W) RGB in [0, 1].
+    """
+    from rgbt.color import rgb_to_ycbcr, ycbcr_to_rgb
+
+    ycbcr = rgb_to_ycbcr(vis)
+    y = torch.maximum(ir, ycbcr[:, :1])
+    return ycbcr_to_rgb(torch.cat((y, ycbcr[:, 1:]), 1)).clamp(0.0, 1.0)
+
+
+def data_fingerprint(dataset: Any) -> str:
+    """SHA-256 over the names and bytes of every file of an ``RGBTDataset`` (order-independent of listing)."""
+    h = hashlib.sha256()
+    for name, files in sorted(zip(dataset.names, dataset.samples)):
+        h.update(name.encode())
+        for role in sorted(files):
+            h.update(role.encode())
+            h.update(hashlib.sha256(Path(files[role]).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _batches(dataset: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless seeded shuffled batches (the dataset's own crop/flip, keyed by epoch)."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+        for batch in loader:
+            yield {k: v for k, v in batch.items() if torch.is_tensor(v)}
+        epoch += 1
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    from trainer.module import warmup_poly
+
+    return warmup_poly(step, total, warmup, warmup_start=0.01, power=1.0)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_dir: Path) -> dict[str, Any]:
+    """Train a SegFormer on max-rule fused training images and ``save_pretrained`` it into ``out_dir``.
+
+    The input is normalised exactly as in :class:`search_space.pipeline.FusionSegModel` (per image).
+    Returns the report written to ``out_dir/pretrain.json``.
+    """
+    from search_space.pipeline import normalize_per_image
+    from search_space.segmenter import build_segmenter
+    from trainer.metrics import ConfusionMatrix
+
+    torch.manual_seed(cfg.seed)
+    seg = build_segmenter(cfg.segmenter, cfg.num_classes)
+    s = cfg.seg
+    opt = torch.optim.AdamW(seg.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    losses: list[float] = []
+    t0 = time.time()
+    batches = _batches(train, s.batch_size, cfg.seed)
+    with _progress(s.steps, "pretrain segmenter", cfg.progress_bar) as bar:
+        for step in range(s.steps):
+            for group in opt.param_groups:
+                group["lr"] = s.lr * _lr_factor(step, s.steps, s.warmup_steps)
+            b = next(batches)
+            x = normalize_per_image(max_rule_rgb(b["ir"], b["vis"]))
+            logits = F.interpolate(seg(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, b["label"], ignore_index=255)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"segmenter pretraining: non-finite loss at step {step}; lower seg.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    report: dict[str, Any] = {"recipe": dataclasses.asdict(s), "seconds": time.time() - t0,
+                              "loss_every_50": losses[::50] + losses[-1:]}
+    if val is not None:
+        cm = ConfusionMatrix(cfg.num_classes)
+        seg.eval()
+        with torch.no_grad():
+            for i in range(len(val)):
+                item = val[i]
+                x = normalize_per_image(max_rule_rgb(item["ir"][None], item["vis"][None]))
+                logits = F.interpolate(seg(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                cm.update(logits.argmax(1), item["label"][None])
+        metrics = cm.compute()
+        report["val"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        log.info("segmenter pretraining: held-out (%s) mIoU %.1f %%", cfg.val_split, 100 * metrics["miou"])
+    seg.model.save_pretrained(str(out_dir))
+    (out_dir / "pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any) -> tuple[torch.nn.Module, list[float]]:
+    """The fixed fusion net of ``genotype`` after ``cfg.fusion.steps`` AdamW steps of the fusion loss alone."""
+    from rgbt.color import rgb_to_y
+    from search_space.genotype import build_fusion_net
+    from trainer.losses import fusion_loss
+
+    torch.manual_seed(cfg.seed)
+    net = build_fusion_net(genotype).train()
+    f = cfg.fusion
+    opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=0.0)
+    losses: list[float] = []
+    batches = _batches(train, f.batch_size, cfg.seed + 1)
+    with _progress(f.steps, "warm up fusion", cfg.progress_bar) as bar:
+        for step in range(f.steps):
+            for group in opt.param_groups:
+                group["lr"] = f.lr * _lr_factor(step, f.steps, min(20, f.steps // 5))
+            b = next(batches)
+            y = rgb_to_y(b["vis"])
+            loss, _ = fusion_loss(b["ir"], y, net(b["ir"], y))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fusion warm-up: non-finite loss at step {step}; lower fusion.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+    return net, losses
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
+    """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``."""
+    from rgbt.dataset import RGBTDataset
+    from search_space.pipeline import build_model
+    from trainer.checkpoint import resolve_genotype, save_checkpoint
+
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    cache = Path(cfg.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    seg_train = RGBTDataset(cfg.data, cfg.train_split, flip=True, seed=cfg.seed, require_labels=True)
+    val = RGBTDataset(cfg.data, cfg.val_split, require_labels=True) if cfg.val_split else None
+    fingerprint = data_fingerprint(seg_train)
+    genotype = resolve_genotype(cfg.genotype, channels=cfg.channels)
+
+    seg_key = _key(RECIPE_VERSION, fingerprint, cfg.segmenter, cfg.num_classes, cfg.seed, dataclasses.asdict(cfg.seg),
+                   data_fingerprint(val) if val is not None else None)
+    seg_dir = cache / f"segformer-{seg_key}"
+    if not (seg_dir / "pretrain.json").is_file():
+        log.info("pretraining the segmenter -> %s", seg_dir)
+        tmp = _atomic_dir(seg_dir)
+        pretrain_segmenter(cfg, seg_train, val, tmp)
+        shutil.rmtree(seg_dir, ignore_errors=True)
+        os.replace(tmp, seg_dir)
+    else:
+        log.info("segmenter pretraining cached: %s", seg_dir)
+
+    start_key = _key(seg_key, genotype.to_dict(), dataclasses.asdict(cfg.fusion))
+    start = cache / f"start-{start_key}.pt"
+    info_path = start.with_suffix(".json")
+    if not (start.is_file() and info_path.is_file()):
+        log.info("warming up the fusion net -> %s", start)
+        crop = tuple(cfg.fusion.crop) if cfg.fusion.crop else None
+        fusion_train = RGBTDataset(cfg.data, cfg.train_split, crop=crop, flip=True, seed=cfg.seed)
+        t0 = time.time()
+        fusion, losses = warm_fusion(cfg, genotype, fusion_train)
+        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir))
+        model.fusion.load_state_dict(fusion.state_dict())
+        save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
+                        {"warmstart": dataclasses.asdict(cfg)})
+        info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
+                "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
+                "fusion_loss_first_last": [losses[0], losses[-1]] if losses else None,
+                "segmenter": json.loads((seg_dir / "pretrain.json").read_text())}
+        tmp_info = info_path.with_name(f".{info_path.name}.tmp")
+        tmp_info.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp_info, info_path)
+    else:
+        log.info("warm start cached: %s", start)
+    return json.loads(info_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.runs import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m trainer.warmstart", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML of WarmStartConfig keys")
+    p.add_argument("--data", help="dataset root (= data=...)")
+    p.add_argument("--genotype", help="genotype name or JSON file (= genotype=...)")
+    p.add_argument("--cache", help="cache folder (= cache=...)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    for key in ("data", "genotype", "cache"):
+        if getattr(args, key):
+            overrides.append(f"{key}={getattr(args, key)}")
+    setup_logging(None)
+    try:
+        cfg = load_config(WarmStartConfig, args.config, overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    info = warm_start(cfg)
+    seg = info["segmenter"]
+    miou = seg.get("val", {}).get("miou")
+    print(json.dumps({"start": info["start"], "segmenter_dir": info["segmenter_dir"],
+                      "segmenter_val_miou": miou}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
