@@ -8,10 +8,12 @@ Conventions (the same in the fast path and the plain oracle):
   ``N = box(ones)`` normalisation): near a border the window is clipped to the image and divided by the number
   of pixels it really covers. No padding value ever enters a mean. (kornia's ``guided_blur`` reflects
   instead; the bench compares the two for speed only.)
-* The fast path is an integral image (``cumsum``) along H then W: O(1) per pixel whatever the radius.
-  On this CPU it beat separable ``avg_pool2d`` (2.4×), a 9×9 ``avg_pool2d`` (4.4×) and depthwise separable
-  convs (2.9×) at 1×66×240×320 (measured while writing this module; see ``bench/fusion_forward.py``).
-  Inputs are centred per image and channel before the sums, which keeps the running sums small in float32.
+* The fast path (:func:`guided_filter`) is an autograd function whose backward is itself a few box filters
+  (the box mean is self-adjoint up to its normalisation). Its box filter is a separable direct window sum by
+  doubling (4 additions per axis for r = 4) on one zero-padded buffer per step, every map of a step at once;
+  the elementwise work writes into preallocated buffers. Measured against the integral-image (``cumsum``)
+  autograd version it replaced (kept as :func:`guided_filter_autograd` / :func:`box_filter_cumsum`):
+  ``python bench/decompose_speed.py`` (README, Benchmarks). Inputs are centred per image and channel first.
 * The guidance of a feature map ``x`` (B, C, H, W) is ``max_c x − min_c x`` (B, 1, H, W); every channel of
   ``x`` is filtered with that one guidance.
 * Interpretation of "eps 1e-3 and 1e-4" (DESIGN §4): each modality is filtered with **both** eps values;
@@ -22,6 +24,7 @@ Conventions (the same in the fast path and the plain oracle):
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "box_filter", "box_filter_reference", "guided_filter", "guided_filter_reference",
+    "box_filter", "box_filter_cumsum", "box_filter_reference", "box_filter_shifted", "guided_filter", "guided_filter_autograd",
+    "guided_filter_reference",
     "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS",
 ]
 
@@ -49,6 +53,11 @@ def _window_counts(n: int, r: int, device: torch.device, dtype: torch.dtype) -> 
     return ((i + r).clamp(max=n - 1) - (i - r).clamp(min=0) + 1).to(dtype)
 
 
+def _inv_counts(h: int, w: int, r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 / (number of valid pixels of each clipped window), shape (H, W): He et al.'s ``1 / box(ones)``."""
+    return (_window_counts(h, r, device, dtype)[:, None] * _window_counts(w, r, device, dtype)).reciprocal_()
+
+
 def _window_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     """Sum over a radius-r window along ``dim`` (-1 or -2), zero outside the image, via a cumulative sum."""
     pad = (0, 0, r + 1, r) if dim == -2 else (r + 1, r)
@@ -57,8 +66,72 @@ def _window_sum_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     return c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)
 
 
+def _shaped(flat: torch.Tensor, like: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """A contiguous view of the 1-D ``flat`` with ``like``'s shape except ``size`` along ``dim``."""
+    shape = list(like.shape)
+    shape[dim] = size
+    return flat[:math.prod(shape)].view(shape)
+
+
+def _sliding_sum(x: torch.Tensor, n: int, dim: int, out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
+    """Sums of ``n`` consecutive entries along ``dim``: size L -> L - n + 1, written into ``out``.
+
+    Doubling: ``s_2k[i] = s_k[i] + s_k[i + k]``, then the blocks of the binary digits of ``n`` are added, so
+    a 9-wide window costs 4 additions instead of 8. ``scratch`` holds two flat buffers of at least
+    ``x.numel()`` elements, ping-ponged; the blocks of ``n`` are kept apart from the buffer being overwritten.
+    Direct window sums (no running sum), so there is no drift in float32.
+    """
+    m = x.shape[dim] - n + 1
+    parts, offset, span, cur = [], 0, 1, x
+    free = list(scratch)
+    while True:
+        if n & span:
+            parts.append(cur.narrow(dim, offset, m))
+            offset += span
+        if 2 * span > n:
+            break
+        if not free:  # both buffers hold blocks still needed (n with many binary digits): use a fresh one
+            free.append(torch.empty_like(scratch[0]))
+        k = cur.shape[dim] - span
+        nxt = _shaped(free.pop(0), cur, dim, k)
+        torch.add(cur.narrow(dim, 0, k), cur.narrow(dim, span, k), out=nxt)
+        if cur is not x and (not parts or parts[-1].untyped_storage().data_ptr() != cur.untyped_storage().data_ptr()):
+            free.append(cur.view(-1))  # cur is not a kept block: its buffer is free again
+        cur, span = nxt, 2 * span
+    if len(parts) == 1:
+        return out.copy_(parts[0])
+    torch.add(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        out.add_(part)
+    return out
+
+
+def _box_sum_padded(padded: torch.Tensor, r: int) -> torch.Tensor:
+    """Window sums of a zero-padded (B, K, H + 2r, W + 2r) tensor: (B, K, H, W), contiguous.
+
+    The zero border makes every window the sum over the valid (unpadded) pixels only.
+    """
+    n = 2 * r + 1
+    b, k, hp, wp = padded.shape
+    h, w = hp - 2 * r, wp - 2 * r
+    scratch = (padded.new_empty(padded.numel()), padded.new_empty(padded.numel()))
+    vertical = padded.new_empty(b, k, h, wp)
+    _sliding_sum(padded, n, -2, vertical, scratch)
+    return _sliding_sum(vertical, n, -1, padded.new_empty(b, k, h, w), scratch)
+
+
+def _zero_padded(b: int, k: int, h: int, w: int, r: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero (B, K, H + 2r, W + 2r) buffer and its (B, K, H, W) interior view, to be written with ``out=``."""
+    padded = like.new_zeros(b, k, h + 2 * r, w + 2 * r)
+    return padded, padded[..., r:r + h, r:r + w]
+
+
 def box_filter(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
-    """Mean over the valid pixels of each (2r+1)×(2r+1) window; O(1) per pixel (integral image).
+    """Mean over the valid pixels of each (2r+1)×(2r+1) window (He et al.'s ``box(x) / box(ones)``).
+
+    Separable direct window sums by doubling on a zero-padded copy (about 8 additions per pixel for r = 4),
+    then one multiplication by the inverse window counts.
 
     Args:
         x: (B, C, H, W) float.
@@ -71,10 +144,39 @@ def box_filter(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
         raise ValueError(f"box_filter: expected radius >= 0, got {radius}")
     if radius == 0:
         return x
+    b, c, h, w = x.shape
+    padded, inner = _zero_padded(b, c, h, w, radius, x)
+    inner.copy_(x)
+    return _box_sum_padded(padded, radius).mul_(_inv_counts(h, w, radius, x.device, x.dtype))
+
+
+def box_filter_cumsum(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+    """The integral-image (``cumsum``) box filter used before issue 10; same result as :func:`box_filter`.
+
+    Kept as the in-run baseline of ``bench/decompose_speed.py`` and for :func:`guided_filter_autograd`.
+    """
+    _check_4d(x, "box_filter_cumsum")
+    if radius < 0:
+        raise ValueError(f"box_filter_cumsum: expected radius >= 0, got {radius}")
+    if radius == 0:
+        return x
     h, w = x.shape[-2:]
     s = _window_sum_1d(_window_sum_1d(x, radius, -2), radius, -1)
     count = _window_counts(h, radius, x.device, x.dtype)[:, None] * _window_counts(w, radius, x.device, x.dtype)
     return s / count
+
+
+def box_filter_shifted(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
+    """:func:`box_filter` as plain functional ops (sum of 2r+1 shifted slices per axis of a zero-padded copy):
+    the form ``torch.compile`` fuses into one loop per axis; used by :func:`guided_filter` while compiling."""
+    _check_4d(x, "box_filter_shifted")
+    h, w = x.shape[-2:]
+    n = 2 * radius + 1
+    xp = F.pad(x, (0, 0, radius, radius))
+    s = sum(xp[..., d:d + h, :] for d in range(n))
+    sp = F.pad(s, (radius, radius))
+    s = sum(sp[..., d:d + w] for d in range(n))
+    return s * _inv_counts(h, w, radius, x.device, x.dtype)
 
 
 def box_filter_reference(x: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
@@ -96,7 +198,7 @@ def guidance_from_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def _guided_filter_impl(guide: torch.Tensor, x: torch.Tensor, eps: Sequence[float], radius: int, box) -> list[torch.Tensor]:
-    """Guided filter of every channel of ``x`` with the single-channel ``guide``, once per eps."""
+    """Guided filter of every channel of ``x`` with the single-channel ``guide``, once per eps (plain autograd)."""
     c = x.shape[1]
     guide = guide - guide.mean(dim=(2, 3), keepdim=True)
     x_mean = x.mean(dim=(2, 3), keepdim=True)
@@ -117,26 +219,164 @@ def _guided_filter_impl(guide: torch.Tensor, x: torch.Tensor, eps: Sequence[floa
     return outs
 
 
+class _GuidedFilterFn(torch.autograd.Function):
+    """The guided filter with a hand-written backward made of box filters (the box mean is self-adjoint up to
+    its normalisation: ``box^T g = window_sum(g / count)``).
+
+    Forward, per image (``I`` the centred guide, ``p = x − mean(x)``; means over the clipped windows)::
+
+        mI, mII, mp, mIp = box(I), box(I²), box(p), box(I·p)
+        var = mII − mI², cov = mIp − mI·mp
+        a_e = cov / (var + e), b_e = mp − a_e·mI           (per eps e)
+        q_e = box(a_e)·I + box(b_e) + mean(x)
+
+    Backward (``G_e`` the gradient of ``q_e``, sums over eps and, for the single-channel guide, over channels)::
+
+        ga_e = box^T(G_e·I) − box^T(G_e)·mI,   gcov_e = ga_e / (var + e),   gvar = −Σ_e Σ_c gcov_e·a_e
+        gmp  = Σ_e box^T(G_e) − mI·Σ_e gcov_e,  gmIp = Σ_e gcov_e,  gmII = gvar
+        gmI  = −Σ_e Σ_c box^T(G_e)·a_e − Σ_c gmIp·mp − 2·mI·gvar
+        dx   = box^T(gmp) + I·box^T(gmIp)
+        dI   = Σ_e Σ_c G_e·box(a_e) + box^T(gmI) + 2·I·box^T(gmII) + Σ_c p·box^T(gmIp)
+
+    The centring drops out of both gradients (the filter commutes with adding a constant to ``x`` and ignores
+    one added to the guide). Every box pass filters all maps of a step at once (one zero-padded buffer), and
+    the elementwise steps write into preallocated buffers: the forward keeps 4C + 4C + 2C maps for the
+    backward (the coefficients, their box means, ``mp`` and the input), where plain autograd kept about 20C.
+    Once differentiable (no double backward; first-order DARTS and the attacks need none).
+    """
+
+    @staticmethod
+    def forward(ctx, guide: torch.Tensor, x: torch.Tensor, eps: tuple[float, ...], radius: int
+                ) -> tuple[torch.Tensor, ...]:
+        b, c, h, w = x.shape
+        r, n_eps = radius, len(eps)
+        inv = _inv_counts(h, w, r, x.device, x.dtype)
+        gi = guide - guide.mean(dim=(2, 3), keepdim=True)
+        x_mean = x.mean(dim=(2, 3), keepdim=True)
+        padded, inner = _zero_padded(b, 2 * c + 2, h, w, r, x)          # [p, I·p, I, I²]
+        torch.sub(x, x_mean, out=inner[:, :c])
+        torch.mul(inner[:, :c], gi, out=inner[:, c:2 * c])
+        inner[:, 2 * c:2 * c + 1].copy_(gi)
+        torch.mul(gi, gi, out=inner[:, 2 * c + 1:])
+        stats = _box_sum_padded(padded, r).mul_(inv)
+        del padded, inner
+        mp, mip, mi, mii = stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c:2 * c + 1], stats[:, 2 * c + 1:]
+        var = mii - mi * mi
+        cov = mip.addcmul_(mi, mp, value=-1.0)
+        coef_pad, coef = _zero_padded(b, 2 * n_eps * c, h, w, r, x)     # [a_1, b_1, a_2, b_2, ...]
+        for k, e in enumerate(eps):
+            a_k, b_k = coef[:, 2 * k * c:(2 * k + 1) * c], coef[:, (2 * k + 1) * c:(2 * k + 2) * c]
+            torch.div(cov, var + e, out=a_k)
+            torch.addcmul(mp, a_k, mi, value=-1.0, out=b_k)
+        smooth = _box_sum_padded(coef_pad, r)                             # window sums of [a_k, b_k]
+        outs = []
+        for k in range(n_eps):
+            sa, sb = smooth[:, 2 * k * c:(2 * k + 1) * c], smooth[:, (2 * k + 1) * c:(2 * k + 2) * c]
+            outs.append(torch.addcmul(sb, sa, gi).mul_(inv).add_(x_mean))
+        ctx.eps, ctx.radius = tuple(eps), r
+        ctx.save_for_backward(x, gi, x_mean, mi, var, mp, coef_pad, smooth)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        x, gi, x_mean, mi, var, mp, coef_pad, smooth = ctx.saved_tensors
+        eps, r = ctx.eps, ctx.radius
+        b, c, h, w = x.shape
+        inv = _inv_counts(h, w, r, x.device, x.dtype)
+        coef = coef_pad[..., r:r + h, r:r + w]
+        live = [k for k, g in enumerate(grads) if g is not None]
+        need_guide = ctx.needs_input_grad[0]
+        # box^T of [G_e·I, G_e] for every eps with a gradient
+        up_pad, up = _zero_padded(b, 2 * len(live) * c, h, w, r, x)
+        for j, k in enumerate(live):
+            g_b = torch.mul(grads[k], inv, out=up[:, (2 * j + 1) * c:(2 * j + 2) * c])
+            torch.mul(g_b, gi, out=up[:, 2 * j * c:(2 * j + 1) * c])
+        back = _box_sum_padded(up_pad, r)
+        del up_pad, up
+        down_pad, down = _zero_padded(b, 2 * c + 2, h, w, r, x)          # [gmp, gmIp, gmI, gmII] · inv
+        gmp, gmip, gmi, gmii = down[:, :c], down[:, c:2 * c], down[:, 2 * c:2 * c + 1], down[:, 2 * c + 1:]
+        gvar = torch.zeros_like(mi)
+        gmi_acc = torch.zeros_like(mi)
+        gi_direct = torch.zeros_like(mi)
+        for j, k in enumerate(live):
+            ga, gb = back[:, 2 * j * c:(2 * j + 1) * c], back[:, (2 * j + 1) * c:(2 * j + 2) * c]
+            a_k = coef[:, 2 * k * c:(2 * k + 1) * c]
+            gcov = ga.addcmul_(gb, mi, value=-1.0).div_(var + eps[k])
+            gvar.sub_((gcov * a_k).sum(1, keepdim=True))
+            if need_guide:
+                gmi_acc.sub_((gb * a_k).sum(1, keepdim=True))
+                sa = smooth[:, 2 * k * c:(2 * k + 1) * c]
+                gi_direct.add_((grads[k] * sa).sum(1, keepdim=True))
+            if j == 0:
+                gmp.copy_(gb)
+                gmip.copy_(gcov)
+            else:
+                gmp.add_(gb)
+                gmip.add_(gcov)
+        gmp.addcmul_(mi, gmip, value=-1.0)
+        if need_guide:
+            gmi_acc.sub_((gmip * mp).sum(1, keepdim=True)).addcmul_(mi, gvar, value=-2.0)
+            torch.mul(gmi_acc, inv, out=gmi)
+            torch.mul(gvar, inv, out=gmii)
+        gmp.mul_(inv)
+        gmip.mul_(inv)
+        del back
+        bt = _box_sum_padded(down_pad, r)
+        bt_mp, bt_mip, bt_mi, bt_mii = bt[:, :c], bt[:, c:2 * c], bt[:, 2 * c:2 * c + 1], bt[:, 2 * c + 1:]
+        dx = torch.addcmul(bt_mp, gi, bt_mip) if ctx.needs_input_grad[1] else None
+        dguide = None
+        if need_guide:
+            p_dot = bt_mip.mul_(x - x_mean).sum(1, keepdim=True)
+            dguide = gi_direct.mul_(inv).add_(bt_mi).add_(p_dot).addcmul_(gi, bt_mii, value=2.0)
+        return dguide, dx, None, None
+
+
 def guided_filter(guide: torch.Tensor, x: torch.Tensor, eps: float | Sequence[float] = EPS,
                   radius: int = RADIUS) -> torch.Tensor | list[torch.Tensor]:
     """Guided filter (fast path): filter every channel of ``x`` with the single-channel ``guide``.
 
+    An autograd function whose backward is itself a few box filters (:class:`_GuidedFilterFn`); the
+    plain-autograd version is :func:`guided_filter_autograd`, the brute-force oracle
+    :func:`guided_filter_reference`.
+
     Args:
         guide: (B, 1, H, W) float.
-        x: (B, C, H, W) float.
+        x: (B, C, H, W) float, same dtype and device.
         eps: one regulariser, or a sequence (the window statistics are then shared).
         radius: window radius r (window 2r+1).
     Returns:
         (B, C, H, W) low-frequency part for one eps, or a list of them for a sequence of eps.
     """
-    _check_4d(guide, "guided_filter guide")
-    _check_4d(x, "guided_filter x")
-    if guide.shape[1] != 1 or guide.shape[0] != x.shape[0] or guide.shape[-2:] != x.shape[-2:]:
-        raise ValueError(f"guided_filter: expected guide (B, 1, H, W) matching x {tuple(x.shape)}, "
-                         f"got {tuple(guide.shape)}")
+    _check_inputs(guide, x, "guided_filter")
     many = not isinstance(eps, (int, float))
-    outs = _guided_filter_impl(guide, x, list(eps) if many else [float(eps)], radius, box_filter)
+    eps_list = tuple(float(e) for e in eps) if many else (float(eps),)
+    if torch.compiler.is_compiling():  # plain ops: inductor fuses them and derives the backward itself
+        outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_shifted)
+    elif radius == 0 or x.dtype != guide.dtype:
+        outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_cumsum)
+    else:
+        outs = list(_GuidedFilterFn.apply(guide, x, eps_list, radius))
     return outs if many else outs[0]
+
+
+def guided_filter_autograd(guide: torch.Tensor, x: torch.Tensor, eps: float | Sequence[float] = EPS,
+                           radius: int = RADIUS) -> torch.Tensor | list[torch.Tensor]:
+    """The guided filter before issue 10: the same algebra through plain autograd and the ``cumsum`` box
+    filter (every intermediate saved). Same arguments and result as :func:`guided_filter`; kept as the
+    in-run baseline of ``bench/decompose_speed.py`` and a second gradient oracle in the tests."""
+    _check_inputs(guide, x, "guided_filter_autograd")
+    many = not isinstance(eps, (int, float))
+    outs = _guided_filter_impl(guide, x, list(eps) if many else [float(eps)], radius, box_filter_cumsum)
+    return outs if many else outs[0]
+
+
+def _check_inputs(guide: torch.Tensor, x: torch.Tensor, name: str) -> None:
+    _check_4d(guide, f"{name} guide")
+    _check_4d(x, f"{name} x")
+    if guide.shape[1] != 1 or guide.shape[0] != x.shape[0] or guide.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"{name}: expected guide (B, 1, H, W) matching x {tuple(x.shape)}, "
+                         f"got {tuple(guide.shape)}")
 
 
 def guided_filter_reference(guide: torch.Tensor, x: torch.Tensor, eps: float, radius: int = RADIUS) -> torch.Tensor:

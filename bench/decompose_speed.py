@@ -1,0 +1,143 @@
+"""Cost of the guided-filter decomposition as a multiple of one 3x3 C->C convolution on the same tensor.
+
+Prints one JSON object. For each size, on a (B, C, H, W) feature tensor: forward (no grad) and
+forward+backward (loss = sum of the output, gradients to the input and the parameters) of
+
+    conv3x3                 nn.Conv2d(C, C, 3, padding=1): the unit
+    decomposition           GuidedDecomposition (two guided filters + 1x1 reduce), the current implementation
+    decomposition_autograd  the same module with the plain-autograd guided filter (cumsum box filter, every
+                            intermediate saved by autograd): the implementation before issue 10, kept as the
+                            in-run baseline (``search_space.decompose.guided_filter_autograd``)
+
+The timings are interleaved (one call of every variant per round, ``--repeat`` rounds) and the median is
+taken, so load from other processes on a shared machine hits all variants alike; compare the ratios.
+
+    python bench/decompose_speed.py                              # CPU, 240x320 and 480x640, C=32, batch 1
+    python bench/decompose_speed.py --quick                      # smoke run
+    python bench/decompose_speed.py --device cuda --batch 4 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path
+from _timing import sync  # noqa: E402
+from search_space import decompose  # noqa: E402
+from search_space.decompose import GuidedDecomposition  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--sizes", nargs="+", default=["240x320", "480x640"], help="HxW")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=7, help="interleaved timed rounds (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd decomposition")
+    p.add_argument("--quick", action="store_true", help="32x40, C=8, 2 rounds")
+    return p.parse_args(argv)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int
+                ) -> dict[str, float]:
+    """Median seconds per variant; one call of each variant per round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(repeat, 1)):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class _Autograd(torch.nn.Module):
+    """GuidedDecomposition whose guided filter is the plain-autograd (pre-issue-10) implementation."""
+
+    def __init__(self, decomp: GuidedDecomposition) -> None:
+        super().__init__()
+        self.decomp = decomp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = decompose.guided_filter
+        decompose.guided_filter = getattr(decompose, "guided_filter_autograd", fast)
+        try:
+            return self.decomp(x)
+        finally:
+            decompose.guided_filter = fast
+
+
+def variants(args: argparse.Namespace, device: torch.device, c: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1)
+    decomp = GuidedDecomposition(c)
+    mods: dict[str, torch.nn.Module] = {"conv3x3": conv, "decomposition": decomp,
+                                        "decomposition_autograd": _Autograd(decomp)}
+    if args.compile:
+        mods["decomposition_compiled"] = torch.compile(decomp)
+    return {k: m.to(device) for k, m in mods.items()}
+
+
+def bench_size(args: argparse.Namespace, device: torch.device, h: int, w: int) -> dict:
+    c = args.channels
+    mods = variants(args, device, c)
+    x = torch.randn(args.batch, c, h, w, device=device)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd(m: torch.nn.Module) -> Callable[[], object]:
+        def run() -> None:
+            with torch.no_grad():
+                m(x)
+        return run
+
+    def fwd_bwd(m: torch.nn.Module) -> Callable[[], object]:
+        def run() -> None:
+            m.zero_grad(set_to_none=True)
+            xg.grad = None
+            m(xg).sum().backward()
+        return run
+
+    fns = {f"{k}/fwd": fwd(m) for k, m in mods.items()}
+    fns.update({f"{k}/fwd_bwd": fwd_bwd(m) for k, m in mods.items()})
+    sec = interleaved(fns, device, args.repeat, args.warmup)
+    out: dict = {"shape": [args.batch, c, h, w], "seconds": {k: round(v, 5) for k, v in sec.items()}}
+    for mode in ("fwd", "fwd_bwd"):
+        base = sec[f"conv3x3/{mode}"]
+        out[f"x_conv3x3_{mode}"] = {k: round(sec[f"{k}/{mode}"] / base, 2) for k in mods if k != "conv3x3"}
+    out["speedup_vs_autograd"] = {mode: round(sec[f"decomposition_autograd/{mode}"] / sec[f"decomposition/{mode}"], 2)
+                                  for mode in ("fwd", "fwd_bwd")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.quick:
+        args.sizes, args.channels, args.repeat, args.warmup = ["32x40"], 8, 2, 1
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: expected a CUDA device, got none")
+    results = {"bench": "decompose_speed", "device": str(device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "repeat": args.repeat, "statistic": "median of interleaved rounds",
+               "sizes": {}}
+    for s in args.sizes:
+        h, w = (int(v) for v in s.lower().split("x"))
+        results["sizes"][f"{h}x{w}"] = bench_size(args, device, h, w)
+        print(json.dumps({s: results["sizes"][f"{h}x{w}"]}), file=sys.stderr, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:]), indent=1))
