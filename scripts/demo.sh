@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # `make demo`: the whole PAIF pipeline on the embedded synthetic dataset, in a few minutes on a 2-core CPU.
 #
-#   1 data      python -m rgbt.synthetic  -> data/synthetic (48 train / 16 val / 16 test, 128x160)
+#   1 data      python -m rgbt.synthetic  -> data/synthetic (200 train / 16 val / 16 test, 96x128)
 #   2 search    python -m strategies.nni_local create --config search.yml   (nnictl, 2 robust DARTS trials)
 #   3 derive    derive/export_genotype.py --experiment: the finished trial with the lowest held-out
 #               adversarial loss (strategies/selection.py)
-#   4 retrain   trainer/retrain.py --config configs/demo_retrain.yaml        (AAT, 48 steps on 64x80 crops)
-#   5 evaluate  trainer/evaluate.py --threat paif --threat strong            (full attack step counts,
+#   4 warm      python -m trainer.warmstart: SegFormer pretrained on max-rule fused images + the derived fusion
+#               net warmed up on the fusion loss (cached under runs/cache by content hash: a rerun reuses it)
+#   5 retrain   trainer/retrain.py --config configs/demo_retrain.yaml init_from=<warm start>  (AAT)
+#   6 evaluate  trainer/evaluate.py --threat paif --threat strong            (full attack step counts,
 #               first DEMO_LIMIT test images, eps sweep of paif only)
 #
 # Every run writes into a fresh folder runs/demo/demo-<time>/ (runs/demo/latest points at it); the NNI
 # experiment itself lands in runs/nni-experiments/<id>/ (search.yml). Environment knobs:
 #   DEMO_LIMIT=8          test images evaluated       OMP_NUM_THREADS=1   torch threads per process
 #   DEMO_RUNS=runs/demo   parent of the run folders   DEMO_SEARCH_TIMEOUT=480   seconds before the search is stopped
+#   DEMO_CACHE=runs/cache warm-start cache            DEMO_SEG_STEPS=400   segmenter pretraining steps
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,7 +43,7 @@ T_ALL=$(date +%s)
 stage() {  # stage N NAME: print a header and remember when the stage started
     STAGE_NAME=$2
     T_STAGE=$(date +%s)
-    printf '\n==> [%s/5] %s   (%s)\n' "$1" "$2" "$(date +%H:%M:%S)"
+    printf '\n==> [%s/6] %s   (%s)\n' "$1" "$2" "$(date +%H:%M:%S)"
 }
 done_stage() {
     local dt=$(( $(date +%s) - T_STAGE ))
@@ -51,7 +54,7 @@ trap 'rc=$?; [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (e
 echo "PAIF demo -> $RUN  (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 
 stage 1 data
-python -m rgbt.synthetic --out "$DATA" --n-train 48 --n-val 16 --n-test 16 --seed 0
+python -m rgbt.synthetic --out "$DATA" --n-train 200 --n-val 16 --n-test 16 --size 96 128 --seed 0
 python -m rgbt.summary "$DATA"
 done_stage
 
@@ -68,13 +71,19 @@ stage 3 derive
 python derive/export_genotype.py --experiment "$EXP" --out "$RUN/out.json"
 done_stage
 
-stage 4 retrain
+stage 4 warm
+python -m trainer.warmstart --data "$DATA" --genotype "$RUN/out.json" --cache "${DEMO_CACHE:-runs/cache}" \
+    --json "$RUN/warmstart.json" progress_bar=false seg.steps=${DEMO_SEG_STEPS:-400} fusion.steps=60
+START=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["start"])' "$RUN/warmstart.json")
+done_stage
+
+stage 5 retrain
 python trainer/retrain.py --genotype "$RUN/out.json" --config configs/demo_retrain.yaml runs_root="$RUN" \
-    | tee "$RUN/retrain.json"
+    init_from="$START" | tee "$RUN/retrain.json"
 CKPT=$(python -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["best"] or s["last"])' "$RUN/retrain.json")
 done_stage
 
-stage 5 evaluate
+stage 6 evaluate
 python trainer/evaluate.py --checkpoint "$CKPT" --data "$DATA" --split test --threat paif --threat strong \
     --limit "$LIMIT" --out "$RUN/eval" --no-progress 'sweep_threats=[paif]'
 done_stage

@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="dataset root (= data=...)")
     p.add_argument("--genotype", help="genotype name or JSON file (= genotype=...)")
     p.add_argument("--cache", help="cache folder (= cache=...)")
+    p.add_argument("--json", help="also write the summary (start checkpoint, segmenter folder) to this file")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -325,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     info = warm_start(cfg)
     seg = info["segmenter"]
     miou = seg.get("val", {}).get("miou")
-    print(json.dumps({"start": info["start"], "segmenter_dir": info["segmenter_dir"],
-                      "segmenter_val_miou": miou}, indent=2))
+    summary = json.dumps({"start": info["start"], "segmenter_dir": info["segmenter_dir"],
+                          "segmenter_val_miou": miou}, indent=2)
+    print(summary)
+    if args.json:
+        Path(args.json).write_text(summary + "\n")
     return 0
 
 
