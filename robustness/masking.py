@@ -101,7 +101,8 @@ class MaskingChecks:
 
     def budget(self) -> dict[str, int]:
         """Passes per image on the evaluated model (Square, scoring) and on the surrogate (transfer)."""
-        out = {"forward": self.square.budget()["forward"] + 3, "backward": 0}
+        scoring = 2 + (self.transfer is not None)  # the white-box, Square and transfer results
+        out = {"forward": self.square.budget()["forward"] + scoring, "backward": 0}
         if self.transfer is not None:
             t = self.transfer.budget()
             out.update(surrogate_forward=t["forward"], surrogate_backward=t["backward"])
