@@ -12,9 +12,15 @@ Built-in threats (``THREAT_MODELS``)
     * ``a2rnet`` PGD L-inf eps 4/255, 20 steps, IR and VIS, CE (the budget of A2RNet, Li et al., AAAI
                  2025). The step size is our choice, 1/255 = eps/4: the source does not fix it here and
                  20 steps of eps/4 can cross the ball 5 times.
-    * ``strong`` per image, the worst of PGD-20, SegPGD-20 (Gu et al., ECCV 2022) and CosPGD-20
-                 (Agnihotri et al., ICML 2024), all L-inf eps 8/255, step 2/255, both modalities, and
-                 the clean input. Weak attacks overstate robustness; reports always include it.
+    * ``sea``    SEA (Croce, Singh & Hein, arXiv 2306.12941): per image, the worst of APGD (Croce & Hein,
+                 ICML 2020) with each of SEA's four losses (balanced CE, masked CE, masked spherical,
+                 Jensen-Shannon), ``SEA_STEPS`` iterations each, L-inf eps 8/255, both modalities.
+    * ``sea-lite`` APGD with masked CE and JS, ``SEA_LITE_STEPS`` each: cheap, for training-time validation.
+    * ``strong`` per image, the worst of the ``sea`` members, PGD-20, SegPGD-20 (Gu et al., ECCV 2022)
+                 and CosPGD-20 (Agnihotri et al., ICML 2024), all L-inf eps 8/255, both modalities, the
+                 best iterate of each, and the clean input. Weak attacks overstate robustness; reports
+                 always include it ("Trying Harder Pays Off", ECCV 2024: diverse strong attacks are needed).
+    * ``strong-v1`` the ``strong`` of earlier versions: PGD-20, SegPGD-20, CosPGD-20, last iterates.
 
 Every attack is seeded (``seed``), so a threat gives the same adversarial inputs on every run.
 
@@ -45,8 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from robustness.attacks import (
-    FUSION_DISTANCES, LOSSES, MODALITIES, MODEL_MODES, NORMS, PGD, Attack, CosPGD, FGSM, SegPGD,
-    fusion_distance, model_guard, seg_scores,
+    APGD, FUSION_DISTANCES, LOSSES, MODALITIES, MODEL_MODES, NORMS, PGD, SEG_LOSSES, Attack, CosPGD, FGSM,
+    SegPGD, Square, fusion_distance, model_guard, seg_scores,
 )
 
 __all__ = [
@@ -56,17 +62,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ATTACKS: dict[str, type[Attack]] = {"pgd": PGD, "fgsm": FGSM, "segpgd": SegPGD, "cospgd": CosPGD}
+ATTACKS: dict[str, type[Attack]] = {"pgd": PGD, "fgsm": FGSM, "segpgd": SegPGD, "cospgd": CosPGD, "apgd": APGD,
+                                    "square": Square}
 CRITERIA = ("acc", "loss")
 EPS_SWEEP: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 
 _BOTH = ["ir", "vis"]
+SEA_STEPS = 25  # per SEA loss; SEA itself runs 300 (4 x 300 passes do not fit a CPU evaluation)
+SEA_LITE_STEPS = 10
+_SEA = [{"attack": "apgd", "eps": "8/255", "steps": SEA_STEPS, "seg_loss": loss, "seed": 10 + i}
+        for i, loss in enumerate(("ce-bal", "mce", "msl", "js"))]
 THREAT_MODELS: dict[str, dict[str, Any]] = {
     "paif": {"attack": "pgd", "eps": "8/255", "alpha": "2/255", "steps": 5, "norm": "linf",
              "targets": _BOTH, "loss": "seg", "random_start": True, "seed": 0},
     "a2rnet": {"attack": "pgd", "eps": "4/255", "alpha": "1/255", "steps": 20, "norm": "linf",
                "targets": _BOTH, "loss": "seg", "random_start": True, "seed": 0},
-    "strong": {"attack": "worst_case", "criterion": "acc", "include_clean": True, "members": [
+    # the `strong` of versions <= 0.x: three 20-step attacks, one random start each, LAST iterate kept
+    "strong-v1": {"attack": "worst_case", "criterion": "acc", "include_clean": True, "members": [
+        {"attack": "pgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 0, "keep_best": False},
+        {"attack": "segpgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 1, "keep_best": False},
+        {"attack": "cospgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 2, "keep_best": False},
+    ]},
+    "sea": {"attack": "worst_case", "criterion": "acc", "include_clean": True, "members": _SEA},
+    "sea-lite": {"attack": "worst_case", "criterion": "acc", "include_clean": True, "members": [
+        {"attack": "apgd", "eps": "8/255", "steps": SEA_LITE_STEPS, "seg_loss": "mce", "seed": 10},
+        {"attack": "apgd", "eps": "8/255", "steps": SEA_LITE_STEPS, "seg_loss": "js", "seed": 13},
+    ]},
+    "strong": {"attack": "worst_case", "criterion": "acc", "include_clean": True, "members": _SEA + [
         {"attack": "pgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 0},
         {"attack": "segpgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 1},
         {"attack": "cospgd", "eps": "8/255", "alpha": "2/255", "steps": 20, "seed": 2},
@@ -82,7 +104,10 @@ class ThreatError(ValueError):
 # Validation
 # ----------------------------------------------------------------------------------------------------
 _ATTACK_KEYS = {"attack", "eps", "alpha", "steps", "norm", "random_start", "targets", "loss", "ignore_index",
-                "fusion_distance", "seed", "model_mode", "activation"}
+                "fusion_distance", "seed", "model_mode", "activation", "keep_best", "restarts", "seg_loss",
+                "momentum", "rho", "p_init"}
+_ONLY = {"activation": ("cospgd",), "seg_loss": ("apgd",), "momentum": ("apgd",), "rho": ("apgd",),
+         "p_init": ("square",)}
 _WORST_KEYS = {"attack", "members", "criterion", "include_clean"}
 _EPS_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(\d+(?:\.\d*)?))?\s*$")
 
@@ -121,22 +146,36 @@ def _check_attack(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
     elif isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ThreatError(f"{where}: expected 'steps' an integer >= 0, got {steps!r}")
     if "alpha" in spec:
+        if kind == "square":
+            raise ThreatError(f"{where}: square takes no 'alpha' (it sets windows to +-eps); remove the key")
         out["alpha"] = parse_eps(spec["alpha"], f"{where}.alpha")
-    elif kind != "fgsm":  # Madry et al.'s rule of thumb: 2.5 eps / steps
+    elif kind == "apgd":  # Croce & Hein: the step size starts at 2 eps
+        out["alpha"] = 2 * out["eps"]
+    elif kind not in ("fgsm", "square"):  # Madry et al.'s rule of thumb: 2.5 eps / steps
         out["alpha"] = 2.5 * out["eps"] / max(steps, 1)
     choices = {"norm": NORMS, "loss": LOSSES, "fusion_distance": FUSION_DISTANCES, "model_mode": MODEL_MODES,
-               "activation": ("softmax", "sigmoid")}
+               "activation": ("softmax", "sigmoid"), "seg_loss": SEG_LOSSES}
     for key, allowed in choices.items():
         if key in spec and spec[key] not in allowed:
             raise ThreatError(f"{where}.{key}: expected one of {allowed}, got {spec[key]!r}")
-    if "activation" in spec and kind != "cospgd":
-        raise ThreatError(f"{where}: 'activation' only applies to cospgd, got attack {kind!r}")
+    for key, kinds in _ONLY.items():
+        if key in spec and kind not in kinds:
+            raise ThreatError(f"{where}: {key!r} only applies to {', '.join(kinds)}, got attack {kind!r}")
+    if kind == "square" and spec.get("norm", "linf") != "linf":
+        raise ThreatError(f"{where}.norm: expected linf for square, got {spec['norm']!r}")
+    for key in ("momentum", "rho", "p_init"):
+        if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], (int, float))
+                            or not 0 < spec[key] <= 1):
+            raise ThreatError(f"{where}.{key}: expected a number in (0, 1], got {spec[key]!r}")
+    if "restarts" in spec and (isinstance(spec["restarts"], bool) or not isinstance(spec["restarts"], int)
+                               or spec["restarts"] < 1):
+        raise ThreatError(f"{where}.restarts: expected an integer >= 1, got {spec['restarts']!r}")
     if "targets" in spec:
         t = [spec["targets"]] if isinstance(spec["targets"], str) else list(spec["targets"])
         if not t or any(x not in MODALITIES for x in t) or len(set(t)) != len(t):
             raise ThreatError(f"{where}.targets: expected a non-empty subset of {MODALITIES}, got {spec['targets']!r}")
         out["targets"] = t
-    for key in ("random_start",):
+    for key in ("random_start", "keep_best"):
         if key in spec and not isinstance(spec[key], bool):
             raise ThreatError(f"{where}.{key}: expected true or false, got {spec[key]!r}")
     for key in ("seed", "ignore_index"):
@@ -205,6 +244,7 @@ def rescale_threat(spec: Mapping[str, Any], eps: float) -> dict[str, Any]:
 
 def _to_fusion(spec: dict[str, Any]) -> dict[str, Any]:
     spec = dict(spec, loss="fusion", random_start=True)
+    spec.pop("seg_loss", None)
     if spec["attack"] in ("segpgd", "cospgd"):
         spec.pop("activation", None)
         spec["attack"] = "pgd"
@@ -238,6 +278,8 @@ class WorstCase:
         self.model, self.loss = attacks[0].model, attacks[0].loss
         self.model_mode, self.ignore_index = attacks[0].model_mode, attacks[0].ignore_index
         self.last_choice: Tensor | None = None  # (B,) index of the chosen candidate (-1 = clean)
+        #: after a call with labels: each member's per-image predictions (B, H, W), in member order
+        self.last_member_preds: list[Tensor] = []
 
     @property
     def eps(self) -> float:
@@ -247,18 +289,38 @@ class WorstCase:
         return {"attack": "worst_case", "criterion": self.criterion, "include_clean": self.include_clean,
                 "members": [a.config() for a in self.attacks]}
 
+    @property
+    def labels(self) -> list[str]:
+        """Unique short names of the members (``pgd-20``, ``apgd-js-25``, ...)."""
+        out: list[str] = []
+        for a in self.attacks:
+            name, i = a.label, 2
+            while name in out:
+                name, i = f"{a.label}#{i}", i + 1
+            out.append(name)
+        return out
+
+    def budget(self) -> dict[str, int]:
+        """Forward and backward passes per image: the members' plus one forward to score each candidate."""
+        parts = [a.budget() for a in self.attacks]
+        fwd = sum(p["forward"] for p in parts) + len(self.attacks) + int(self.include_clean)
+        return {"forward": fwd, "backward": sum(p["backward"] for p in parts)}
+
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(a) for a in self.attacks)
         return f"WorstCase(criterion={self.criterion!r}, include_clean={self.include_clean},\n  {inner})"
 
-    def scores(self, ir: Tensor, vis: Tensor, label: Tensor | None, clean_fused: Tensor | None = None
-               ) -> tuple[Tensor, Tensor]:
-        """Per-image (primary, secondary) scores, larger = worse for the model; (B,) float32 each."""
+    def scores(self, ir: Tensor, vis: Tensor, label: Tensor | None, clean_fused: Tensor | None = None,
+               preds: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Per-image (primary, secondary) scores, larger = worse for the model; (B,) float32 each.
+        ``preds``, if given, receives the predicted classes (B, H, W)."""
         with torch.no_grad(), model_guard(self.model, self.model_mode):
             out = self.model(ir, vis)
         if self.loss == "fusion":
             d = fusion_distance(out.fused_y, clean_fused, self.attacks[0].fusion_distance)
             return d, d
+        if preds is not None:
+            preds.append(out.logits.argmax(1))
         err, ce = seg_scores(out.logits, label, self.ignore_index)
         return (err, ce) if self.criterion == "acc" else (ce, err)
 
@@ -273,13 +335,17 @@ class WorstCase:
         best_ir, best_vis = candidates[0][0].clone(), candidates[0][1].clone()
         best = self.scores(best_ir, best_vis, label, clean_fused)
         choice = torch.full((ir.shape[0],), -1 if self.include_clean else 0, device=ir.device)
+        preds: list[Tensor] = []
+        if not self.include_clean and self.loss == "seg":  # the first member was scored above without preds
+            self.scores(best_ir, best_vis, label, clean_fused, preds)
         for i, (c_ir, c_vis) in enumerate(candidates[1:], start=1):
-            s = self.scores(c_ir, c_vis, label, clean_fused)
+            s = self.scores(c_ir, c_vis, label, clean_fused, preds)
             worse = (s[0] > best[0]) | ((s[0] == best[0]) & (s[1] > best[1]))
             best = tuple(torch.where(worse, a, b) for a, b in zip(s, best))
             best_ir[worse], best_vis[worse] = c_ir[worse], c_vis[worse]
             choice[worse] = i - 1 if self.include_clean else i
         self.last_choice = choice
+        self.last_member_preds = preds
         return best_ir, best_vis
 
 
@@ -302,6 +368,7 @@ def build_threat(
     steps: int | None = None,
     model_mode: str | None = None,
     registry: Mapping[str, Mapping[str, Any]] | None = None,
+    targets: Sequence[str] | None = None,
 ) -> Callable[..., tuple[Tensor, Tensor]]:
     """A callable ``attack(ir, vis, label=None) -> (ir_adv, vis_adv)`` for a named or given threat.
 
@@ -315,6 +382,8 @@ def build_threat(
             for smoke runs and step-count studies, not for reported numbers.
         model_mode: "eval" (default of the attacks) or "keep" (adversarial training).
         registry: extra threat models, e.g. from :func:`load_threats_yaml`.
+        targets: perturb only these modalities in every member (``["ir"]``: an attacker who controls
+            only the thermal camera); same attacks and budgets otherwise.
     Returns:
         an :class:`Attack` or a :class:`WorstCase`; both have ``config()`` and a readable ``repr``.
     """
@@ -329,6 +398,11 @@ def build_threat(
     elif loss == "seg":
         members = [dict(m, loss="seg") for m in members]
     overrides: dict[str, Any] = {} if model_mode is None else {"model_mode": model_mode}
+    if targets is not None:
+        t = [targets] if isinstance(targets, str) else list(targets)
+        if not t or any(x not in MODALITIES for x in t) or len(set(t)) != len(t):
+            raise ThreatError(f"targets: expected a non-empty subset of {MODALITIES}, got {targets!r}")
+        overrides["targets"] = t
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ThreatError(f"expected steps an integer >= 0, got {steps!r}")

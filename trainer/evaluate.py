@@ -3,13 +3,18 @@
 PAIF: Liu et al., "PAIF: Perception-Aware Infrared-Visible Image Fusion for Attack-Tolerant Semantic
 Segmentation", ACM MM 2023 (reference protocol: PGD L-inf, eps 8/255, step 2/255, 5 steps, both
 modalities). Weak attacks overstate robustness, so a report on labelled data always includes ``strong``
-(per-image worst case over PGD-20, SegPGD-20 and CosPGD-20 at eps 8/255).
+(per-image worst case over SEA's APGD ensemble, PGD-20, SegPGD-20 and CosPGD-20 at eps 8/255, best
+iterates), followed by gradient-masking checks (``robustness/masking.py``: the loss must rise, a
+black-box Square attack and a transfer attack from ``masking.surrogate`` must not beat it; their results
+join the worst case). Threats in ``per_modality`` are also run on IR only and on VIS only.
 
 Usage::
 
     python trainer/evaluate.py --checkpoint runs/retrain/ckpt.pt --data data/MSRS --split test \
         --threat paif --threat strong [--eps-sweep 0 2 4 8 16] [--out DIR] [--limit N] [--batch-size B] \
         [--device cpu] [--config configs/evaluate.yaml] [key=value ...]
+    # masking checks with a transfer attack from another checkpoint; strong also on IR only / VIS only:
+    python trainer/evaluate.py --checkpoint aat.pt --data DIR masking.surrogate=clean.pt per_modality=[strong]
     # unlabelled pairs (fusion metrics, label-free fusion-loss attack):
     python trainer/evaluate.py --checkpoint ckpt.pt --data ../shared/data/real_rgbt --limit 8
     # a randomly initialised checkpoint for a demo:
@@ -40,7 +45,10 @@ from tqdm import tqdm
 
 from rgbt.color import rgb_to_y
 from rgbt.dataset import DataError, RGBTDataset
-from robustness.threats import THREAT_MODELS, ThreatError, build_threat, load_threats_yaml, resolve_threat
+from robustness.masking import MaskingChecks, summarise as summarise_masking
+from robustness.threats import (
+    THREAT_MODELS, ThreatError, WorstCase, build_threat, load_threats_yaml, resolve_threat,
+)
 from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, save_config
 from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
@@ -53,6 +61,18 @@ ALWAYS_LABELLED = "strong"  # the threat model every labelled report must includ
 
 
 # ------------------------------------------------------------------------------------------------ config
+@dataclass
+class MaskingConfig:
+    """Gradient-masking checks after the labelled white-box evaluation of ``threat`` (robustness/masking.py)."""
+
+    enabled: bool = True
+    threat: str = "strong"  # the evaluated threat the checks compare against (and whose worst case they join)
+    surrogate: str = ""  # checkpoint to craft transfer attacks on (e.g. the no-AAT model); "" = no transfer check
+    transfer_threat: str = "sea-lite"  # threat model run on the surrogate
+    queries: int = 100  # Square attack queries per image (one forward each)
+    p_init: float = 0.3  # Square's initial window fraction
+
+
 @dataclass
 class EvaluateConfig:
     """Resolved configuration of one evaluation (YAML ``configs/evaluate.yaml`` ← flags ← ``key=value``)."""
@@ -77,6 +97,8 @@ class EvaluateConfig:
     #: "published": classes absent from truth and prediction count as IoU 0 (the published evaluation);
     #: "present": they drop out of the mean (trainer.metrics)
     miou_convention: str = "published"
+    per_modality: list[str] = field(default_factory=lambda: ["paif"])  # also run these on IR only and VIS only
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
 
 
 # ---------------------------------------------------------------------------------------- threat models
@@ -100,11 +122,23 @@ THREAT_HELP: dict[str, str] = {
             "step 2/255, 5 steps, perturbing both the infrared and the visible image to maximise the "
             "segmentation cross-entropy.",
     "a2rnet": "the A2RNet budget: PGD L∞ 4/255, 20 steps of 1/255, both images, cross-entropy.",
-    "strong": "per image, the worst of three 20-step attacks at L∞ 8/255 on both images (PGD, SegPGD which "
-              "shifts weight to still-correct pixels, CosPGD which weights pixels by their confidence in the "
-              "true class) and the clean image; the strongest attack here, so its mIoU is the tightest available "
-              "upper bound on the true robust mIoU.",
+    "strong": "per image, the worst of seven attacks at L∞ 8/255 on both images and the clean image: the four "
+              "APGD runs of `sea` and three 20-step attacks (PGD; SegPGD, which shifts weight to still-correct "
+              "pixels; CosPGD, which weights pixels by their confidence in the true class), each keeping the "
+              "worst point it visited. The strongest attack here, so its mIoU is the tightest available upper "
+              "bound on the true robust mIoU.",
+    "strong-v1": "the `strong` of earlier versions: per image, the worst of PGD-20, SegPGD-20 and CosPGD-20 at "
+                 "L∞ 8/255 on both images (each from one random start, keeping its LAST point) and the clean image.",
+    "sea": "SEA (Croce et al. 2023): per image, the worst of four APGD runs at L∞ 8/255 on both images, each "
+           "maximising another loss (class-balanced cross-entropy; cross-entropy of still-correct pixels only; "
+           "a bounded 'spherical' loss of still-correct pixels; Jensen-Shannon divergence, which stops pushing "
+           "pixels that are already wrong). APGD adapts its step size per image: it halves the step when the "
+           "loss stops rising and restarts from the best point.",
+    "sea-lite": "a cheap SEA for training-time validation: the worst of two short APGD runs (masked "
+                "cross-entropy and Jensen-Shannon) at L∞ 8/255 on both images.",
 }
+MODALITY_TEXT = {"ir": "only the infrared image is perturbed (an attacker who controls the thermal camera)",
+                 "vis": "only the visible image is perturbed (an attacker who controls the colour camera)"}
 
 
 def _describe(name: str, spec: dict[str, Any], labelled: bool) -> str:
@@ -131,11 +165,13 @@ def _describe(name: str, spec: dict[str, Any], labelled: bool) -> str:
 
 
 def build_threats(names: Sequence[str], model: torch.nn.Module, labelled: bool, steps: int,
-                  notes: list[str]) -> list[Threat]:
+                  notes: list[str], per_modality: Sequence[str] = ()) -> list[Threat]:
     """Threat objects for ``names`` (built-in names or YAML files of ``threats:``).
 
     On unlabelled data each threat becomes its label-free fusion-loss variant (``loss="fusion"``).
     ``steps > 0`` replaces every member's step count (quick checks; not the protocol).
+    Each name in ``per_modality`` is followed by ``<name>-ir-only`` and ``<name>-vis-only``: the same
+    attacks perturbing one modality.
     """
     registry: dict[str, Any] = dict(THREAT_MODELS)
     wanted: list[str] = []
@@ -163,11 +199,19 @@ def build_threats(names: Sequence[str], model: torch.nn.Module, labelled: bool, 
         loss = None if labelled else "fusion"
         shown = name if labelled else f"{name}-fusion"
 
-        def make(eps: float | None, spec: dict[str, Any] = spec, loss: str | None = loss) -> Callable:
-            return build_threat(spec, model, eps=eps, loss=loss)
+        for targets in [None] + ([["ir"], ["vis"]] if name in per_modality else []):
+            def make(eps: float | None, spec: dict[str, Any] = spec, loss: str | None = loss,
+                     targets: list[str] | None = targets) -> Callable:
+                return build_threat(spec, model, eps=eps, loss=loss, targets=targets)
 
-        attack = make(None)
-        threats.append(Threat(shown, description, float(attack.eps), make, attack))
+            attack = make(None)
+            text = description if targets is None else f"{description} Here {MODALITY_TEXT[targets[0]]}."
+            label = shown if targets is None else f"{shown}-{targets[0]}-only"
+            threats.append(Threat(label, text, float(attack.eps), make, attack))
+    unknown = sorted(set(per_modality) - set(wanted))
+    if unknown:
+        raise ConfigError(f"per_modality: expected names among the evaluated threats {list(dict.fromkeys(wanted))}, "
+                          f"got {unknown}")
     return threats
 
 
@@ -272,6 +316,84 @@ class _Accumulator:
         }
 
 
+def _masking_checks(cfg: EvaluateConfig, threats: list[Threat], model: torch.nn.Module, labelled: bool,
+                    device: torch.device) -> MaskingChecks | None:
+    """The gradient-masking checks bound to ``cfg.masking.threat`` (labelled data only), or None."""
+    mc = cfg.masking
+    if not labelled or not mc.enabled:
+        return None
+    by_name = {th.name: th for th in threats}
+    if mc.threat not in by_name:
+        raise ConfigError(f"masking.threat: expected one of the evaluated threats {list(by_name)}, got {mc.threat!r}")
+    th = by_name[mc.threat]
+    first = th.attack.attacks[0] if isinstance(th.attack, WorstCase) else th.attack
+    surrogate = None
+    if mc.surrogate:
+        surrogate, _ = load_model(mc.surrogate, map_location=device)
+        surrogate.requires_grad_(False)
+    try:
+        resolve_threat(mc.transfer_threat)
+    except ThreatError as exc:
+        raise ConfigError(f"masking.transfer_threat: {exc}") from exc
+    if mc.queries < 1:
+        raise ConfigError(f"masking.queries: expected >= 1, got {mc.queries}")
+
+    def transfer(m: torch.nn.Module) -> Callable:
+        return build_threat(mc.transfer_threat, m, eps=th.eps, targets=list(first.targets))
+
+    return MaskingChecks(model, th.eps, first.targets, queries=mc.queries, p_init=mc.p_init, surrogate=surrogate,
+                         transfer=transfer, seed=cfg.seed, ignore_index=first.ignore_index)
+
+
+class _Extra:
+    """Per-threat time, cost, each worst-case member alone, and the masking checks' counts."""
+
+    def __init__(self, threats: list[Threat], num_classes: int, labelled: bool, masking: bool) -> None:
+        self.labelled, self.num_classes = labelled, num_classes
+        self.seconds = {th.name: 0.0 for th in threats}
+        self.member_cms: dict[str, dict[str, ConfusionMatrix]] = {}
+        self.white = ConfusionMatrix(num_classes) if masking else None
+        self.counts: dict[str, dict[str, int]] = {}
+        self.check_seconds = 0.0
+
+    def members(self, th: Threat, batch: dict[str, Any]) -> None:
+        if not self.labelled or not isinstance(th.attack, WorstCase) or not th.attack.last_member_preds:
+            return
+        cms = self.member_cms.setdefault(th.name, {n: ConfusionMatrix(self.num_classes) for n in th.attack.labels})
+        for name, pred in zip(th.attack.labels, th.attack.last_member_preds):
+            cms[name].update(pred, batch["label"])
+
+    def white_box(self, model: torch.nn.Module, ir: torch.Tensor, vis: torch.Tensor, batch: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.white.update(model(ir, vis).logits.argmax(1), batch["label"])
+
+    def count(self, flags: dict[str, torch.Tensor | None]) -> None:
+        for name, fired in flags.items():
+            if fired is not None:
+                c = self.counts.setdefault(name, {"fired": 0, "images": 0})
+                c["fired"] += int(fired.sum())
+                c["images"] += int(fired.numel())
+
+    def into(self, report: dict[str, Any], threats: list[Threat], checks: MaskingChecks | None,
+             mc: MaskingConfig) -> None:
+        """Add ``cost``, ``seconds``, ``members`` per threat and the ``masking`` section to ``report``."""
+        for th in threats:
+            entry = report["threats"][th.name]
+            entry["seconds"] = self.seconds[th.name]
+            if hasattr(th.attack, "budget"):
+                entry["cost"] = th.attack.budget()
+            if th.name in self.member_cms:
+                entry["members"] = {n: _seg_summary(cm)["miou"] for n, cm in self.member_cms[th.name].items()}
+        if checks is None:
+            report["masking"] = None
+            return
+        entry = report["threats"][mc.threat]
+        entry["white_box_miou"] = _seg_summary(self.white)["miou"]
+        entry["cost"] = {**entry.get("cost", {}), "masking_checks": checks.budget()}
+        report["masking"] = {"threat": mc.threat, "checks": summarise_masking(self.counts), "seconds": self.check_seconds,
+                             "config": {**checks.config(), "surrogate": mc.surrogate or None}}
+
+
 # ------------------------------------------------------------------------------------------------- run
 def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` and write the report files into ``run_dir``."""
@@ -306,7 +428,9 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.steps > 0:
         notes.append(f"**Attack step counts were overridden to {cfg.steps}** (`steps={cfg.steps}`): a quick "
                      "check, NOT the reference protocol. Do not quote these numbers.")
-    threats = build_threats(names, model, labelled, cfg.steps, notes)
+    threats = build_threats(names, model, labelled, cfg.steps, notes, cfg.per_modality)
+    checks = _masking_checks(cfg, threats, model, labelled, device)
+    extra = _Extra(threats, num_classes, labelled, checks is not None)
     sweep = _sweep_eps(cfg)
     if cfg.resize:
         if len(cfg.resize) != 2 or min(cfg.resize) < 16:
@@ -342,7 +466,16 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
             clean = model(batch["ir"], batch["vis"])
         accs["clean"].update(clean, batch, None)
         for th in threats:
+            started = time.perf_counter()
             ir_adv, vis_adv = th.attack(batch["ir"], batch["vis"], label)
+            extra.seconds[th.name] += time.perf_counter() - started
+            if checks is not None and th.name == cfg.masking.threat:
+                started = time.perf_counter()
+                extra.white_box(model, ir_adv, vis_adv, batch)
+                (ir_adv, vis_adv), flags = checks(batch["ir"], batch["vis"], label, (ir_adv, vis_adv), th.attack)
+                extra.count(flags)
+                extra.check_seconds += time.perf_counter() - started
+            extra.members(th, batch)
             with torch.no_grad():
                 adv = model(ir_adv, vis_adv)
             accs[th.name].update(adv, batch, clean.fused_y)
@@ -358,6 +491,7 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
 
     results = {k: a.summary() for k, a in accs.items()}
     report = _assemble(cfg, meta, device, labelled, n_images, threats, sweep, results, notes)
+    extra.into(report, threats, checks, cfg.masking)
     report["pictures"] = _pictures(run_dir, grid, report, labelled)
     report["elapsed_s"] = time.time() - t0
     write_json(report, run_dir / "report.json")

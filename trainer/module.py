@@ -117,6 +117,9 @@ class ValConfig:
     attack_eps: float = 8 / 255
     attack_alpha: float = 2 / 255
     attack_steps: int = 5
+    #: a threat model name (e.g. "sea-lite": two short APGD runs, ~22 passes per image) instead of the PGD
+    #: above; "" = the PGD of attack_eps / attack_alpha / attack_steps
+    threat: str = ""
     #: images in the TensorBoard picture grid (0 = none)
     num_images: int = 4
     #: run validation every N training steps (0 = at the end of every epoch)
@@ -182,6 +185,10 @@ class RetrainConfig:
             raise ValueError(f"attack.kind: expected one of {ATTACK_KINDS}, got {self.attack.kind!r}")
         if self.attack.steps < 1:
             raise ValueError(f"attack.steps: expected >= 1, got {self.attack.steps}")
+        if self.val.threat:
+            from robustness.threats import resolve_threat
+
+            resolve_threat(self.val.threat)  # ThreatError (a ValueError) names the known threats
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
@@ -368,9 +375,10 @@ class RetrainModule(pl.LightningModule):
         a = self.cfg.attack
         common = dict(targets=tuple(a.targets), loss="seg", generator=generator, model_mode=a.model_mode)
         if a.kind == "fgsm":
-            return FGSM(self.model, eps=eps, alpha=1.25 * eps, random_start=True, **common)
+            return FGSM(self.model, eps=eps, alpha=1.25 * eps, random_start=True, keep_best=False, **common)
+        # the last iterate, as in Madry et al.'s adversarial training (best-iterate selection is for evaluation)
         return PGD(self.model, eps=eps, alpha=a.alpha_factor * eps / a.steps, steps=a.steps, random_start=True,
-                   **common)
+                   keep_best=False, **common)
 
     def robust_loss(self, batch: dict[str, Any], eps: float | None, generator: torch.Generator | None = None
                     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -493,8 +501,14 @@ class RetrainModule(pl.LightningModule):
         ir, vis, label = batch["ir"], batch["vis"], batch["label"]
         out = self.model(ir, vis)
         v = self.cfg.val
-        attack = PGD(self.model, eps=v.attack_eps, alpha=v.attack_alpha, steps=v.attack_steps, random_start=True,
-                     generator=self._generator("val", batch_idx, self.global_rank), model_mode="eval")
+        if v.threat:
+            from robustness.threats import build_threat
+
+            attack = build_threat(v.threat, self.model, model_mode="eval")
+        else:
+            attack = PGD(self.model, eps=v.attack_eps, alpha=v.attack_alpha, steps=v.attack_steps,
+                         random_start=True, generator=self._generator("val", batch_idx, self.global_rank),
+                         model_mode="eval")
         ir_a, vis_a = attack(ir, vis, label)
         out_a = self.model(ir_a, vis_a)
         self.cm_clean.update(out.logits.float(), label)
@@ -516,8 +530,10 @@ class RetrainModule(pl.LightningModule):
             metrics[f"val/pixel_acc{tag}"] = float(res["pixel_acc"])
         for k, val in metrics.items():
             self.log(k, val, prog_bar=k in ("val/miou", "val/miou_adv"), sync_dist=False)
-        log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (PGD eps %.1f/255, %d steps)", self.global_step,
-                 metrics["val/miou"], metrics["val/miou_adv"], self.cfg.val.attack_eps * 255, self.cfg.val.attack_steps)
+        v = self.cfg.val
+        attack = v.threat or f"PGD eps {v.attack_eps * 255:.1f}/255, {v.attack_steps} steps"
+        log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (%s)", self.global_step, metrics["val/miou"],
+                 metrics["val/miou_adv"], attack)
         score = metrics.get(self.cfg.monitor)
         if score is None:
             raise KeyError(f"monitor: expected one of {sorted(metrics)}, got {self.cfg.monitor!r}")

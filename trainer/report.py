@@ -184,6 +184,68 @@ def _sweep_section(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _masking_warnings(report: Mapping[str, Any]) -> list[str]:
+    """A visible warning per fired gradient-masking check (empty when none fired or none ran)."""
+    masking = report.get("masking") or {}
+    lines = []
+    for c in masking.get("checks", []):
+        if c["status"] == "FIRED":
+            lines += [f"> **⚠ Gradient-masking warning: check `{c['check']}` fired** on {c['fired_images']} of "
+                      f"{c['images']} images (expected: {c['what']}). The white-box attacks may be fooled by useless "
+                      f"gradients, so `{masking['threat']}` may overstate robustness; its number below already "
+                      "includes the black-box and transfer results.", ""]
+    return lines
+
+
+def _robustness_sections(report: Mapping[str, Any]) -> list[str]:
+    """Attack cost and time, each worst-case member alone, per-modality threats, the masking checks."""
+    threats, lines = report["threats"], []
+    rows = []
+    for name, t in threats.items():
+        cost = t.get("cost") or {}
+        if cost:
+            rows.append([f"`{name}`", str(cost.get("forward", "–")), str(cost.get("backward", "–")),
+                         f"{t.get('seconds', 0):.1f}"])
+    if rows:
+        lines += ["## Attack budget and cost", "",
+                  "Passes through the model per image (a backward pass costs about twice a forward) and the wall "
+                  "time of the attack over the whole evaluation.", ""]
+        lines += _table(["threat", "forward / image", "backward / image", "time (s)"], rows)
+    for name, t in threats.items():
+        members = t.get("members")
+        if not members:
+            continue
+        lines += [f"### Each attack of `{name}` alone", "",
+                  f"mIoU under each member alone (its own worst iterate per image); `{name}` takes the per-image "
+                  "worst of them, so it is never above any of them.", ""]
+        rows = [[f"`{m}`", _f(v)] for m, v in members.items()]
+        rows.append([f"**`{name}`** (white-box worst case)", _f(t.get("white_box_miou", t["segmentation"]["miou"]))])
+        lines += _table(["attack", "mIoU"], rows)
+    bases = [n for n in threats if f"{n}-ir-only" in threats and f"{n}-vis-only" in threats]
+    if bases and report["data"]["labelled"]:
+        lines += ["## One sensor attacked", "",
+                  "The same attacks on both images, on the infrared image only and on the visible image only "
+                  "(mIoU). A fused model is still vulnerable when the attacker controls a single camera.", ""]
+        rows = [[f"`{b}`"] + [_f(threats[n]["segmentation"]["miou"]) for n in (b, f"{b}-ir-only", f"{b}-vis-only")]
+                for b in bases]
+        lines += _table(["threat", "both", "IR only", "VIS only"], rows)
+    masking = report.get("masking")
+    if masking:
+        lines += ["## Gradient-masking checks", "",
+                  f"After `{masking['threat']}`: does the attacked loss rise, and does a black-box or a transfer attack "
+                  "do better than the white-box worst case on any image? A defence that only hides its gradients "
+                  "fails these. A fired check is a warning at the top of this report; the black-box and transfer "
+                  f"results are part of `{masking['threat']}`'s number either way.", ""]
+        rows = [[f"`{c['check']}`", c["what"], c["status"] if c["status"] != "FIRED" else "**FIRED**",
+                 f"{c['fired_images']} / {c['images']}"] for c in masking["checks"]]
+        lines += _table(["check", "expected", "result", "images fired"], rows)
+        t = threats.get(masking["threat"], {})
+        if t.get("white_box_miou") is not None:
+            lines += [f"White-box mIoU {_f(t['white_box_miou'])}; with the black-box and transfer results "
+                      f"{_f(t['segmentation']['miou'])}; checks took {masking.get('seconds', 0):.1f} s.", ""]
+    return lines
+
+
 def _glossary(report: Mapping[str, Any]) -> list[str]:
     lines = ["## How to read this report", "", "**Threat models** (what the attacker may do):", ""]
     for name, t in report["threats"].items():
@@ -209,10 +271,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"* threat models: {', '.join(f'`{n}`' for n in report['threats'])}",
               f"* device: {report.get('device', '?')}; run time {report.get('elapsed_s', 0):.0f} s; "
               f"created {report.get('created', '')}", ""]
+    lines += _masking_warnings(report)
     if report.get("notes"):
         lines += ["**Notes:**", ""] + [f"* {n}" for n in report["notes"]] + [""]
     if data["labelled"]:
         lines += _segmentation_section(report)
+    lines += _robustness_sections(report)
     lines += _fusion_section(report)
     lines += _sweep_section(report)
     grids = report.get("pictures", {}).get("grids", {})

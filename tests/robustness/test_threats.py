@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustness.attacks import PGD, CosPGD, SegPGD, seg_scores
+from robustness.attacks import APGD, PGD, CosPGD, SegPGD, seg_scores
 from robustness.threats import (
     EPS_SWEEP, THREAT_MODELS, ThreatError, WorstCase, build_sweep, build_threat, load_threats_yaml, parse_eps,
     resolve_threat,
@@ -22,19 +22,29 @@ def test_named_threats_match_the_protocols(toy):
     assert paif.targets == ("ir", "vis")
     a2r = build_threat("a2rnet", toy)
     assert a2r.eps == pytest.approx(4 / 255) and a2r.steps == 20
-    strong = build_threat("strong", toy)
-    assert isinstance(strong, WorstCase)
-    assert [type(a) for a in strong.attacks] == [PGD, SegPGD, CosPGD]
-    assert all(a.steps == 20 and a.eps == pytest.approx(8 / 255) for a in strong.attacks)
-    assert len({a.seed for a in strong.attacks}) == 3
-    assert set(THREAT_MODELS) >= {"paif", "a2rnet", "strong"}
+    old = build_threat("strong-v1", toy)
+    assert isinstance(old, WorstCase)
+    assert [type(a) for a in old.attacks] == [PGD, SegPGD, CosPGD]
+    assert all(a.steps == 20 and a.eps == pytest.approx(8 / 255) and not a.keep_best for a in old.attacks)
+    assert len({a.seed for a in old.attacks}) == 3
+    sea = build_threat("sea", toy)
+    assert [(type(a), a.seg_loss) for a in sea.attacks] == [(APGD, k) for k in ("ce-bal", "mce", "msl", "js")]
+    assert all(a.alpha == pytest.approx(2 * 8 / 255) for a in sea.attacks)  # APGD starts at 2 eps
+    strong = build_threat("strong", toy)  # SEA's ensemble + the old members, best iterates
+    assert [type(a) for a in strong.attacks] == [APGD] * 4 + [PGD, SegPGD, CosPGD]
+    assert all(a.keep_best and a.eps == pytest.approx(8 / 255) for a in strong.attacks)
+    assert len({a.seed for a in strong.attacks}) == 7
+    assert strong.budget()["backward"] == 4 * sea.attacks[0].steps + 60
+    assert set(THREAT_MODELS) >= {"paif", "a2rnet", "strong", "strong-v1", "sea", "sea-lite"}
 
 
 def test_eps_override_scales_alpha(toy):
     a = build_threat("paif", toy, eps=4 / 255)
     assert a.eps == pytest.approx(4 / 255) and a.alpha == pytest.approx(1 / 255)
-    s = build_threat("strong", toy, eps="16/255")
+    s = build_threat("strong-v1", toy, eps="16/255")
     assert all(m.eps == pytest.approx(16 / 255) and m.alpha == pytest.approx(4 / 255) for m in s.attacks)
+    s = build_threat("sea", toy, eps="4/255")
+    assert all(m.eps == pytest.approx(4 / 255) and m.alpha == pytest.approx(8 / 255) for m in s.attacks)
     sweep = build_sweep("paif", toy)
     assert list(sweep) == pytest.approx(list(EPS_SWEEP))
     assert sweep[0.0].eps == 0
@@ -91,9 +101,12 @@ def test_worst_case_loss_criterion_and_fusion_variant(toy, batch):
         {"attack": "fgsm", "eps": "8/255"}]}, toy)
     ir_adv, _ = wc(batch["ir"], batch["vis"], batch["label"])
     assert not torch.equal(ir_adv, batch["ir"])
-    fus = build_threat("strong", toy, loss="fusion", eps=4 / 255)
+    fus = build_threat("strong-v1", toy, loss="fusion", eps=4 / 255)
     assert all(type(a) is PGD and a.loss == "fusion" for a in fus.attacks)
     assert len({a.seed for a in fus.attacks}) == 3
+    sea = build_threat("sea", toy, loss="fusion", steps=2)  # APGD keeps its schedule on the fused-image distance
+    assert all(type(a) is APGD and a.loss == "fusion" for a in sea.attacks)
+    sea(batch["ir"], batch["vis"])
     ir_adv, vis_adv = fus(batch["ir"], batch["vis"])  # no labels
     assert (vis_adv - batch["vis"]).abs().max() <= 4 / 255 + 1e-6
     with torch.no_grad():

@@ -57,7 +57,8 @@ def test_report_json_structure_and_ranges(labelled_run):
     assert {"config", "versions", "checkpoint", "data", "notes", "clean", "threats", "eps_sweep", "pictures"} <= set(rep)
     assert rep["data"] == {"root": rep["config"]["data"], "split": "test", "num_images": 2, "labelled": True}
     assert rep["miou_convention"] == "published" == rep["config"]["miou_convention"]
-    assert list(rep["threats"]) == ["paif", "strong"]  # strong added although not asked for
+    # strong added although not asked for; paif also on one sensor at a time (per_modality default)
+    assert list(rep["threats"]) == ["paif", "paif-ir-only", "paif-vis-only", "strong"]
     assert any("`strong` was added" in n for n in rep["notes"])
     assert any("overridden to 1" in n for n in rep["notes"])
     assert rep["checkpoint"]["genotype"]["channels"] == 8
@@ -76,6 +77,8 @@ def test_report_json_structure_and_ranges(labelled_run):
     assert rep["config"]["grid_samples"] == 2 and rep["config"]["eps_sweep"] == [0.0, 4.0, 8.0]
     assert paif["miou_drop"] == pytest.approx(rep["clean"]["segmentation"]["miou"] - paif["segmentation"]["miou"])
     assert "PGD" in paif["attack"] and "WorstCase" in rep["threats"]["strong"]["attack"]
+    assert rep["threats"]["paif-ir-only"]["attack_config"]["targets"] == ["ir"]
+    assert "only the infrared image" in rep["threats"]["paif-ir-only"]["description"]
     for name, pts in rep["eps_sweep"].items():
         assert [p["eps_255"] for p in pts] == [0.0, 4.0, 8.0]
         assert pts[0]["miou"] == rep["clean"]["segmentation"]["miou"]  # eps 0 is the clean run
@@ -97,7 +100,7 @@ def test_clean_miou_matches_a_direct_computation(setup, labelled_run):
 
 def test_pictures_markdown_and_run_files(labelled_run):
     out, rep = labelled_run
-    assert rep["pictures"]["grids"] == {"paif": "grid_paif.png", "strong": "grid_strong.png"}
+    assert set(rep["pictures"]["grids"]) == {"paif", "paif-ir-only", "paif-vis-only", "strong"}
     for png in ["grid_paif.png", "grid_strong.png", "eps_curve.png"]:
         _valid_png(out / png)
     md = (out / "report.md").read_text()
@@ -118,7 +121,52 @@ def test_sweep_threats_limits_the_sweep(setup, tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert list(rep["eps_sweep"]) == ["paif"]
     assert [p["eps_255"] for p in rep["eps_sweep"]["paif"]] == [0.0, 4.0]
-    assert set(rep["threats"]) == {"paif", "strong"}
+    assert set(rep["threats"]) == {"paif", "paif-ir-only", "paif-vis-only", "strong"}
+
+
+def test_cost_members_and_masking_checks(labelled_run):
+    """Budget per threat, each member of strong alone, and the gradient-masking checks after strong."""
+    out, rep = labelled_run
+    strong = rep["threats"]["strong"]
+    assert strong["cost"]["backward"] == 7  # 7 members x 1 step (--steps 1)
+    assert strong["cost"]["masking_checks"]["forward"] == 101 + 2  # Square start + queries, scoring two results
+    assert rep["threats"]["paif"]["cost"] == {"forward": 2, "backward": 1} and rep["threats"]["paif"]["seconds"] > 0
+    members = strong["members"]
+    assert list(members) == ["apgd-ce-bal-1", "apgd-mce-1", "apgd-msl-1", "apgd-js-1", "pgd-1", "segpgd-1", "cospgd-1"]
+    # the worst case is never above any member, and the masking attacks can only lower it further
+    assert strong["white_box_miou"] <= min(members.values()) + 1e-9
+    assert strong["segmentation"]["miou"] <= strong["white_box_miou"] + 1e-9
+    checks = {c["check"]: c for c in rep["masking"]["checks"]}
+    assert list(checks) == ["loss_rise", "square", "transfer"]
+    assert checks["transfer"]["status"] == "skipped"  # no surrogate configured
+    assert checks["square"]["images"] == 2 and checks["square"]["status"] in ("passed", "FIRED")
+    md = (out / "report.md").read_text()
+    for text in ["## Attack budget and cost", "### Each attack of `strong` alone", "## One sensor attacked",
+                 "## Gradient-masking checks", "| `square` |"]:
+        assert text in md, text
+
+
+def test_fired_check_is_a_visible_warning(labelled_run):
+    from trainer.report import render_markdown
+
+    rep = json.loads(json.dumps(labelled_run[1]))
+    rep["masking"]["checks"][1].update(status="FIRED", fired_images=1)
+    md = render_markdown(rep)
+    assert "**⚠ Gradient-masking warning: check `square` fired** on 1 of 2 images" in md
+    assert md.index("⚠") < md.index("## Segmentation under attack")  # at the top, before the tables
+
+
+def test_surrogate_transfer_check(setup, tmp_path):
+    base, data, ckpt = setup
+    other = init_checkpoint(base / "other.pt", genotype="paif", channels=8, seed=1)
+    argv = ["--checkpoint", str(ckpt), "--data", str(data), "--limit", "1", "--device", "cpu", "--out", str(tmp_path),
+            "--steps", "1", "--no-progress", "--eps-sweep", "--threat", "paif", "per_modality=[]",
+            "masking.threat=paif", f"masking.surrogate={other}", "masking.queries=5"]
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    checks = {c["check"]: c for c in rep["masking"]["checks"]}
+    assert checks["transfer"]["status"] in ("passed", "FIRED") and checks["transfer"]["images"] == 1
+    assert rep["masking"]["config"]["transfer"]["attack"] == "worst_case"  # sea-lite on the surrogate
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -126,6 +174,8 @@ def test_sweep_threats_limits_the_sweep(setup, tmp_path):
     (["colour=1"], "unknown config key(s) colour"),
     (["sweep_threats=[a2rnet]"], "sweep_threats: expected names among the evaluated threats"),
     (["miou_convention=nan"], "miou_convention: expected one of ('published', 'present'), got 'nan'"),
+    (["per_modality=[a2rnet]"], "per_modality: expected names among the evaluated threats"),
+    (["masking.threat=a2rnet"], "masking.threat: expected one of the evaluated threats"),
 ])
 def test_bad_input_gives_exit_code_2(setup, tmp_path, capsys, extra, message):
     base, data, ckpt = setup
@@ -148,13 +198,15 @@ def test_unlabelled_real_pairs_subprocess(setup, tmp_path):
     cmd = [sys.executable, str(REPO / "trainer" / "evaluate.py"), "--checkpoint", str(ckpt), "--data", str(REAL_RGBT),
            "--limit", "2", "--threat", "paif", "--eps-sweep", "0", "8", "--device", "cpu", "--out", str(out),
            "--steps", "1", "resize=[96, 128]", "grid_samples=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # this checkout, not the installed one
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fused PSNR vs clean" in proc.stdout
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"]["labelled"] is False and rep["data"]["num_images"] == 2
-    assert list(rep["threats"]) == ["paif-fusion"]  # label-free variant, no 'strong' forced
+    # label-free variants, no 'strong' forced, no masking checks (they need labels)
+    assert list(rep["threats"]) == ["paif-fusion", "paif-fusion-ir-only", "paif-fusion-vis-only"]
+    assert rep["masking"] is None
     assert rep["threats"]["paif-fusion"]["attack_config"]["loss"] == "fusion"
     assert rep["clean"]["segmentation"] is None and set(rep["clean"]["fusion"]) == FUSION_KEYS
     assert 0 < rep["threats"]["paif-fusion"]["fused_psnr"] < 100  # the attack changed the fused image

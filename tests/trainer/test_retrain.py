@@ -119,11 +119,13 @@ def test_aat_mode_end_to_end(aat_full):
     assert (Path(aat_full["run_dir"]) / "run.log").is_file()
 
 
-@pytest.mark.parametrize("flags", [["mode=at"], ["--no-aat"]], ids=["at", "clean"])
+@pytest.mark.parametrize("flags", [["mode=at"], ["--no-aat", "val.threat=sea-lite"]], ids=["at", "clean"])
 def test_at_and_clean_modes_end_to_end(synthetic_root, runs, flags):
     summary = _run("--genotype", "paif", *flags, *_tiny(synthetic_root, runs, "max_steps=3", f"run_name={flags[0]}"))
     mode = "clean" if "--no-aat" in flags else "at"
     _check_outputs(summary, mode)
+    if mode == "clean":  # validation under the cheap SEA threat model
+        assert "(sea-lite)" in (Path(summary["run_dir"]) / "run.log").read_text()
     tags = _tb_scalars(summary["run_dir"])
     assert ("train/loss_adv" in tags) == (mode == "at")
     assert not any(t.startswith("aat/") for t in tags)
@@ -200,6 +202,13 @@ def test_bad_genotype_file_is_a_clear_error(tmp_path, synthetic_root, content, m
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "bad.json" in err
     assert not runs.exists(), "no run folder is created before the inputs are checked"
+
+
+def test_unknown_validation_threat_is_an_error():
+    from trainer.module import RetrainConfig, ValConfig
+
+    with pytest.raises(ValueError, match="unknown threat model 'nosuch'"):
+        RetrainConfig(val=ValConfig(threat="nosuch"))
 
 
 def test_unknown_genotype_name_and_mode_conflict(tmp_path, capsys):
