@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, al
 from _timing import sync  # noqa: E402
 from search_space import decompose  # noqa: E402
 from search_space.decompose import GuidedDecomposition  # noqa: E402
+from trainer.runs import tune_malloc  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,6 +124,7 @@ def bench_size(args: argparse.Namespace, device: torch.device, h: int, w: int) -
 
 
 def main(argv: list[str] | None = None) -> dict:
+    malloc_tuned = tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     args = parse_args(argv)
     if args.quick:
         args.sizes, args.channels, args.repeat, args.warmup = ["32x40"], 8, 2, 1
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: expected a CUDA device, got none")
     results = {"bench": "decompose_speed", "device": str(device), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "repeat": args.repeat, "statistic": "median of interleaved rounds",
+               "torch": torch.__version__, "malloc_tuned": malloc_tuned, "repeat": args.repeat,
+               "statistic": "median of interleaved rounds",
                "sizes": {}}
     for s in args.sizes:
         h, w = (int(v) for v in s.lower().split("x"))
