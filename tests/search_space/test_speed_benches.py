@@ -26,7 +26,7 @@ def test_decompose_speed_quick() -> None:
     res = _load("decompose_speed").main(["--quick"])
     (row,) = res["sizes"].values()
     for mode in ("fwd", "fwd_bwd"):
-        assert {"decomposition", "decomposition_autograd"} <= set(row[f"x_conv3x3_{mode}"])
+        assert {"decomposition", "decomposition_unfused", "decomposition_autograd"} <= set(row[f"x_conv3x3_{mode}"])
     assert row["speedup_vs_autograd"]["fwd_bwd"] > 0
     json.dumps(res)
 
