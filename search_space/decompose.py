@@ -470,7 +470,10 @@ class _DecompositionFn(torch.autograd.Function):
         b, c, h, w = x.shape
         co, n_eps, r, hw = wx.shape[0], len(eps), radius, h * w
         inv = _inv_counts(h, w, r, x.device, x.dtype)
-        vmax, imax, vmin, imin = _channel_extremes(x)
+        if ctx.needs_input_grad[0]:  # the guide's gradient is scattered to the arg-max / arg-min channels
+            vmax, imax, vmin, imin = _channel_extremes(x)
+        else:  # no gradient to x (evaluation, weight-only): the fast reductions without indices
+            vmax, vmin, imax, imin = x.amax(1, keepdim=True), x.amin(1, keepdim=True), None, None
         gi = vmax.sub_(vmin)
         gi.sub_(gi.mean(dim=(2, 3), keepdim=True))
         x_mean = x.mean(dim=(2, 3), keepdim=True)
@@ -530,8 +533,9 @@ class _DecompositionFn(torch.autograd.Function):
         gmi = (g_b * a_sum).sum(1, keepdim=True).neg_()
         g_a.addcmul_(g_b, mi, value=-1.0)
         g_a3, g_b3 = g_a.reshape(b, co, hw), g_b.reshape(b, co, hw)
-        gv = _mm_nt(g_b3, mp.reshape(b, c, hw))                                         # gVs from Z = Vs·mp
-        gv.add_(g.sum(dim=(2, 3)).t() @ x_mean.view(b, c))                              # and from Vs·mean(x)
+        if ctx.needs_input_grad[2]:
+            gv = _mm_nt(g_b3, mp.reshape(b, c, hw))                                     # gVs from Z = Vs·mp
+            gv.add_(g.sum(dim=(2, 3)).t() @ x_mean.view(b, c))                          # and from Vs·mean(x)
         gmp = _mm(vs.t(), g_b3).view(b, c, h, w)
         gcov = torch.zeros_like(mp)
         gvar = torch.zeros_like(mi)
@@ -541,10 +545,16 @@ class _DecompositionFn(torch.autograd.Function):
             t_k = _mm(v_e[k].t(), g_a3).view(b, c, h, w)
             gvar.sub_((t_k * cov).sum(1, keepdim=True).mul_(s_k).mul_(s_k))
             gcov.addcmul_(t_k, s_k)
-            gv_e.append(_mm_nt((g_a * s_k).reshape(b, co, hw), cov.reshape(b, c, hw)).add_(gv))
+            if ctx.needs_input_grad[2]:
+                gv_e.append(_mm_nt((g_a * s_k).reshape(b, co, hw), cov.reshape(b, c, hw)).add_(gv))
         gmp.addcmul_(gcov, mi, value=-1.0)
         gmi.sub_((gcov * mp).sum(1, keepdim=True)).addcmul_(mi, gvar, value=-2.0)
         del back, g_a, g_b, g_a3, g_b3
+        gwx = _mm_nt(g.view(b, co, hw), x.view(b, c, hw)) if ctx.needs_input_grad[1] else None
+        gv = torch.cat(gv_e, 0) if ctx.needs_input_grad[2] else None
+        gbias = g.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        if not ctx.needs_input_grad[0]:
+            return None, gwx, gv, gbias, None, None
         down_pad, down = _zero_padded(b, 2 * c + 2, h, w, r, x)          # [gmp, gcov, gmI, gvar] · inv
         torch.mul(gmp, inv, out=down[:, :c])
         torch.mul(gcov, inv, out=down[:, c:2 * c])
@@ -559,9 +569,7 @@ class _DecompositionFn(torch.autograd.Function):
         d_guide = (g * s_a).sum(1, keepdim=True).mul_(inv).add_(bt_mi).addcmul_(gi, bt_var, value=2.0)
         d_guide.add_(bt_cov.mul_(x - x_mean).sum(1, keepdim=True))
         dx.scatter_add_(1, imax, d_guide).scatter_add_(1, imin, d_guide.neg_())
-        gwx = _mm_nt(g.view(b, co, hw), x.view(b, c, hw))
-        gbias = g.sum(dim=(0, 2, 3)) if ctx.has_bias else None
-        return dx, gwx, torch.cat(gv_e, 0), gbias, None, None
+        return dx, gwx, gv, gbias, None, None
 
 
 def decompose_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: Sequence[float] = EPS,

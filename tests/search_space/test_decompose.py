@@ -184,3 +184,17 @@ def test_decomposition_module_fused_equals_plain_path(monkeypatch: pytest.Monkey
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fused, g_plain):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_decompose_fused_partial_gradients() -> None:
+    """Only x (an attack) or only the weights (x without grad) asked for: same values as the full backward."""
+    torch.manual_seed(9)
+    x = torch.randn(1, 3, 9, 11, dtype=torch.float64)
+    weight = torch.randn(2, 12, dtype=torch.float64)
+    bias = torch.randn(2, dtype=torch.float64)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+    full = torch.autograd.grad(decompose_fused(xs, ws, bs, (1e-2, 1e-3), 4).sum(), (xs, ws, bs))
+    (gx,) = torch.autograd.grad(decompose_fused(xs, weight, bias, (1e-2, 1e-3), 4).sum(), (xs,))
+    gw, gb = torch.autograd.grad(decompose_fused(x, ws, bs, (1e-2, 1e-3), 4).sum(), (ws, bs))
+    for a, b in zip(full, (gx, gw, gb)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
