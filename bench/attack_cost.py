@@ -32,6 +32,7 @@ sys.path.insert(0, str(_Path(__file__).resolve().parent))  # bench/_timing.py, a
 from _timing import sync, timeit  # noqa: E402
 from robustness.attacks import PGD, model_guard
 from robustness.threats import build_threat
+from trainer.runs import tune_malloc
 
 
 def load_paif_model() -> nn.Module:
@@ -109,6 +110,7 @@ def measure(model: nn.Module, size: tuple[int, int], batch: int, device: torch.d
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")

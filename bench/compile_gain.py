@@ -22,9 +22,11 @@ from _timing import sync  # noqa: E402
 from step_profile import interleaved  # noqa: E402
 from search_space.genotype import GENOTYPES, build_fusion_net  # noqa: E402
 from search_space.pipeline import build_model  # noqa: E402
+from trainer.runs import tune_malloc  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
+    tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", choices=("none", "bf16"), default="none")

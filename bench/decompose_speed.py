@@ -5,7 +5,10 @@ forward+backward (loss = sum of the output, gradients to the input and the param
 
     conv3x3                 nn.Conv2d(C, C, 3, padding=1): the unit
     decomposition           GuidedDecomposition (two guided filters + 1x1 reduce), the current implementation
-    decomposition_autograd  the same module with the plain-autograd guided filter (cumsum box filter, every
+    decomposition_unfused   the guided filter as an autograd function with a box-filter backward, then the
+                            folded 1x1 conv: issue 10's first pass (``guided_filter``), the module's path under
+                            torch.compile
+    decomposition_autograd  the same with the plain-autograd guided filter (cumsum box filter, every
                             intermediate saved by autograd): the implementation before issue 10, kept as the
                             in-run baseline (``search_space.decompose.guided_filter_autograd``)
 
@@ -27,11 +30,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path
 from _timing import sync  # noqa: E402
 from search_space import decompose  # noqa: E402
 from search_space.decompose import GuidedDecomposition  # noqa: E402
+from trainer.runs import tune_malloc  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,20 +69,20 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class _Autograd(torch.nn.Module):
-    """GuidedDecomposition whose guided filter is the plain-autograd (pre-issue-10) implementation."""
+class _Unfused(torch.nn.Module):
+    """GuidedDecomposition's plain path: the low maps from ``filter_fn``, then the folded 1x1 conv.
 
-    def __init__(self, decomp: GuidedDecomposition) -> None:
+    ``guided_filter`` (the autograd function whose backward is box filters) is the first pass of issue 10;
+    ``guided_filter_autograd`` (cumsum box filter through plain autograd) the implementation before it."""
+
+    def __init__(self, decomp: GuidedDecomposition, filter_fn) -> None:
         super().__init__()
-        self.decomp = decomp
+        self.decomp, self.filter_fn = decomp, filter_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = decompose.guided_filter
-        decompose.guided_filter = getattr(decompose, "guided_filter_autograd", fast)
-        try:
-            return self.decomp(x)
-        finally:
-            decompose.guided_filter = fast
+        d = self.decomp
+        lows = self.filter_fn(decompose.guidance_from_features(x), x, d.eps, d.radius)
+        return F.conv2d(torch.cat([x, *lows], 1), d.folded_weight(), d.reduce.bias)
 
 
 def variants(args: argparse.Namespace, device: torch.device, c: int) -> dict[str, torch.nn.Module]:
@@ -85,7 +90,8 @@ def variants(args: argparse.Namespace, device: torch.device, c: int) -> dict[str
     conv = torch.nn.Conv2d(c, c, 3, padding=1)
     decomp = GuidedDecomposition(c)
     mods: dict[str, torch.nn.Module] = {"conv3x3": conv, "decomposition": decomp,
-                                        "decomposition_autograd": _Autograd(decomp)}
+                                        "decomposition_unfused": _Unfused(decomp, decompose.guided_filter),
+                                        "decomposition_autograd": _Unfused(decomp, decompose.guided_filter_autograd)}
     if args.compile:
         mods["decomposition_compiled"] = torch.compile(decomp)
     return {k: m.to(device) for k, m in mods.items()}
@@ -117,12 +123,14 @@ def bench_size(args: argparse.Namespace, device: torch.device, h: int, w: int) -
     for mode in ("fwd", "fwd_bwd"):
         base = sec[f"conv3x3/{mode}"]
         out[f"x_conv3x3_{mode}"] = {k: round(sec[f"{k}/{mode}"] / base, 2) for k in mods if k != "conv3x3"}
-    out["speedup_vs_autograd"] = {mode: round(sec[f"decomposition_autograd/{mode}"] / sec[f"decomposition/{mode}"], 2)
-                                  for mode in ("fwd", "fwd_bwd")}
+    for base in ("autograd", "unfused"):
+        out[f"speedup_vs_{base}"] = {mode: round(sec[f"decomposition_{base}/{mode}"] / sec[f"decomposition/{mode}"], 2)
+                                     for mode in ("fwd", "fwd_bwd")}
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
+    malloc_tuned = tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     args = parse_args(argv)
     if args.quick:
         args.sizes, args.channels, args.repeat, args.warmup = ["32x40"], 8, 2, 1
@@ -130,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: expected a CUDA device, got none")
     results = {"bench": "decompose_speed", "device": str(device), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "repeat": args.repeat, "statistic": "median of interleaved rounds",
+               "torch": torch.__version__, "malloc_tuned": malloc_tuned, "repeat": args.repeat,
+               "statistic": "median of interleaved rounds",
                "sizes": {}}
     for s in args.sizes:
         h, w = (int(v) for v in s.lower().split("x"))

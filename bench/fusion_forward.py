@@ -32,6 +32,7 @@ from _timing import sync, timeit  # noqa: E402
 from search_space.decompose import GuidedDecomposition, box_filter, guidance_from_features, guided_filter
 from search_space.genotype import GENOTYPES, Genotype, build_fusion_net
 from search_space.pipeline import build_model
+from trainer.runs import tune_malloc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,6 +141,7 @@ def bench_decomposition(args, device, h: int, w: int, channels: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

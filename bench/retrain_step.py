@@ -25,7 +25,7 @@ from search_space.pipeline import build_model
 from trainer.aat import mix_seed
 from trainer.checkpoint import resolve_genotype
 from trainer.module import RetrainConfig, RetrainModule
-from trainer.runs import versions
+from trainer.runs import tune_malloc, versions
 
 MODES = ("clean", "at", "aat")
 
@@ -120,6 +120,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    malloc_tuned = tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     args = parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 1
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "bench": "retrain_step", "device": str(device), "amp": args.amp, "size": [h, w], "crop": args.crop or None,
         "batch": args.batch, "genotype": args.genotype, "channels": args.channels, "attack": f"PGD-{args.attack_steps}",
-        "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median", "results": results,
+        "threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned, "timed_steps": args.steps, "statistic": "median",
+        "results": results,
         "cost_vs_clean": {m: round(results[m]["s_per_step"] / base, 2) for m in ("at", "aat")},
         "torch": versions()["torch"], "gpu": versions().get("gpu"),
     }, indent=2))

@@ -42,6 +42,7 @@ import pytorch_lightning as pl  # noqa: E402
 from strategies.darts import EpochShuffleSampler, run_darts  # noqa: E402
 from strategies.search import SearchConfig, build_search, darts_settings  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.runs import tune_malloc  # noqa: E402
 
 
 class RandomScenes(torch.utils.data.Dataset):
@@ -158,6 +159,7 @@ def _sync(device: str) -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", choices=("none", "bf16"), default="none",

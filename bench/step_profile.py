@@ -35,6 +35,7 @@ from _timing import sync  # noqa: E402
 from search_space.decompose import GuidedDecomposition  # noqa: E402
 from search_space.genotype import GENOTYPES, build_fusion_net  # noqa: E402
 from search_space.pipeline import build_model  # noqa: E402
+from trainer.runs import tune_malloc  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,6 +181,7 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
 
 
 def main(argv: list[str] | None = None) -> dict:
+    malloc_tuned = tune_malloc()  # PAIF_MALLOC_TUNING=0 for glibc's defaults
     args = parse_args(argv)
     if args.quick:
         args.size, args.batch, args.repeat, args.warmup, args.attack_steps = (32, 40), 1, 1, 0, 1
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         return contextlib.nullcontext()
 
     out = {"bench": "step_profile", "device": str(device), "amp": args.amp, "size": list(args.size),
-           "batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc_tuned": malloc_tuned,
            "repeat": args.repeat, "statistic": "median of interleaved rounds",
            "fusion_net": fusion_net_ratio(args, device, autocast)}
     print(json.dumps({"fusion_net": out["fusion_net"]}), file=sys.stderr, flush=True)

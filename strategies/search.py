@@ -39,7 +39,7 @@ from strategies.objective import AttackConfig, build_attack_factory, task_object
 from strategies.search_module import RobustSearchModule  # noqa: E402
 from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
-from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, versions  # noqa: E402
+from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions  # noqa: E402
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
            "main"]
@@ -295,6 +295,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/search.yaml, or the run's config.yaml)")

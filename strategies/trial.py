@@ -35,7 +35,7 @@ import nni  # noqa: E402
 from strategies.darts import nni_metric, under_nni  # noqa: E402
 from strategies.search import SearchConfig, run_search  # noqa: E402
 from trainer.config import load_config, parse_overrides, save_config  # noqa: E402
-from trainer.runs import make_run_dir, setup_logging  # noqa: E402
+from trainer.runs import make_run_dir, setup_logging, tune_malloc  # noqa: E402
 
 __all__ = ["PARAMETER_KEYS", "parameters_to_overrides", "main"]
 
@@ -51,6 +51,7 @@ def parameters_to_overrides(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()
     parser = argparse.ArgumentParser(description="NNI trial: one robust DARTS search with the tuner's parameters")
     parser.add_argument("--config", default="configs/search.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied before the tuner's parameters")

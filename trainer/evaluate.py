@@ -53,7 +53,7 @@ from trainer.checkpoint import CheckpointError, load_model
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, save_config
 from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
 from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
-from trainer.runs import make_run_dir, seed_everything, setup_logging, versions
+from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc, versions
 
 log = logging.getLogger("trainer.evaluate")
 
@@ -629,6 +629,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok, 2 bad input)."""
+    tune_malloc()
     try:
         yaml_path, overrides = parse_args(argv)
         cfg = load_config(EvaluateConfig, yaml_path, overrides)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.config import ConfigError, load_config, save_config
-from trainer.runs import setup_logging
+from trainer.runs import setup_logging, tune_malloc
 
 log = logging.getLogger("trainer.experiment")
 
@@ -463,6 +463,7 @@ def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()
     p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of ExperimentConfig keys")
     p.add_argument("--out", help="output folder (default runs/experiment)")

@@ -35,7 +35,7 @@ from search_space.genotype import GenotypeError
 from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
-from trainer.runs import make_run_dir, seed_everything, setup_logging
+from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc
 
 log = logging.getLogger("trainer.retrain")
 
@@ -258,6 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()
     args = parse_args(argv)
     try:
         summary = run(args)

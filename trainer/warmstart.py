@@ -303,7 +303,9 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.runs import setup_logging
+    from trainer.runs import setup_logging, tune_malloc
+
+    tune_malloc()
 
     p = argparse.ArgumentParser(prog="python -m trainer.warmstart", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of WarmStartConfig keys")

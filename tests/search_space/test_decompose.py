@@ -1,13 +1,13 @@
 """Box filter and guided filter (fast path, custom backward) against brute-force window sums and gradcheck;
-the decomposition's folded 1x1 conv."""
+the decomposition's folded 1x1 conv and its fused (conv-inside-the-filter) function."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from search_space.decompose import (
-    GuidedDecomposition, box_filter, box_filter_cumsum, box_filter_reference, box_filter_shifted, guidance_from_features,
-    guided_filter,
+    GuidedDecomposition, box_filter, box_filter_cumsum, box_filter_reference, box_filter_shifted, decompose_fused,
+    guidance_from_features, guided_filter,
     guided_filter_autograd, guided_filter_reference,
 )
 
@@ -135,3 +135,66 @@ def test_guided_filter_compile_path_matches(monkeypatch: pytest.MonkeyPatch) -> 
     ga = torch.autograd.grad(sum(t.sum() for t in eager), x)[0]
     gb = torch.autograd.grad(sum(t.sum() for t in traced), x)[0]
     torch.testing.assert_close(ga, gb, atol=1e-10, rtol=0)
+
+
+def _unfused_oracle(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps, radius: int) -> torch.Tensor:
+    """The decomposition written out with the brute-force guided filter and the unfolded 4C->C conv."""
+    guide = guidance_from_features(x)
+    lows = [guided_filter_reference(guide, x, e, radius) for e in eps]
+    maps = torch.cat([*lows, *(x - low for low in lows)], 1)
+    return torch.nn.functional.conv2d(maps, weight.reshape(weight.shape[0], -1, 1, 1), bias)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decompose_fused_matches_brute_force_oracle_and_gradient(batch: int) -> None:
+    """The conv-inside-the-filter function: value and every gradient (x, weight, bias) against autograd
+    through the brute-force oracle, float64."""
+    torch.manual_seed(6)
+    x = torch.randn(batch, 3, 11, 13, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fused = decompose_fused(x, weight, bias, (1e-2, 1e-3), 4)
+    oracle = _unfused_oracle(x, weight, bias, (1e-2, 1e-3), 4)
+    torch.testing.assert_close(fused, oracle, atol=1e-12, rtol=0)
+    w = torch.randn_like(fused)
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), (x, weight, bias)),
+                    torch.autograd.grad((oracle * w).sum(), (x, weight, bias))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_decompose_fused_gradcheck_float64() -> None:
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 12, 1, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: decompose_fused(*a, (1e-2, 1e-3), 3), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda p, wt: decompose_fused(p, wt, None, (1e-2,), 2), (x, weight[:, :6]))
+
+
+def test_decomposition_module_fused_equals_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module's eager (fused) forward and its compile-time plain path agree in value and gradients."""
+    torch.manual_seed(8)
+    mod = GuidedDecomposition(6)
+    x = torch.randn(2, 6, 15, 17, requires_grad=True)
+    fused = mod(x)
+    g_fused = torch.autograd.grad(fused.square().sum(), (x, mod.reduce.weight, mod.reduce.bias))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    plain = mod(x)
+    g_plain = torch.autograd.grad(plain.square().sum(), (x, mod.reduce.weight, mod.reduce.bias))
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_decompose_fused_partial_gradients() -> None:
+    """Only x (an attack) or only the weights (x without grad) asked for: same values as the full backward."""
+    torch.manual_seed(9)
+    x = torch.randn(1, 3, 9, 11, dtype=torch.float64)
+    weight = torch.randn(2, 12, dtype=torch.float64)
+    bias = torch.randn(2, dtype=torch.float64)
+    xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+    full = torch.autograd.grad(decompose_fused(xs, ws, bs, (1e-2, 1e-3), 4).sum(), (xs, ws, bs))
+    (gx,) = torch.autograd.grad(decompose_fused(xs, weight, bias, (1e-2, 1e-3), 4).sum(), (xs,))
+    gw, gb = torch.autograd.grad(decompose_fused(x, ws, bs, (1e-2, 1e-3), 4).sum(), (ws, bs))
+    for a, b in zip(full, (gx, gw, gb)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -26,7 +26,7 @@ def test_decompose_speed_quick() -> None:
     res = _load("decompose_speed").main(["--quick"])
     (row,) = res["sizes"].values()
     for mode in ("fwd", "fwd_bwd"):
-        assert {"decomposition", "decomposition_autograd"} <= set(row[f"x_conv3x3_{mode}"])
+        assert {"decomposition", "decomposition_unfused", "decomposition_autograd"} <= set(row[f"x_conv3x3_{mode}"])
     assert row["speedup_vs_autograd"]["fwd_bwd"] > 0
     json.dumps(res)
 
@@ -57,3 +57,11 @@ def test_gpu_suite_without_cuda_says_so() -> None:
                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert res.returncode == 2 and "CUDA is not available" in json.loads(res.stdout)["error"]
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_suite.sh")]).returncode == 0
+
+
+def test_malloc_gain_ab_on_decompose_quick() -> None:
+    mod = _load("malloc_gain")
+    assert mod.leaves({"a": {"b": 1.5, "c": True}, "d": [1]}) == {"a/b": 1.5}
+    res = mod.main(["--rounds", "1", "--", str(BENCH / "decompose_speed.py"), "--quick"])
+    assert res["default_over_tuned"] and all(v > 0 for v in res["default_over_tuned"].values())
+    assert set(res["default_s"]) == set(res["tuned_s"])

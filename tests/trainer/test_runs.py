@@ -94,3 +94,46 @@ def test_versions_are_plain_strings():
     assert {"python", "torch", "nni", "transformers", "numpy"} <= set(v)
     assert all(type(x) is str for x in v.values())
     assert v["torch"] == str(torch.__version__)
+
+
+# ------------------------------------------------------------------------------------------- tune_malloc
+from trainer import runs as _runs  # noqa: E402
+
+
+def _fake_mallopt(calls):
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+    return mallopt
+
+
+def test_tune_malloc_sets_both_options_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_runs, "_malloc_tuned", None)
+    monkeypatch.setattr(_runs, "_mallopt", lambda: _fake_mallopt(calls))
+    monkeypatch.delenv(_runs.MALLOC_ENV, raising=False)
+    assert _runs.tune_malloc() is True
+    assert _runs.tune_malloc() is True  # idempotent: no second mallopt call
+    assert calls == [(-3, 1 << 30), (-1, -1)]
+
+
+def test_tune_malloc_is_a_noop_without_mallopt(monkeypatch):
+    monkeypatch.setattr(_runs, "_malloc_tuned", None)
+    monkeypatch.setattr(_runs.sys, "platform", "darwin")
+    monkeypatch.delenv(_runs.MALLOC_ENV, raising=False)
+    assert _runs._mallopt() is None
+    assert _runs.tune_malloc() is False
+    assert _runs.tune_malloc() is False
+
+
+def test_tune_malloc_opt_out(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_runs, "_malloc_tuned", None)
+    monkeypatch.setattr(_runs, "_mallopt", lambda: _fake_mallopt(calls))
+    monkeypatch.setenv(_runs.MALLOC_ENV, "0")
+    assert _runs.tune_malloc() is False
+    assert calls == []
+
+
+def test_tune_malloc_on_this_platform_returns_a_bool():
+    assert isinstance(_runs.tune_malloc(), bool)
