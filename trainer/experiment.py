@@ -61,7 +61,7 @@ class DataSpec:
     size: tuple[int, int] = (96, 128)  # synthetic scene size (H, W)
     n_train: int = 400
     n_val: int = 32
-    n_test: int = 24
+    n_test: int = 16
     seed: int = 0  # dataset seed (fixed across training seeds)
 
 
@@ -84,8 +84,9 @@ class ExperimentConfig:
     ])
     #: key=value overrides of trainer/retrain.py shared by every run
     retrain: list[str] = field(default_factory=lambda: [
-        "max_steps=600", "data.batch_size=8", "optim.lr=0.0003", "optim.warmup_steps=30", "aat.meta_iters=1",
-        "data.val_limit=8", "val.attack_steps=2", "val.num_images=0", "save_every_steps=50", "log_every_steps=25",
+        "max_steps=400", "data.batch_size=8", "optim.lr=0.0005", "optim.warmup_steps=30", "attack.kind=fgsm",
+        "aat.meta_iters=1", "data.val_limit=8", "val.attack_steps=1", "val.num_images=0", "save_every_steps=50",
+        "log_every_steps=25",
     ])
     #: key=value overrides of strategies/search.py (only when a run uses the "searched" genotype)
     search: list[str] = field(default_factory=lambda: [
