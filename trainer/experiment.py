@@ -269,7 +269,9 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
         render_table(obj_rows, [f"{c}_objects" for c in columns]), "",
         "![mIoU versus eps](miou_vs_eps.png)", "",
         "Threat models: `paif` = PGD L∞ ε 8/255, step 2/255, 5 steps on both modalities (the reference protocol); "
-        "`strong` = per-image worst case over PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255.", "",
+        "`strong` = per-image worst case over SEA's four APGD runs, PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255 "
+        "(best iterates), joined by the gradient-masking checks' black-box results; `strong-v1` = the former "
+        "worst case over PGD-20, SegPGD-20 and CosPGD-20 (last iterates).", "",
     ]
     if searched:
         md += [f"Searched genotype: `{json.dumps(searched)}`", ""]
