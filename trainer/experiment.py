@@ -406,7 +406,10 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
             vals = [mean_std([x.get(k, float("nan")) for x in f])[0] for k in ("SSIM", "Qabf", "MI", "VIF")]
             md.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     md += ["", "![mIoU versus eps](miou_vs_eps.png)", "",
-           f"Threat models: see the README's threat-model table; `{strongest}` is the strongest one evaluated.", ""]
+           "Threat models: `paif` = PGD L∞ ε 8/255, step 2/255, 5 steps on both modalities (the reference protocol); "
+           "`strong` = per-image worst case over SEA's four APGD runs, PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255 "
+           "(best iterates), joined by the gradient-masking checks' black-box results; `strong-v1` = the former "
+           "worst case over PGD-20, SegPGD-20 and CosPGD-20 (last iterates).", ""]
     if searched:
         md += [f"Searched genotype: `{json.dumps(searched)}`", ""]
     path = out / "results.md"

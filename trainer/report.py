@@ -216,8 +216,9 @@ def _robustness_sections(report: Mapping[str, Any]) -> list[str]:
         if not members:
             continue
         lines += [f"### Each attack of `{name}` alone", "",
-                  f"mIoU under each member alone (its own worst iterate per image); `{name}` takes the per-image "
-                  "worst of them, so it is never above any of them.", ""]
+                  f"mIoU under each member alone (its own worst iterate per image). `{name}` takes, per image, the "
+                  "member with the lowest pixel accuracy, so per image it is never better than any of them; mIoU "
+                  "pools pixels over images, so overall it usually, not necessarily, stays below each of them.", ""]
         rows = [[f"`{m}`", _f(v)] for m, v in members.items()]
         rows.append([f"**`{name}`** (white-box worst case)", _f(t.get("white_box_miou", t["segmentation"]["miou"]))])
         lines += _table(["attack", "mIoU"], rows)
