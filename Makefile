@@ -26,12 +26,13 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# data -> NNI search (search.yml) -> genotype -> AAT retrain -> paif/strong evaluation, ~6 min on 2 CPU cores;
+# data -> NNI search (search.yml) -> genotype -> warm start -> AAT retrain -> paif/strong evaluation on 2 CPU cores;
 # each run writes a fresh runs/demo/demo-<time>/ and ends by printing the path of its report.md.
 demo: install
 	VENV=$(VENV) bash scripts/demo.sh
 
-# the robustness experiment of the README (AAT vs plain AT vs no AAT, 3 seeds; ~40 min on 2 CPU cores)
+# the robustness experiment of the README (no AAT / plain AT / AAT / AAT uniform-eps x 3 seeds, IR-only, VIS-only;
+# several hours on 2 CPU cores; resumable per arm: rerun the same command after an interruption)
 experiment: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --out $(RUNS)/experiment
 

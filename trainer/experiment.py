@@ -362,8 +362,10 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
     d = cfg.data
     md = [
         "# Robustness experiment (synthetic RGB-T scenes)", "",
-        f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). Wall time {wall / 60:.1f} min "
-        f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
+        f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). "
+        + (f"**Partial: {extras['finished_jobs']} jobs finished** (tables rebuilt with `--report`); "
+           if "finished_jobs" in extras else f"Wall time {wall / 60:.1f} min ")
+        + f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
         f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
         f"{d.n_test} test scenes. Start point: `trainer.warmstart` {' '.join(cfg.warmstart or ['(none)'])}. "
         f"Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}; seeds {cfg.seeds}. Evaluation: final "
@@ -466,12 +468,30 @@ def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> 
     return infos
 
 
+def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
+    """Tables and plot from the finished jobs alone (an experiment still running, or stopped part-way)."""
+    done = [out / "jobs" / job.key / "done.json" for job in jobs]
+    results = [json.loads(p.read_text()) for p in done if p.is_file()]
+    if not results:
+        print(f"error: no finished job under {out / 'jobs'}; expected done.json files", file=sys.stderr)
+        return 2
+    extras: dict[str, Any] = {"finished_jobs": f"{len(results)} of {len(jobs)}"}
+    baseline_path = out / "max_rule_fusion.json"
+    if baseline_path.is_file():
+        extras["max_rule_fusion"] = json.loads(baseline_path.read_text())
+    path = write_outputs(cfg, out, results, None, float("nan"), extras=extras)
+    print(path.read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of ExperimentConfig keys")
     p.add_argument("--out", help="output folder (default runs/experiment)")
     p.add_argument("--plan", action="store_true", help="print the jobs and exit")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rebuild results.json/.md and the plot from the finished jobs' done.json files")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1,2] workers=2")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
@@ -486,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{job.key:32s} {job.label}")
         return 0
     out = Path(cfg.out)
+    if args.report:
+        return report_only(cfg, jobs, out)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out, filename="experiment.log")
     save_config(cfg, out / "config.yaml")

@@ -166,3 +166,17 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     assert results["warm_start"]["paif"]["start"].startswith(str(out / "cache"))
     md = (out / "results.md").read_text()
     assert "## Claims tested" in md and "max rule `max(IR, Y)`" in md
+
+
+def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
+    out = tmp_path / "exp"
+    args = ["--out", str(out), "seeds=[0,1]", "threats=[paif]", "sweep_threats=[paif]",
+            'runs=[["no AAT","paif","clean"],["AAT","paif","aat"]]']
+    assert main(["--report", *args]) == 2 and "no finished job" in capsys.readouterr().err
+    for key, label, clean in (("no-aat-s0", "no AAT", 0.7), ("aat-s0", "AAT", 0.6)):
+        (out / "jobs" / key).mkdir(parents=True)
+        (out / "jobs" / key / "done.json").write_text(json.dumps(
+            {**_result(label, 0, clean, 0.3), "iou": {"clean": {"car": clean}}}))
+    assert main(["--report", *args]) == 0
+    md = (out / "results.md").read_text()
+    assert "**Partial: 2 of 4 jobs finished**" in md and "| AAT − no AAT | clean | s0: -10.0 |" in md
