@@ -385,7 +385,8 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
     md += ["", "## Claims tested", "", "| claim | measured | holds |", "|---|---|---|"]
     for c in claims:
         v = c["value"]
-        shown = " / ".join(f"{100 * x:.1f}" for x in v) if isinstance(v, list) else _pct(v)
+        shown = (" / ".join("–" if math.isnan(x) else f"{100 * x:.1f}" for x in v) if isinstance(v, list)
+                 else _pct(v))
         md.append(f"| {c['claim']} | {shown} | {'–' if c['holds'] is None else ('yes' if c['holds'] else '**no**')} |")
     md += ["", "## Per-class IoU (%, mean over seeds)", ""]
     classes = next((list(r["iou"]["clean"]) for r in results if r.get("iou", {}).get("clean")), [])
