@@ -26,3 +26,20 @@ def timeit(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int
+                ) -> dict[str, float]:
+    """Median seconds per variant; one call of each variant per round (so load changes hit every variant alike)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(repeat, 1)):
+        for key, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path
-from _timing import sync  # noqa: E402
+from _timing import interleaved, sync  # noqa: E402
 from search_space.decompose import GuidedDecomposition  # noqa: E402
 from search_space.genotype import GENOTYPES, build_fusion_net  # noqa: E402
 from search_space.pipeline import build_model  # noqa: E402
@@ -50,23 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-step", action="store_true", help="only the fusion-net ratio")
     p.add_argument("--quick", action="store_true", help="32x40, 1 round: smoke run")
     return p.parse_args(argv)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int
-                ) -> dict[str, float]:
-    """Median seconds per variant; one call of each variant per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(repeat, 1)):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def capture_inputs(net: nn.Module, types: tuple[type, ...], run: Callable[[], object]) -> list[tuple[nn.Module, torch.Tensor]]:

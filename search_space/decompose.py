@@ -235,6 +235,19 @@ def _guided_filter_impl(guide: torch.Tensor, x: torch.Tensor, eps: Sequence[floa
     return outs
 
 
+def _window_means(x: torch.Tensor, x_mean: torch.Tensor, gi: torch.Tensor, r: int, inv: torch.Tensor
+                  ) -> torch.Tensor:
+    """Window means of ``[p, I·p, I, I²]`` (B, 2C+2, H, W) with ``p = x − mean(x)`` and the centred guide ``I``,
+    from one zero-padded buffer and one box pass (the first statistics pass of the guided filter)."""
+    b, c, h, w = x.shape
+    padded, inner = _zero_padded(b, 2 * c + 2, h, w, r, x)
+    torch.sub(x, x_mean, out=inner[:, :c])
+    torch.mul(inner[:, :c], gi, out=inner[:, c:2 * c])
+    inner[:, 2 * c:2 * c + 1].copy_(gi)
+    torch.mul(gi, gi, out=inner[:, 2 * c + 1:])
+    return _box_sum_padded(padded, r).mul_(inv)
+
+
 class _GuidedFilterFn(torch.autograd.Function):
     """The guided filter with a hand-written backward made of box filters (the box mean is self-adjoint up to
     its normalisation: ``box^T g = window_sum(g / count)``).
@@ -269,13 +282,7 @@ class _GuidedFilterFn(torch.autograd.Function):
         inv = _inv_counts(h, w, r, x.device, x.dtype)
         gi = guide - guide.mean(dim=(2, 3), keepdim=True)
         x_mean = x.mean(dim=(2, 3), keepdim=True)
-        padded, inner = _zero_padded(b, 2 * c + 2, h, w, r, x)          # [p, I·p, I, I²]
-        torch.sub(x, x_mean, out=inner[:, :c])
-        torch.mul(inner[:, :c], gi, out=inner[:, c:2 * c])
-        inner[:, 2 * c:2 * c + 1].copy_(gi)
-        torch.mul(gi, gi, out=inner[:, 2 * c + 1:])
-        stats = _box_sum_padded(padded, r).mul_(inv)
-        del padded, inner
+        stats = _window_means(x, x_mean, gi, r, inv)                   # [p, I·p, I, I²] window means
         mp, mip, mi, mii = stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c:2 * c + 1], stats[:, 2 * c + 1:]
         var = mii - mi * mi
         cov = mip.addcmul_(mi, mp, value=-1.0)
@@ -477,13 +484,7 @@ class _DecompositionFn(torch.autograd.Function):
         gi = vmax.sub_(vmin)
         gi.sub_(gi.mean(dim=(2, 3), keepdim=True))
         x_mean = x.mean(dim=(2, 3), keepdim=True)
-        padded, inner = _zero_padded(b, 2 * c + 2, h, w, r, x)          # [p, I·p, I, I²]
-        torch.sub(x, x_mean, out=inner[:, :c])
-        torch.mul(inner[:, :c], gi, out=inner[:, c:2 * c])
-        inner[:, 2 * c:2 * c + 1].copy_(gi)
-        torch.mul(gi, gi, out=inner[:, 2 * c + 1:])
-        stats = _box_sum_padded(padded, r).mul_(inv)
-        del padded, inner
+        stats = _window_means(x, x_mean, gi, r, inv)                   # [p, I·p, I, I²] window means
         mp, mi, mii = stats[:, :c], stats[:, 2 * c:2 * c + 1], stats[:, 2 * c + 1:]
         cov = stats[:, c:2 * c].addcmul_(mi, mp, value=-1.0)
         var = mii.addcmul_(mi, mi, value=-1.0)

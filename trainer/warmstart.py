@@ -152,6 +152,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return warmup_poly(step, total, warmup, warmup_start=0.01, power=1.0)
 
 
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, stage: str, lr_key: str) -> float:
+    """One optimiser step on ``loss``; a non-finite loss stops the stage with an error naming the LR key."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: non-finite loss at step {step}; lower {lr_key}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -184,12 +194,7 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
             x = normalize_per_image(max_rule_rgb(b["ir"], b["vis"]))
             logits = F.interpolate(seg(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, b["label"], ignore_index=255)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"segmenter pretraining: non-finite loss at step {step}; lower seg.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, loss, step, "segmenter pretraining", "seg.lr"))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % 100 == 0:
@@ -233,12 +238,7 @@ def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any) -> tuple[torch.
             b = next(batches)
             y = rgb_to_y(b["vis"])
             loss, _ = fusion_loss(b["ir"], y, net(b["ir"], y))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fusion warm-up: non-finite loss at step {step}; lower fusion.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(_step(opt, loss, step, "fusion warm-up", "fusion.lr"))
             bar.update(1)
     return net, losses
 
