@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
 from trainer.config import config_to_dict
+from trainer.finite import ADVICE, NonFiniteError, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
 from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
@@ -329,6 +330,10 @@ class RetrainModule(pl.LightningModule):
         self.best_score = -math.inf
         self.cm_clean = ConfusionMatrix(cfg.num_classes)
         self.cm_adv = ConfusionMatrix(cfg.num_classes)
+        #: the newest checkpoint written from finite weights (named when the training diverges)
+        self.last_good: str | None = None
+        self._last_parts: dict[str, Tensor] = {}
+        self._val_finite = torch.ones((), dtype=torch.bool)
 
     # -- sizes -----------------------------------------------------------------------------------------
     def batches_per_epoch(self, world_size: int = 1) -> int:
@@ -476,6 +481,9 @@ class RetrainModule(pl.LightningModule):
             task = self.sampler.sample(mix_seed(self.cfg.seed, "eps", step))  # same draw on every rank
             eps = self.sampler.eps[task]
         loss, logs = self.robust_loss(batch, eps, gen)
+        where = f"training step {step}" + ("" if eps is None else f" (eps {eps * 255:.1f}/255)")
+        check_loss(loss, logs, where, self.last_good)
+        self._last_parts = {"loss": loss.detach(), **logs}
         bs = batch["ir"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for k, v in logs.items():
@@ -490,10 +498,21 @@ class RetrainModule(pl.LightningModule):
                 self.log(f"aat/p_eps{e * 255:.0f}", p, batch_size=bs)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop at a non-finite gradient norm (before clipping and the step, so the weights stay finite).
+
+        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        check_loss(grad_norm(self.model.parameters()), self._last_parts, f"training step {self.global_step}",
+                   self.last_good, what="gradient norm")
+
     # -- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.cm_clean.reset()
         self.cm_adv.reset()
+        self._val_finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         from robustness.attacks import PGD
@@ -513,12 +532,22 @@ class RetrainModule(pl.LightningModule):
         out_a = self.model(ir_a, vis_a)
         self.cm_clean.update(out.logits.float(), label)
         self.cm_adv.update(out_a.logits.float(), label)
+        # a diverged model predicts one class from NaN logits and still scores a finite mIoU; read once per epoch
+        self._val_finite &= torch.isfinite(out.logits).all()
         if batch_idx == 0 and self.global_rank == 0 and v.num_images > 0:
             self._log_pictures(batch, out, out_a, ir_a, vis_a)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        if _distributed():
+            flag = self._val_finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            self._val_finite = flag.bool()
+        if not bool(self._val_finite):
+            raise NonFiniteError(f"non-finite logits in the validation at step {self.global_step}, so neither "
+                                 f"best.pt nor last.pt is written; "
+                                 f"{last_good_text(self.last_good)}; {ADVICE}")
         metrics = {}
         for tag, cm in (("", self.cm_clean), ("_adv", self.cm_adv)):
             matrix = cm.matrix.to(self.device)
@@ -577,9 +606,15 @@ class RetrainModule(pl.LightningModule):
         if self.sampler is not None:
             state["aat_probabilities"] = self.sampler.probabilities().tolist()
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
-        return save_checkpoint(self.run_dir / name, model, self.genotype,
-                               {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
-                               config_to_dict(self.cfg), state)
+        try:
+            path = save_checkpoint(self.run_dir / name, model, self.genotype,
+                                   {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
+                                   config_to_dict(self.cfg), state)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc} at step {self.global_step}; {last_good_text(self.last_good)}; "
+                                 f"{ADVICE}") from exc
+        self.last_good = str(path)
+        return path
 
     def on_train_end(self) -> None:
         self.write_checkpoint("last.pt")
@@ -607,7 +642,8 @@ class ResumeCheckpoint(pl.Callback):
     """Writes the full Lightning training state to ``path`` every ``every`` steps and at the last step.
 
     Saved at the end of a training batch (after the optimiser and LR-scheduler steps), atomically: a
-    temporary file in the same folder, then ``os.replace`` by rank 0; all ranks wait for it.
+    temporary file in the same folder, then ``os.replace`` by rank 0; all ranks wait for it. Weights holding
+    NaN or inf are never saved (:class:`trainer.finite.NonFiniteError`).
     """
 
     def __init__(self, path: str | Path, every: int) -> None:
@@ -618,9 +654,16 @@ class ResumeCheckpoint(pl.Callback):
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
+        bad = nonfinite_tensors(pl_module.state_dict())
+        last_good = getattr(pl_module, "last_good", None)
+        if bad:
+            raise NonFiniteError(f"refusing to write {self.path} at step {step}: {len(bad)} tensors hold NaN or "
+                                 f"inf ({', '.join(bad[:4])}); {last_good_text(last_good)}; {ADVICE}")
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             log.info("saved resumable state at step %d to %s", step, self.path)
         trainer.strategy.barrier("resume-checkpoint")
+        if hasattr(pl_module, "last_good"):
+            pl_module.last_good = f"{self.path} (step {step}, --resume)"

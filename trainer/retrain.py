@@ -34,6 +34,7 @@ from rgbt.io import DataError
 from search_space.genotype import GenotypeError
 from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
+from trainer.finite import NonFiniteError
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
 from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc
 
@@ -238,6 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[_RUN_DIR_ENV] = str(run_dir)
 
     module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
+    if resume_ckpt is not None:
+        module.last_good = f"{resume_ckpt} (--resume)"
     world = cfg.devices
     total = module.total_steps(world)
     log.info("retrain mode=%s genotype=%s: %d steps (%d per epoch), run folder %s%s", cfg.mode,
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError) as exc:
+    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError, NonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["rank"] == 0:
