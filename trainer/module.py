@@ -39,20 +39,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
-from trainer.config import config_to_dict
+from trainer.config import config_to_dict, finite, require
 from trainer.finite import ADVICE, NonFiniteError, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
 from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
 
 __all__ = [
-    "MODES", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
-    "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule", "ResumeCheckpoint",
+    "MODES", "METRICS", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
+    "check_channels", "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule", "ResumeCheckpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 MODES = ("aat", "at", "clean")
+#: the validation metrics (higher is better); ``monitor`` picks one for best.pt
+METRICS = ("val/miou", "val/miou_adv", "val/pixel_acc", "val/pixel_acc_adv")
 ATTACK_KINDS = ("pgd", "fgsm")
 PRETEXT_EPOCH_OFFSET = 1_000_000  # augmentation keys of pretext batches never collide with training epochs
 
@@ -92,6 +94,15 @@ class OptimConfig:
     #: gradient-norm clipping (0 = off)
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        require(finite(self.lr) and self.lr > 0, "optim.lr", "a number > 0 (e.g. 5e-4)", self.lr)
+        require(finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+                self.weight_decay)
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", list(self.betas))
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        require(finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 = off)",
+                self.grad_clip)
+
 
 @dataclass
 class TrainAttackConfig:
@@ -110,6 +121,12 @@ class TrainAttackConfig:
     #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
     model_mode: str = TRAIN_ATTACK_MODE
 
+    def __post_init__(self) -> None:
+        require(0 <= self.at_eps <= 1, "attack.at_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
+                self.at_eps)
+        require(finite(self.adv_weight) and self.adv_weight >= 0, "attack.adv_weight", "a number >= 0",
+                self.adv_weight)
+
 
 @dataclass
 class ValConfig:
@@ -125,6 +142,14 @@ class ValConfig:
     num_images: int = 4
     #: run validation every N training steps (0 = at the end of every epoch)
     every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        require(0 <= self.attack_eps <= 1, "val.attack_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
+                self.attack_eps)
+        require(0 <= self.attack_alpha <= 1, "val.attack_alpha", "a step size in [0, 1]", self.attack_alpha)
+        require(self.attack_steps >= 0, "val.attack_steps", "an integer >= 0", self.attack_steps)
+        require(self.num_images >= 0 and self.every_n_steps >= 0, "val.num_images and val.every_n_steps",
+                "integers >= 0", [self.num_images, self.every_n_steps])
 
 
 @dataclass
@@ -146,6 +171,8 @@ class RetrainConfig:
     save_every_steps: int = 50
     #: fusion channel width override (null = the genotype's)
     channels: int | None = None
+    #: refuse fusion widths above this (a typo such as 100000 would try to allocate ~160 GB); raise it on purpose
+    max_channels: int = 1024
     segmenter: str = "b0"
     num_classes: int = 9
     #: pretrained SegFormer weights (local directory or cached hub id)
@@ -180,6 +207,14 @@ class RetrainConfig:
     val: ValConfig = field(default_factory=ValConfig)
 
     def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        require(self.max_steps >= 0, "max_steps", "an integer >= 0 (0 = epochs x batches per epoch)", self.max_steps)
+        require(self.stop_at_step >= 0, "stop_at_step", "an integer >= 0 (0 = off)", self.stop_at_step)
+        if self.channels is not None:
+            check_channels(self.channels, self.max_channels, "channels")
+        require(self.monitor in METRICS, "monitor", f"one of {list(METRICS)}", self.monitor)
+        require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
+        require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.attack.kind not in ATTACK_KINDS:
@@ -193,6 +228,13 @@ class RetrainConfig:
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
+
+
+def check_channels(channels: int, max_channels: int, key: str) -> None:
+    """The fusion width: even, in ``2 .. max_channels`` (a memory guard the user can raise)."""
+    require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
+    require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
+            f"set max_channels={channels} to train this wide a fusion net on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -563,9 +605,8 @@ class RetrainModule(pl.LightningModule):
         attack = v.threat or f"PGD eps {v.attack_eps * 255:.1f}/255, {v.attack_steps} steps"
         log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (%s)", self.global_step, metrics["val/miou"],
                  metrics["val/miou_adv"], attack)
-        score = metrics.get(self.cfg.monitor)
-        if score is None:
-            raise KeyError(f"monitor: expected one of {sorted(metrics)}, got {self.cfg.monitor!r}")
+        assert set(metrics) == set(METRICS), sorted(metrics)
+        score = metrics[self.cfg.monitor]  # checked against METRICS when the config was loaded
         if not math.isnan(score) and score > self.best_score:
             self.best_score = score
             self.write_checkpoint("best.pt", metrics)

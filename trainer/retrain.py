@@ -35,7 +35,7 @@ from search_space.genotype import GenotypeError
 from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
 from trainer.finite import NonFiniteError
-from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
+from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule, check_channels
 from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc
 
 log = logging.getLogger("trainer.retrain")
@@ -123,6 +123,10 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         genotype = resolve_genotype(_genotype_spec(cfg.genotype), channels=cfg.channels)
     except (GenotypeError, CheckpointError) as exc:
         raise RetrainError(f"genotype {cfg.genotype!r}: {exc}") from exc
+    try:
+        check_channels(genotype.channels, cfg.max_channels, f"genotype {cfg.genotype!r}: channels")
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from exc
     if stored is not None:
         _check_same_genotype(genotype, stored["genotype"], f"the resumed checkpoint {resume_ckpt}")
         if stored.get("mode") != cfg.mode:
