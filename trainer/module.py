@@ -78,6 +78,8 @@ class DataConfig:
     num_workers: int = 0
     #: validate on the first N validation images only (0 = all)
     val_limit: int = 0
+    #: open and validate every training and validation file before training (lists all bad files at once)
+    check: bool = True
 
 
 @dataclass

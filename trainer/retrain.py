@@ -158,6 +158,26 @@ def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
     return train, val
 
 
+def check_datasets(*datasets: Any) -> None:
+    """Open and validate every file of ``datasets`` (``RGBTDataset.check``) before training.
+
+    Raises:
+        DataError: one error listing the bad files of every split at once (truncated images, label values
+            outside the classes, size mismatches, ...); ``data.check=false`` skips the check.
+    """
+    problems, counts = [], []
+    for ds in datasets:
+        if ds is None:
+            continue
+        try:
+            counts.append(f"{ds.check()} {ds.split}")
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DataError("\n".join(problems) + "\nfix or remove these files (data.check=false skips this check)")
+    log.info("data check: %s samples read and valid", " + ".join(counts))
+
+
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
     from search_space.pipeline import build_model
 
@@ -229,6 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     train_set, val_set = build_datasets(cfg)
+    if cfg.data.check and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP children: rank 0 checked already
+        check_datasets(train_set, val_set)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     model = build_network(cfg, genotype)
     if cfg.compile:

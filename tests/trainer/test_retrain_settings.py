@@ -50,3 +50,46 @@ def test_too_wide_genotype_file_fails_before_building(tmp_path, capsys):
     assert retrain.main(["--genotype", str(path), f"runs_root={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
     assert "channels: expected at most max_channels=1024, got 100000" in err and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------- data check
+@pytest.fixture
+def bad_root(synthetic_root, tmp_path):
+    """The synthetic set with a truncated IR image (the last training sample) and a label value 12 (val)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    ir = sorted((root / "train" / "ir").iterdir())[-1]
+    ir.write_bytes(ir.read_bytes()[: ir.stat().st_size // 2])
+    label = sorted((root / "val" / "Segmentation_labels").iterdir())[0]
+    arr = np.array(Image.open(label))
+    arr[0, 0] = 12
+    Image.fromarray(arr).save(label)
+    return root, ir, label
+
+
+def test_bad_files_are_all_listed_before_step_1(bad_root, tmp_path, capsys, monkeypatch):
+    root, ir, label = bad_root
+    monkeypatch.setattr(retrain, "build_network", lambda *a: pytest.fail("the data check must run first"))
+    runs = tmp_path / "runs"
+    assert retrain.main(["--genotype", "paif", f"data.root={root}", f"runs_root={runs}"]) == 2
+    err = capsys.readouterr().err
+    assert ir.name in err and "train" in err and label.name in err and "12" in err and "data.check=false" in err
+    assert not runs.exists()
+
+
+def test_data_check_can_be_switched_off(bad_root, tmp_path, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+
+    monkeypatch.setattr(retrain, "build_network", reached)
+    with pytest.raises(Reached):
+        retrain.run(retrain.parse_args(["--genotype", "paif", f"data.root={bad_root[0]}", "data.check=false",
+                                        f"runs_root={tmp_path / 'runs'}"]))
