@@ -47,7 +47,8 @@ from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_object
 
 __all__ = [
     "MODES", "METRICS", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
-    "check_channels", "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule", "ResumeCheckpoint",
+    "check_channels", "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule",
+    "ResumeCheckpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -526,7 +527,8 @@ class RetrainModule(pl.LightningModule):
             eps = self.sampler.eps[task]
         loss, logs = self.robust_loss(batch, eps, gen)
         where = f"training step {step}" + ("" if eps is None else f" (eps {eps * 255:.1f}/255)")
-        check_loss(loss, logs, where, self.last_good)
+        if not _distributed():  # under DDP a NaN of one rank reaches every rank's gradients: the norm check stops all
+            check_loss(loss, logs, where, self.last_good)
         self._last_parts = {"loss": loss.detach(), **logs}
         bs = batch["ir"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)

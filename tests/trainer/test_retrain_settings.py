@@ -1,4 +1,4 @@
-"""Bad retrain settings fail when the config is loaded (before data or model are built), with "expected …, got …"."""
+"""Bad retrain settings fail when the config is loaded, before data or model are built ("expected …, got …")."""
 from __future__ import annotations
 
 import json
