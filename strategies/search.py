@@ -39,6 +39,7 @@ from strategies.objective import AttackConfig, build_attack_factory, task_object
 from strategies.search_module import RobustSearchModule  # noqa: E402
 from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
+from trainer.finite import NonFiniteError  # noqa: E402
 from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions  # noqa: E402
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
@@ -320,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(run_dir, filename="search.log")
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
-    result = run_search(cfg, run_dir, resume=resume)
+    try:
+        result = run_search(cfg, run_dir, resume=resume)
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"run_dir": str(run_dir), "result": str(run_dir / RESULT_NAME),
                       "architecture": result["architecture"]}, indent=2))
     return 0

@@ -8,7 +8,8 @@ of batches ``{"train": ..., "val": ...}`` from its combined loader, calls
 * ``training_step(train_batch, 2·k+1)`` — the weight step (DARTS calls our optimiser, α excluded).
 
 So the parity of ``batch_idx`` tells which step this is; the adversarial example is made here, inside
-``training_step`` (the strategy stays NNI's).
+``training_step`` (the strategy stays NNI's). A non-finite loss stops the search
+(:class:`trainer.finite.NonFiniteError`, naming the step, the loss parts and the last epoch checkpoint).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 from nni.nas.evaluator.pytorch import LightningModule
 
+from trainer.finite import check_loss
 from trainer.robust_objective import AttackFactory, AttackFn, Objective, convex_weights, robust_loss
 
 __all__ = ["RobustSearchModule", "is_architecture_step"]
@@ -98,12 +100,21 @@ class RobustSearchModule(LightningModule):
         architecture = is_architecture_step(batch_idx)
         loss, parts = self.robust_step(batch, architecture)
         phase = "arch" if architecture else "weight"
+        check_loss(loss, parts, f"search {phase} step (epoch {self._epoch()}, batch {batch_idx})", self._last_good())
         batch_size = int(batch["ir"].shape[0])
         self.log(f"search/{phase}_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         for k, v in parts.items():
             self.log(f"search/{phase}_{k}", v, batch_size=batch_size)
         self._accumulate(phase, loss.detach(), parts)
         return {"loss": loss}
+
+    def _epoch(self) -> int:
+        return int(self.trainer.current_epoch) if self._trainer is not None else 0
+
+    def _last_good(self) -> str | None:
+        """The newest epoch checkpoint Lightning wrote (checkpoints hold finite weights: the loss was checked)."""
+        callback = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        return getattr(callback, "last_model_path", None) or None
 
     def _accumulate(self, phase: str, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         for k, v in {"loss": loss, **parts}.items():

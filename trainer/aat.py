@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer.finite import check_loss, grad_norm
+
 __all__ = [
     "PROB_MODES", "INNER_OPTIMIZERS", "AATConfig", "AdaptiveEpsSampler", "mix_seed",
     "reptile_outer_update", "reptile_meta_step", "pretext_initialise", "snapshot", "load_snapshot",
@@ -288,6 +290,8 @@ def reptile_meta_step(
 
     Returns:
         The mean adversarial loss observed per task during its inner loop (to initialise the sampler).
+    Raises:
+        NonFiniteError: an inner step's loss or gradient norm is NaN or ±inf (the step is named).
     """
     theta = snapshot(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -299,7 +303,10 @@ def reptile_meta_step(
         for i in range(inner_steps):
             opt.zero_grad(set_to_none=True)
             loss, adv = objective(model, batches(meta_iter, k, i), float(e))
+            where = f"AAT pretext meta-iteration {meta_iter}, task eps {e * 255:.1f}/255, inner step {i}"
+            check_loss(loss, {"adv": adv}, where)
             loss.backward()
+            check_loss(grad_norm(params), {"loss": loss, "adv": adv}, where, what="gradient norm")
             opt.step()
             seen.append(float(adv))
         task_weights.append(snapshot(model))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from trainer.config import config_to_dict
+from trainer.finite import NonFiniteError, nonfinite_tensors
 from trainer.runs import atomic_save, versions
 
 __all__ = [
@@ -155,7 +156,15 @@ def save_checkpoint(
             ``mit_norm_eps``); default ``model.build_options`` when the model has them, else none (defaults).
     Returns:
         The path written.
+    Raises:
+        NonFiniteError: a floating tensor of the state dict holds NaN or ±inf (nothing is written).
     """
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise NonFiniteError(
+            f"refusing to write checkpoint {path}: {len(bad)} of {len(state_dict)} tensors hold NaN or inf "
+            f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
     seg = dict(segmenter_cfg)
     if "variant" not in seg or "num_classes" not in seg:
         raise CheckpointError(
@@ -166,7 +175,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state_dict,
         "genotype": genotype_to_dict(genotype),
         "segmenter": _plain(seg, "segmenter_cfg"),
         "model": _model_options(model_cfg if model_cfg is not None else getattr(model, "build_options", {}),

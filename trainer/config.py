@@ -6,19 +6,35 @@ field's declared type; nested dataclasses are addressed with dots (``attack.eps=
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "parse_overrides", "config_to_dict", "save_config", "from_dict"]
+__all__ = ["ConfigError", "load_config", "parse_overrides", "config_to_dict", "save_config", "from_dict", "require"]
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid."""
+
+
+def require(ok: bool, key: str, expected: str, got: Any, hint: str = "") -> None:
+    """Raise ``ValueError("<key>: expected <expected>, got <got>[; <hint>]")`` unless ``ok``.
+
+    The check of one setting in a config dataclass's ``__post_init__``; :func:`from_dict` turns the
+    ``ValueError`` into a :class:`ConfigError`, so a bad setting fails when the config is loaded.
+    """
+    if not ok:
+        raise ValueError(f"{key}: expected {expected}, got {got!r}" + (f"; {hint}" if hint else ""))
+
+
+def finite(value: float) -> bool:
+    """True for a finite number (``require(finite(lr) and lr > 0, ...)``)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

@@ -39,19 +39,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
-from trainer.config import config_to_dict
+from trainer.config import config_to_dict, finite, require
+from trainer.finite import ADVICE, NonFiniteError, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
 from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
 
 __all__ = [
-    "MODES", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
-    "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule", "ResumeCheckpoint",
+    "MODES", "METRICS", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
+    "check_channels", "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule",
+    "ResumeCheckpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 MODES = ("aat", "at", "clean")
+#: the validation metrics (higher is better); ``monitor`` picks one for best.pt
+METRICS = ("val/miou", "val/miou_adv", "val/pixel_acc", "val/pixel_acc_adv")
 ATTACK_KINDS = ("pgd", "fgsm")
 PRETEXT_EPOCH_OFFSET = 1_000_000  # augmentation keys of pretext batches never collide with training epochs
 
@@ -75,6 +79,8 @@ class DataConfig:
     num_workers: int = 0
     #: validate on the first N validation images only (0 = all)
     val_limit: int = 0
+    #: open and validate every training and validation file before training (lists all bad files at once)
+    check: bool = True
 
 
 @dataclass
@@ -90,6 +96,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     #: gradient-norm clipping (0 = off)
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(finite(self.lr) and self.lr > 0, "optim.lr", "a number > 0 (e.g. 5e-4)", self.lr)
+        require(finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+                self.weight_decay)
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", list(self.betas))
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        require(finite(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip", "a number >= 0 (0 = off)",
+                self.grad_clip)
 
 
 @dataclass
@@ -109,6 +124,12 @@ class TrainAttackConfig:
     #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
     model_mode: str = TRAIN_ATTACK_MODE
 
+    def __post_init__(self) -> None:
+        require(0 <= self.at_eps <= 1, "attack.at_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
+                self.at_eps)
+        require(finite(self.adv_weight) and self.adv_weight >= 0, "attack.adv_weight", "a number >= 0",
+                self.adv_weight)
+
 
 @dataclass
 class ValConfig:
@@ -124,6 +145,14 @@ class ValConfig:
     num_images: int = 4
     #: run validation every N training steps (0 = at the end of every epoch)
     every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        require(0 <= self.attack_eps <= 1, "val.attack_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
+                self.attack_eps)
+        require(0 <= self.attack_alpha <= 1, "val.attack_alpha", "a step size in [0, 1]", self.attack_alpha)
+        require(self.attack_steps >= 0, "val.attack_steps", "an integer >= 0", self.attack_steps)
+        require(self.num_images >= 0 and self.every_n_steps >= 0, "val.num_images and val.every_n_steps",
+                "integers >= 0", [self.num_images, self.every_n_steps])
 
 
 @dataclass
@@ -145,6 +174,8 @@ class RetrainConfig:
     save_every_steps: int = 50
     #: fusion channel width override (null = the genotype's)
     channels: int | None = None
+    #: refuse fusion widths above this (a typo such as 100000 would try to allocate ~160 GB); raise it on purpose
+    max_channels: int = 1024
     segmenter: str = "b0"
     num_classes: int = 9
     #: pretrained SegFormer weights (local directory or cached hub id)
@@ -179,6 +210,14 @@ class RetrainConfig:
     val: ValConfig = field(default_factory=ValConfig)
 
     def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        require(self.max_steps >= 0, "max_steps", "an integer >= 0 (0 = epochs x batches per epoch)", self.max_steps)
+        require(self.stop_at_step >= 0, "stop_at_step", "an integer >= 0 (0 = off)", self.stop_at_step)
+        if self.channels is not None:
+            check_channels(self.channels, self.max_channels, "channels")
+        require(self.monitor in METRICS, "monitor", f"one of {list(METRICS)}", self.monitor)
+        require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
+        require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
         if self.attack.kind not in ATTACK_KINDS:
@@ -192,6 +231,13 @@ class RetrainConfig:
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
+
+
+def check_channels(channels: int, max_channels: int, key: str) -> None:
+    """The fusion width: even, in ``2 .. max_channels`` (a memory guard the user can raise)."""
+    require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
+    require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
+            f"set max_channels={channels} to train this wide a fusion net on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +375,10 @@ class RetrainModule(pl.LightningModule):
         self.best_score = -math.inf
         self.cm_clean = ConfusionMatrix(cfg.num_classes)
         self.cm_adv = ConfusionMatrix(cfg.num_classes)
+        #: the newest checkpoint written from finite weights (named when the training diverges)
+        self.last_good: str | None = None
+        self._last_parts: dict[str, Tensor] = {}
+        self._val_finite = torch.ones((), dtype=torch.bool)
 
     # -- sizes -----------------------------------------------------------------------------------------
     def batches_per_epoch(self, world_size: int = 1) -> int:
@@ -476,6 +526,10 @@ class RetrainModule(pl.LightningModule):
             task = self.sampler.sample(mix_seed(self.cfg.seed, "eps", step))  # same draw on every rank
             eps = self.sampler.eps[task]
         loss, logs = self.robust_loss(batch, eps, gen)
+        where = f"training step {step}" + ("" if eps is None else f" (eps {eps * 255:.1f}/255)")
+        if not _distributed():  # under DDP a NaN of one rank reaches every rank's gradients: the norm check stops all
+            check_loss(loss, logs, where, self.last_good)
+        self._last_parts = {"loss": loss.detach(), **logs}
         bs = batch["ir"].shape[0]
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for k, v in logs.items():
@@ -490,10 +544,21 @@ class RetrainModule(pl.LightningModule):
                 self.log(f"aat/p_eps{e * 255:.0f}", p, batch_size=bs)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop at a non-finite gradient norm (before clipping and the step, so the weights stay finite).
+
+        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        check_loss(grad_norm(self.model.parameters()), self._last_parts, f"training step {self.global_step}",
+                   self.last_good, what="gradient norm")
+
     # -- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.cm_clean.reset()
         self.cm_adv.reset()
+        self._val_finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         from robustness.attacks import PGD
@@ -513,12 +578,22 @@ class RetrainModule(pl.LightningModule):
         out_a = self.model(ir_a, vis_a)
         self.cm_clean.update(out.logits.float(), label)
         self.cm_adv.update(out_a.logits.float(), label)
+        # a diverged model predicts one class from NaN logits and still scores a finite mIoU; read once per epoch
+        self._val_finite &= torch.isfinite(out.logits).all()
         if batch_idx == 0 and self.global_rank == 0 and v.num_images > 0:
             self._log_pictures(batch, out, out_a, ir_a, vis_a)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        if _distributed():
+            flag = self._val_finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            self._val_finite = flag.bool()
+        if not bool(self._val_finite):
+            raise NonFiniteError(f"non-finite logits in the validation at step {self.global_step}, so neither "
+                                 f"best.pt nor last.pt is written; "
+                                 f"{last_good_text(self.last_good)}; {ADVICE}")
         metrics = {}
         for tag, cm in (("", self.cm_clean), ("_adv", self.cm_adv)):
             matrix = cm.matrix.to(self.device)
@@ -534,9 +609,8 @@ class RetrainModule(pl.LightningModule):
         attack = v.threat or f"PGD eps {v.attack_eps * 255:.1f}/255, {v.attack_steps} steps"
         log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (%s)", self.global_step, metrics["val/miou"],
                  metrics["val/miou_adv"], attack)
-        score = metrics.get(self.cfg.monitor)
-        if score is None:
-            raise KeyError(f"monitor: expected one of {sorted(metrics)}, got {self.cfg.monitor!r}")
+        assert set(metrics) == set(METRICS), sorted(metrics)
+        score = metrics[self.cfg.monitor]  # checked against METRICS when the config was loaded
         if not math.isnan(score) and score > self.best_score:
             self.best_score = score
             self.write_checkpoint("best.pt", metrics)
@@ -577,9 +651,15 @@ class RetrainModule(pl.LightningModule):
         if self.sampler is not None:
             state["aat_probabilities"] = self.sampler.probabilities().tolist()
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
-        return save_checkpoint(self.run_dir / name, model, self.genotype,
-                               {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
-                               config_to_dict(self.cfg), state)
+        try:
+            path = save_checkpoint(self.run_dir / name, model, self.genotype,
+                                   {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
+                                   config_to_dict(self.cfg), state)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{exc} at step {self.global_step}; {last_good_text(self.last_good)}; "
+                                 f"{ADVICE}") from exc
+        self.last_good = str(path)
+        return path
 
     def on_train_end(self) -> None:
         self.write_checkpoint("last.pt")
@@ -607,7 +687,8 @@ class ResumeCheckpoint(pl.Callback):
     """Writes the full Lightning training state to ``path`` every ``every`` steps and at the last step.
 
     Saved at the end of a training batch (after the optimiser and LR-scheduler steps), atomically: a
-    temporary file in the same folder, then ``os.replace`` by rank 0; all ranks wait for it.
+    temporary file in the same folder, then ``os.replace`` by rank 0; all ranks wait for it. Weights holding
+    NaN or inf are never saved (:class:`trainer.finite.NonFiniteError`).
     """
 
     def __init__(self, path: str | Path, every: int) -> None:
@@ -618,9 +699,16 @@ class ResumeCheckpoint(pl.Callback):
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
+        bad = nonfinite_tensors(pl_module.state_dict())
+        last_good = getattr(pl_module, "last_good", None)
+        if bad:
+            raise NonFiniteError(f"refusing to write {self.path} at step {step}: {len(bad)} tensors hold NaN or "
+                                 f"inf ({', '.join(bad[:4])}); {last_good_text(last_good)}; {ADVICE}")
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             log.info("saved resumable state at step %d to %s", step, self.path)
         trainer.strategy.barrier("resume-checkpoint")
+        if hasattr(pl_module, "last_good"):
+            pl_module.last_good = f"{self.path} (step {step}, --resume)"

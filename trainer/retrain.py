@@ -34,7 +34,8 @@ from rgbt.io import DataError
 from search_space.genotype import GenotypeError
 from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
-from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
+from trainer.finite import NonFiniteError
+from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule, check_channels
 from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc
 
 log = logging.getLogger("trainer.retrain")
@@ -122,6 +123,10 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         genotype = resolve_genotype(_genotype_spec(cfg.genotype), channels=cfg.channels)
     except (GenotypeError, CheckpointError) as exc:
         raise RetrainError(f"genotype {cfg.genotype!r}: {exc}") from exc
+    try:
+        check_channels(genotype.channels, cfg.max_channels, f"genotype {cfg.genotype!r}: channels")
+    except ValueError as exc:
+        raise RetrainError(str(exc)) from exc
     if stored is not None:
         _check_same_genotype(genotype, stored["genotype"], f"the resumed checkpoint {resume_ckpt}")
         if stored.get("mode") != cfg.mode:
@@ -151,6 +156,26 @@ def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
     train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=True)
     val = RGBTDataset(d.root, d.val_split, require_labels=True) if d.val_split else None
     return train, val
+
+
+def check_datasets(*datasets: Any) -> None:
+    """Open and validate every file of ``datasets`` (``RGBTDataset.check``) before training.
+
+    Raises:
+        DataError: one error listing the bad files of every split at once (truncated images, label values
+            outside the classes, size mismatches, ...); ``data.check=false`` skips the check.
+    """
+    problems, counts = [], []
+    for ds in datasets:
+        if ds is None:
+            continue
+        try:
+            counts.append(f"{ds.check()} {ds.split}")
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DataError("\n".join(problems) + "\nfix or remove these files (data.check=false skips this check)")
+    log.info("data check: %s samples read and valid", " + ".join(counts))
 
 
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
@@ -224,6 +249,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     train_set, val_set = build_datasets(cfg)
+    if cfg.data.check and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP children: rank 0 checked already
+        check_datasets(train_set, val_set)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     model = build_network(cfg, genotype)
     if cfg.compile:
@@ -238,6 +265,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[_RUN_DIR_ENV] = str(run_dir)
 
     module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
+    if resume_ckpt is not None:
+        module.last_good = f"{resume_ckpt} (--resume)"
     world = cfg.devices
     total = module.total_steps(world)
     log.info("retrain mode=%s genotype=%s: %d steps (%d per epoch), run folder %s%s", cfg.mode,
@@ -262,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError) as exc:
+    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError, NonFiniteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["rank"] == 0:
