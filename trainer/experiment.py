@@ -268,8 +268,9 @@ def _fmt(ms: tuple[float, float]) -> str:
 def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     head = "| run | seeds | " + " | ".join(f"mIoU {c}" for c in columns) + " |"
     sep = "|---|---|" + "---|" * len(columns)
-    body = [f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(_fmt(r["stats"][c]) for c in columns) + " |"
-            for r in rows]
+    body = [f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(
+        _fmt(r["stats"][c]) if len(r["seeds"]) > 1 else _fmt(r["stats"][c]).split(" ±")[0] for c in columns) + " |"
+        for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -381,7 +382,8 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
         for c, dd in per_col.items():
             if dd["seeds"]:
                 per = ", ".join(f"s{s}: {_pct(v)}" for s, v in zip(dd["seeds"], dd["diffs"]))
-                md.append(f"| {name} | {c} | {per} | {_pct(dd['mean'])} ± {100 * dd['std']:.1f} |")
+                spread = f" ± {100 * dd['std']:.1f}" if len(dd["seeds"]) > 1 else " (one seed)"
+                md.append(f"| {name} | {c} | {per} | {_pct(dd['mean'])}{spread} |")
     md += ["", "## Claims tested", "", "| claim | measured | holds |", "|---|---|---|"]
     for c in claims:
         v = c["value"]
