@@ -535,6 +535,8 @@ class Attack:
         inputs = {**adv, **leaves}
         out = self.model(inputs["ir"], inputs["vis"])
         per_image = self.objective_per_image(out, label, clean_fused, t)
+        if not per_image.requires_grad:  # no target reaches the objective (e.g. a single-modality model)
+            return out, per_image.detach(), [None] * len(self.targets)
         grads = torch.autograd.grad(per_image.sum(), [leaves[m] for m in self.targets], allow_unused=True)
         return out, per_image.detach(), list(grads)
 

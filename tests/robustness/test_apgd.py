@@ -208,3 +208,32 @@ def test_restarts_keep_the_best_run():
     per_run = torch.stack([t["err"].max(0).values for t in attack.last_trace])
     assert torch.equal(err, per_run.max(0).values)
     assert (per_run[1:] != per_run[0]).any()  # different random starts
+
+
+class _IROnly(torch.nn.Module):
+    """A single-modality model: the visible input never reaches the output (as FusionSegModel(inputs="ir"))."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, ir: torch.Tensor, vis: torch.Tensor):
+        return self.net(ir, torch.zeros_like(vis))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: PGD(m, eps=8 / 255, alpha=2 / 255, steps=2, targets=("vis",)),
+    lambda m: APGD(m, eps=8 / 255, steps=3, targets=("vis",)),
+])
+def test_attack_on_a_modality_the_model_ignores_runs_and_changes_nothing(make, toy) -> None:
+    """Attacking VIS of an IR-only model: no autograd error (the objective has no gradient path), inputs stay in
+    the ball and the model's output is unchanged."""
+    torch.manual_seed(0)
+    model = _IROnly(toy).eval().requires_grad_(False)  # as in evaluation: frozen weights
+    ir, vis = torch.rand(2, 1, 32, 40), torch.rand(2, 3, 32, 40)
+    label = torch.randint(0, 9, (2, 32, 40))
+    ir_adv, vis_adv = make(model)(ir, vis, label)
+    assert torch.equal(ir_adv, ir)
+    assert (vis_adv - vis).abs().max() <= 8 / 255 + 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(model(ir_adv, vis_adv).logits, model(ir, vis).logits)
