@@ -216,6 +216,9 @@ class RetrainConfig:
         if self.channels is not None:
             check_channels(self.channels, self.max_channels, "channels")
         require(self.monitor in METRICS, "monitor", f"one of {list(METRICS)}", self.monitor)
+        from search_space.pipeline import INPUTS
+
+        require(self.inputs in INPUTS, "inputs", f"one of {list(INPUTS)}", self.inputs)
         require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
         require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)
         if self.mode not in MODES:

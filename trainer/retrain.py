@@ -181,11 +181,8 @@ def check_datasets(*datasets: Any) -> None:
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
     from search_space.pipeline import build_model
 
-    try:
-        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes,
-                            pretrained=cfg.pretrained, inputs=cfg.inputs)
-    except ValueError as exc:
-        raise RetrainError(str(exc)) from exc
+    model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                        inputs=cfg.inputs)  # cfg.inputs is checked when the config is loaded
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)["state_dict"]
         try:

@@ -24,6 +24,7 @@ from trainer.module import RetrainConfig
                           "'val/pixel_acc_adv'], got 'val/bogus'"),
     ("channels=100000", "channels: expected at most max_channels=1024, got 100000; set max_channels=100000"),
     ("channels=7", "channels: expected an even integer >= 2, got 7"),
+    ("inputs=thermal", "inputs: expected one of ['both', 'ir', 'vis'], got 'thermal'"),
 ])
 def test_bad_setting_fails_at_load_time(override, message):
     with pytest.raises(ConfigError) as info:
