@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rgbt.color import KB, KR
+from trainer.errors import PaifError
 
 __all__ = [
     "DataError",
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 _KG = 1.0 - KR - KB
 
 
-class DataError(ValueError):
+class DataError(PaifError, ValueError):
     """Bad dataset input: an unreadable, truncated or malformed file, or an inconsistent dataset."""
 
 
