@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-data-check", action="store_true",
                         help="do not validate every data file first (alias of data.check=false)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. w_arch=1 attack.eps=0.0157")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
     overrides = list(args.overrides) + (["data.check=false"] if args.skip_data_check else [])
     resume = None
     if args.resume:

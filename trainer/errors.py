@@ -85,6 +85,8 @@ def describe_os_error(exc: OSError) -> str:
             where += f" -> {os.fsdecode(exc.filename2)}"
     name = f" ({errno.errorcode[code]})" if isinstance(code, int) and code in errno.errorcode else ""
     hint = _OS_HINTS.get(code, "")
+    if code == errno.EEXIST and exc.filename is not None and os.path.isfile(exc.filename):
+        hint = "it is a file where a folder is expected; choose another path"  # mkdir(parents=True) below a file
     return f"{what}{where}{name}" + (f"; {hint}" if hint else "")
 
 

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-data-check", action="store_true",
                    help="do not validate every data file before training (alias of data.check=false)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 data.batch_size=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
 
 def _resume_paths(resume: str) -> tuple[Path, Path]:
