@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 from rgbt.io import DataError, MissingDataError, read_gray, read_label, read_rgb, read_rgbt
@@ -312,23 +313,39 @@ class RGBTDataset(Dataset):
             item["label"] = torch.from_numpy(np.ascontiguousarray(arrays["label"]).astype(np.int64))
         return item
 
-    def check(self) -> int:
-        """Read every sample and validate it; raises one :class:`DataError` listing all problems.
+    def validate(self, indices: Sequence[int] | None = None, progress: bool = False) -> dict[int, str]:
+        """Read and validate samples ``indices`` (default: all); returns the problem of each bad one by index.
+
+        ``progress`` shows a tqdm bar (``data check <root> <split>``).
+        """
+        indices = range(len(self)) if indices is None else indices
+        problems: dict[int, str] = {}
+        bar = tqdm(indices, desc=f"data check {self.root.name} {self.split or ''}".rstrip(), unit="sample",
+                   disable=not progress, leave=False)
+        for i in bar:
+            try:
+                self.load_arrays(i)
+            except DataError as exc:
+                problems[i] = str(exc)
+        return problems
+
+    def problem_report(self, problems: Mapping[int, str], limit: int = 20) -> str:
+        """``"<root> (split 'train'): N bad sample(s):"`` and one line per problem (the first ``limit``)."""
+        lines = list(problems.values())
+        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+        return (f"{self.root} (split {self.split!r}): {len(lines)} bad sample(s):\n  " + "\n  ".join(lines[:limit])
+                + more)
+
+    def check(self, indices: Sequence[int] | None = None, progress: bool = False) -> int:
+        """Read every sample (or ``indices``) and validate it; raises one :class:`DataError` listing all problems.
 
         Returns:
             the number of samples checked.
         """
-        problems = []
-        for i in range(len(self)):
-            try:
-                self.load_arrays(i)
-            except DataError as exc:
-                problems.append(str(exc))
+        problems = self.validate(indices, progress)
         if problems:
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(f"{self.root} (split {self.split!r}): {len(problems)} bad sample(s):\n  "
-                            + "\n  ".join(problems[:20]) + more)
-        return len(self)
+            raise DataError(self.problem_report(problems))
+        return len(self) if indices is None else len(indices)
 
     def __repr__(self) -> str:
         return (f"RGBTDataset(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, n={len(self)}, "

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rgbt.color import KB, KR
+from trainer.errors import PaifError
 
 __all__ = [
     "DataError",
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 _KG = 1.0 - KR - KB
 
 
-class DataError(ValueError):
+class DataError(PaifError, ValueError):
     """Bad dataset input: an unreadable, truncated or malformed file, or an inconsistent dataset."""
 
 
@@ -166,4 +167,9 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise DataError(f"{path}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is None:  # a failed write (full disk, size limit): name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise

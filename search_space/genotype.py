@@ -22,13 +22,14 @@ from torch import nn
 from search_space.cells import FUSION_RULES
 from search_space.fusion_space import CELL_SCOPES, FusionSpace
 from search_space.ops import OPS
+from trainer.errors import PaifError
 
 __all__ = ["Genotype", "GenotypeError", "GENOTYPES", "FORMAT_VERSION", "build_fusion_net", "get_genotype"]
 
 FORMAT_VERSION = 1
 
 
-class GenotypeError(ValueError):
+class GenotypeError(PaifError, ValueError):
     """A genotype (or its JSON / NNI sample) is invalid; the message names the offending field."""
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "EpochShuffleSampler",
     "EpochSeeder",
     "SearchRecorder",
+    "SELECT_METRIC",
     "under_nni",
     "run_darts",
     "argmax_architecture",
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 RESULT_NAME = "search_result.json"
 RESULT_VERSION = 1
 CONFIG_KEY = "paif_search_config"
+GUARD_KEY = "paif_nan_guard"  # the skipped-step counters of nan_policy=skip
 
 
 @dataclass
@@ -75,13 +77,24 @@ class DartsSettings:
     deterministic: bool = False
     seed: int = 0
     progress_bar: bool = True
+    #: best epoch checkpoints kept beside last.ckpt (by :data:`SELECT_METRIC`, lower is better); 0 = none, -1 = all
+    keep_checkpoints: int = 1
+
+
+#: the per-epoch metric that ranks epoch checkpoints: ``nni_metric(result)["default"]`` of the epoch (the mean
+#: held-out adversarial loss of its architecture steps), logged by :class:`SearchRecorder`
+SELECT_METRIC = "search/epoch_select"
 
 
 class _OrderedDartsModule(DartsLightningModule):
-    """NNI's DARTS module with the architecture parameters in module order.
+    """NNI's DARTS module with the architecture parameters in module order, and a gradient guard.
 
     NNI 3.0 returns ``list(set(alphas))``, whose order changes from process to process; the Adam state of
     the architecture optimiser then lands on the wrong tensors when a checkpoint is restored.
+
+    Before each optimiser step (architecture and weights; Lightning calls ``on_before_optimizer_step`` in NNI's
+    manual optimisation too) the training module's ``guard_gradients`` applies the ``nan_policy`` to the gradient
+    norm: stop at a non-finite one, or drop the gradients so the step leaves the weights unchanged.
     """
 
     def arch_parameters(self) -> list[nn.Parameter]:
@@ -90,6 +103,12 @@ class _OrderedDartsModule(DartsLightningModule):
             for p in getattr(module, "arch_parameters", lambda: [])():
                 params.setdefault(id(p), p)
         return list(params.values())
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        guard = getattr(self.training_module, "guard_gradients", None)
+        if guard is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            guard(params, architecture=bool(getattr(optimizer, "is_arch_optimizer", False)))
 
 
 class ResumableDARTS(DARTS):
@@ -218,6 +237,7 @@ class SearchRecorder(pl.Callback):
         result = self.result(trainer, pl_module)
         atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         self.last_result = result
+        pl_module.log(SELECT_METRIC, nni_metric(result)["default"], on_step=False, on_epoch=True)
         log.info("epoch %d/%s: %s; architecture %s", result["epoch"], result["epochs"],
                  ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if k.endswith("loss")),
                  result["architecture"])
@@ -226,6 +246,14 @@ class SearchRecorder(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        guard = getattr(getattr(pl_module, "training_module", None), "guard", None)
+        if guard is not None:
+            checkpoint[GUARD_KEY] = guard.state_dict()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        guard = getattr(getattr(pl_module, "training_module", None), "guard", None)
+        if guard is not None and checkpoint.get(GUARD_KEY) is not None:
+            guard.load_state_dict(checkpoint[GUARD_KEY])
 
 
 def nni_metric(result: Mapping[str, Any]) -> dict[str, float]:
@@ -268,7 +296,8 @@ def run_darts(
         space: a fresh model space (mutated in place into the supernet; seed the RNG before, α is random).
         module: the inner Lightning module (its ``training_step`` sees batch_idx 2k = α step, 2k+1 = weights).
         train_loader, val_loader: the training and held-out splits (batches are dicts).
-        run_dir: where ``search_result.json``, ``checkpoints/`` and ``tensorboard/`` go.
+        run_dir: where ``search_result.json``, ``checkpoints/`` (``last.ckpt`` + the ``settings.keep_checkpoints``
+            best epochs) and ``tensorboard/`` go.
         settings: trainer settings.
         config: resolved config (plain dict) stored in results and checkpoints.
         wrap: builds the trained model around the supernet (e.g. fusion supernet + segmenter).
@@ -287,8 +316,9 @@ def run_darts(
     model = wrap(supernet)
     recorder = SearchRecorder(run_dir, config, extra)
     checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-        save_last=True, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True,
+        dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, save_last=True, every_n_epochs=1,
+        save_on_train_epoch_end=True,
     )
     trainer = Trainer(
         max_epochs=settings.epochs,

@@ -38,11 +38,13 @@ import torch
 from torch import nn
 
 from trainer.config import config_to_dict
+from trainer.errors import PaifError, entry_point
 from trainer.finite import NonFiniteError, nonfinite_tensors
 from trainer.runs import atomic_save, versions
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "REQUIRED_KEYS", "CheckpointError", "save_checkpoint", "load_checkpoint",
+    "read_torch_file",
     "load_model", "genotype_to_dict", "genotype_from_dict", "resolve_genotype", "init_checkpoint",
 ]
 
@@ -54,7 +56,7 @@ REQUIRED_KEYS = ("format", "format_version", "state_dict", "genotype", "segmente
 _PLAIN = (str, int, float, bool, type(None))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PaifError, ValueError):
     """A checkpoint file is missing, unreadable, of another format, or does not match its genotype."""
 
 
@@ -190,18 +192,34 @@ def save_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------- load
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint with ``torch.load(weights_only=True)``.
+#: how a file written by torch.save begins: a zip archive (torch >= 1.6) or a pickle, protocol 2 (the legacy format)
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x80\x02")
 
+
+def read_torch_file(path: str | Path, expected: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file and what was expected.
+
+    A file that does not begin like a ``torch.save`` file (random bytes, an image, a text file) is "not a
+    checkpoint"; one that does but cannot be read is corrupted or truncated; one holding objects other than tensors
+    and plain types is refused (loading it would run code).
+
+    Args:
+        path: the file.
+        expected: what it should be, for the messages (e.g. "a .pt file written by save_checkpoint").
     Raises:
-        CheckpointError: missing file; not a torch file (corrupted, truncated); objects other than tensors
-            and plain types; not a PAIF checkpoint; wrong format version; missing keys.
+        CheckpointError: missing, not a torch file, unreadable, or not loadable with ``weights_only=True``.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: expected a .pt file written by save_checkpoint")
+        raise CheckpointError(f"checkpoint {path} does not exist: expected {expected}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_MAGIC):
+        size = path.stat().st_size
+        raise CheckpointError(f"{path} is not a checkpoint: expected {expected}, got {size} bytes that are not a "
+                              f"torch.save file (it begins with {head.hex(' ') or 'nothing'}); check the path")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             raise CheckpointError(
@@ -212,9 +230,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is not a readable torch file (corrupted?): {exc}") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is not a readable torch file (corrupted or truncated?): expected a file written "
-            f"by torch.save, got {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"checkpoint {path} is not a readable torch file (corrupted or truncated?): expected {expected}, got "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: missing file; not a torch file (random bytes, corrupted, truncated); objects other than
+            tensors and plain types; not a PAIF checkpoint; wrong format version; missing keys.
+    """
+    path = Path(path)
+    ckpt = read_torch_file(path, "a .pt file written by save_checkpoint", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
@@ -344,6 +373,7 @@ def _summary(path: str | Path) -> dict[str, Any]:
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.checkpoint", description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
@@ -356,15 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="output path for --init")
     args = p.parse_args(argv)
-    try:
-        if args.init:
-            path = init_checkpoint(args.out, args.genotype, args.segmenter, args.num_classes, args.channels, args.seed)
-            print(json.dumps(_summary(path), indent=2))
-        else:
-            print(json.dumps(_summary(args.info), indent=2))
-    except CheckpointError as exc:
-        print(f"error: {exc}")
-        return 2
+    if args.init:
+        path = init_checkpoint(args.out, args.genotype, args.segmenter, args.num_classes, args.channels, args.seed)
+        print(json.dumps(_summary(path), indent=2))
+    else:
+        print(json.dumps(_summary(args.info), indent=2))
     return 0
 
 

@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
-from trainer.config import config_to_dict, finite, require
-from trainer.finite import ADVICE, NonFiniteError, check_loss, grad_norm, last_good_text, nonfinite_tensors
+from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_nan_policy,
+                            config_to_dict, finite, require)
+from trainer.finite import ADVICE, NonFiniteError, StepGuard, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix
 from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
@@ -79,8 +80,16 @@ class DataConfig:
     num_workers: int = 0
     #: validate on the first N validation images only (0 = all)
     val_limit: int = 0
-    #: open and validate every training and validation file before training (lists all bad files at once)
+    #: open and validate every training and validation file before training (lists all bad files at once; cached
+    #: by file sizes and modification times, so a rerun is instant); false or --skip-data-check skips it
     check: bool = True
+
+    def __post_init__(self) -> None:
+        check_crop(self.crop, "data.crop")
+        require(self.batch_size >= 1 and self.val_batch_size >= 1, "data.batch_size and data.val_batch_size",
+                "integers >= 1", [self.batch_size, self.val_batch_size])
+        require(self.num_workers >= 0 and self.val_limit >= 0, "data.num_workers and data.val_limit",
+                "integers >= 0", [self.num_workers, self.val_limit])
 
 
 @dataclass
@@ -98,7 +107,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        require(finite(self.lr) and self.lr > 0, "optim.lr", "a number > 0 (e.g. 5e-4)", self.lr)
+        check_lr(self.lr, "optim.lr")
         require(finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
                 self.weight_decay)
         require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", list(self.betas))
@@ -125,8 +134,7 @@ class TrainAttackConfig:
     model_mode: str = TRAIN_ATTACK_MODE
 
     def __post_init__(self) -> None:
-        require(0 <= self.at_eps <= 1, "attack.at_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
-                self.at_eps)
+        check_budget(self.at_eps, "attack.at_eps")
         require(finite(self.adv_weight) and self.adv_weight >= 0, "attack.adv_weight", "a number >= 0",
                 self.adv_weight)
 
@@ -147,9 +155,8 @@ class ValConfig:
     every_n_steps: int = 0
 
     def __post_init__(self) -> None:
-        require(0 <= self.attack_eps <= 1, "val.attack_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
-                self.attack_eps)
-        require(0 <= self.attack_alpha <= 1, "val.attack_alpha", "a step size in [0, 1]", self.attack_alpha)
+        check_budget(self.attack_eps, "val.attack_eps")
+        check_budget(self.attack_alpha, "val.attack_alpha", "a step size")
         require(self.attack_steps >= 0, "val.attack_steps", "an integer >= 0", self.attack_steps)
         require(self.num_images >= 0 and self.every_n_steps >= 0, "val.num_images and val.every_n_steps",
                 "integers >= 0", [self.num_images, self.every_n_steps])
@@ -203,6 +210,10 @@ class RetrainConfig:
     run_name: str = "retrain"
     progress_bar: bool = True
     log_every_steps: int = 10
+    #: at a non-finite loss or gradient: "stop" with an error naming the step (default), or "skip" the step (no
+    #: weight update, counted in the log) and stop only after nan_max_skips skipped steps in a row
+    nan_policy: str = "stop"
+    nan_max_skips: int = 10
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
@@ -215,10 +226,11 @@ class RetrainConfig:
         require(self.stop_at_step >= 0, "stop_at_step", "an integer >= 0 (0 = off)", self.stop_at_step)
         if self.channels is not None:
             check_channels(self.channels, self.max_channels, "channels")
-        require(self.monitor in METRICS, "monitor", f"one of {list(METRICS)}", self.monitor)
+        check_choice(self.monitor, METRICS, "monitor")
         from search_space.pipeline import INPUTS
 
-        require(self.inputs in INPUTS, "inputs", f"one of {list(INPUTS)}", self.inputs)
+        check_choice(self.inputs, INPUTS, "inputs")
+        check_nan_policy(self.nan_policy, self.nan_max_skips)
         require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
         require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)
         if self.mode not in MODES:
@@ -234,13 +246,6 @@ class RetrainConfig:
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
-
-
-def check_channels(channels: int, max_channels: int, key: str) -> None:
-    """The fusion width: even, in ``2 .. max_channels`` (a memory guard the user can raise)."""
-    require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
-    require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
-            f"set max_channels={channels} to train this wide a fusion net on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,6 +386,9 @@ class RetrainModule(pl.LightningModule):
         #: the newest checkpoint written from finite weights (named when the training diverges)
         self.last_good: str | None = None
         self._last_parts: dict[str, Tensor] = {}
+        self._loss_ok = True
+        #: nan_policy: stop at a non-finite loss / gradient norm, or skip such steps (counted)
+        self.guard = StepGuard(cfg.nan_policy, cfg.nan_max_skips)
         self._val_finite = torch.ones((), dtype=torch.bool)
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -497,7 +505,7 @@ class RetrainModule(pl.LightningModule):
         self.model.train()
         with self.trainer.precision_plugin.forward_context():
             losses = pretext_initialise(self.model, cfg, objective, self._pretext_batch,
-                                        average=self._average_across_ranks, on_meta_iter=report)
+                                        average=self._average_across_ranks, on_meta_iter=report, guard=self.guard)
         if losses and self.sampler is not None:
             # the last meta-iteration's inner steps, task-major: task k owns steps k·n .. k·n + n - 1
             n = cfg.inner_steps
@@ -530,13 +538,15 @@ class RetrainModule(pl.LightningModule):
             eps = self.sampler.eps[task]
         loss, logs = self.robust_loss(batch, eps, gen)
         where = f"training step {step}" + ("" if eps is None else f" (eps {eps * 255:.1f}/255)")
+        self._loss_ok = True
         if not _distributed():  # under DDP a NaN of one rank reaches every rank's gradients: the norm check stops all
-            check_loss(loss, logs, where, self.last_good)
+            self._loss_ok = self.guard.check(loss, logs, where, self.last_good)
         self._last_parts = {"loss": loss.detach(), **logs}
         bs = batch["ir"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=bs)
+        if self._loss_ok:  # a skipped step (nan_policy=skip) logs no NaN
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+            for k, v in logs.items():
+                self.log(f"train/{k}", v, batch_size=bs)
         if eps is not None:
             self.log("train/eps_255", float(eps * 255), batch_size=bs)
         if task is not None:
@@ -550,12 +560,21 @@ class RetrainModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop at a non-finite gradient norm (before clipping and the step, so the weights stay finite).
 
-        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        With ``nan_policy=skip`` a step whose loss or gradient norm is not finite is skipped instead: every gradient
+        is dropped, so AdamW leaves every weight and moment unchanged (the LR schedule and the global step still
+        advance: the data order and ``--resume`` stay exact). Not checked under a gradient scaler (``16-mixed``),
+        which skips such steps itself.
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        check_loss(grad_norm(self.model.parameters()), self._last_parts, f"training step {self.global_step}",
-                   self.last_good, what="gradient norm")
+        ok = self._loss_ok and self.guard.check(grad_norm(self.model.parameters()), self._last_parts,
+                                                f"training step {self.global_step}", self.last_good,
+                                                what="gradient norm")
+        if ok:
+            self.guard.good_step()
+        else:
+            for p in self.model.parameters():
+                p.grad = None
 
     # -- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -674,6 +693,7 @@ class RetrainModule(pl.LightningModule):
             "pretext_done": bool(self.pretext_done),
             "best_score": float(self.best_score),
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "nan_guard": self.guard.state_dict(),
             "config": config_to_dict(self.cfg),
         }
 
@@ -684,6 +704,7 @@ class RetrainModule(pl.LightningModule):
         self.best_score = float(paif.get("best_score", -math.inf))
         if self.sampler is not None and paif.get("sampler") is not None:
             self.sampler.load_state_dict(paif["sampler"])
+        self.guard.load_state_dict(paif.get("nan_guard") or {})
 
 
 class ResumeCheckpoint(pl.Callback):
