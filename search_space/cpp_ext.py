@@ -110,6 +110,14 @@ def _build(verbose: bool) -> ModuleType:
                                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=verbose)
 
 
+def _summary(exc: Exception) -> str:
+    """One line for a build failure: the compiler's first ``error:`` line if there is one (torch's message
+    starts with the whole compile command), else the start of the message."""
+    text = str(exc)
+    errors = [ln.strip() for ln in text.splitlines() if "error:" in ln]
+    return f"{type(exc).__name__}: {errors[0] if errors else ' '.join(text.split())}"[:300]
+
+
 def load_extension(verbose: bool = False) -> ModuleType | None:
     """The compiled module (``guide_stats``, ``forward``, ``backward``), or None when disabled or not buildable.
 
@@ -122,9 +130,9 @@ def load_extension(verbose: bool = False) -> ModuleType | None:
             try:
                 _state["module"] = _build(verbose)
             except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
-                msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+                msg = _summary(exc)
                 _state["error"] = msg
-                log.warning("C++ decomposition kernel not built: %s", msg)
+                log.warning("C++ decomposition kernel not built: %s\n%s", msg, exc)
                 warnings.warn(f"search_space.cpp_ext: the C++ decomposition kernel could not be built ({msg}); "
                               "using the pure-PyTorch decomposition", RuntimeWarning, stacklevel=2)
         return _state.get("module")  # type: ignore[return-value]
