@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions",
+__all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "atomic_write_bytes",
+           "versions",
            "tune_malloc", "MALLOC_ENV"]
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write UTF-8 text atomically (temporary file + ``os.replace``)."""
-    data = text.encode("utf-8")
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write bytes atomically (temporary file in the same folder + ``os.replace``): never a half-written file."""
     return _atomic_write(Path(path), lambda f: f.write(data))
 
 
