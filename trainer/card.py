@@ -125,7 +125,7 @@ def training_from_config(train_cfg: Mapping[str, Any], state: Mapping[str, Any] 
     recipe = {k: v for k, v in recipe.items() if not k.startswith(unused)}
     out: dict[str, Any] = {"mode": mode, "summary": _summary(mode, train_cfg), "recipe": recipe}
     if state:
-        progress = {k: state[k] for k in ("global_step", "epoch", "best_score") if k in state}
+        progress = {k: state[k] for k in ("global_step", "epoch", "best_score", "metrics_step") if k in state}
         metrics = state.get("metrics") or {}
         if metrics:
             progress["metrics"] = dict(metrics)
