@@ -242,7 +242,7 @@ class RetrainConfig:
         if self.mode == "fusion" and self.monitor not in FUSION_MONITORS:
             self.monitor = FUSION_MONITORS[1] if self.attack.fusion_eps > 0 else FUSION_MONITORS[0]
         allowed = FUSION_MONITORS if self.mode == "fusion" else METRICS
-        require(self.monitor in allowed, "monitor", f"one of {list(allowed)} (mode {self.mode})", self.monitor)
+        require(self.monitor in allowed, "monitor", f"one of {list(allowed)}", self.monitor, f"mode {self.mode}")
         from search_space.pipeline import INPUTS
 
         require(self.inputs in INPUTS, "inputs", f"one of {list(INPUTS)}", self.inputs)
