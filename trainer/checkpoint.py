@@ -224,7 +224,8 @@ def record_evaluation(path: str | Path, entry: Mapping[str, Any]) -> Path:
     """Append one evaluation (``trainer.card.evaluation_entry``) to the card of checkpoint ``path``, atomically.
 
     A checkpoint without a card (older files) gets one first; weights and everything else are kept as they are.
-    Beyond ``trainer.card.MAX_EVALUATIONS`` entries the oldest are dropped.
+    Beyond ``trainer.card.MAX_EVALUATIONS`` entries the oldest are dropped. Read-modify-write: two evaluations of
+    one file that finish at the same moment may keep only one entry (the file itself is always whole).
     """
     path = Path(path)
     if path.suffix == ".safetensors":

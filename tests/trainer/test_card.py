@@ -13,7 +13,7 @@ from PIL import Image
 
 from trainer.card import content_hash, evaluation_entry, full_card, render
 from trainer.checkpoint import (
-    SAFETENSORS_KEY, CheckpointError, export_safetensors, info, init_checkpoint, load_checkpoint, load_model, main,
+    SAFETENSORS_KEY, CheckpointError, info, init_checkpoint, load_checkpoint, load_model, main,
     record_evaluation,
 )
 
