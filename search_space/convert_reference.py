@@ -428,7 +428,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, ignore_prefixes: Sequen
     ignored = sorted(k for k in published if any(k.startswith(p) for p in ignore_prefixes))
     train_cfg = {"source": "published PAIF checkpoint (LiuZhu-CV/PAIF), converted by search_space.convert_reference",
                  "source_file": src.name, "source_sha256": _sha256(src), "dropped": dropped, "ignored": ignored}
-    save_checkpoint(out, model, genotype, seg_cfg, train_cfg, model_cfg=PUBLISHED_OPTIONS)
+    card = {"training": {"mode": "converted", "summary": f"published PAIF weights ({src.name}), converted; trained by "
+                                                        "the paper's authors (MSRS, their recipe)",
+                         "recipe": {"source_sha256": train_cfg["source_sha256"]}}}
+    save_checkpoint(out, model, genotype, seg_cfg, train_cfg, model_cfg=PUBLISHED_OPTIONS, card=card)
     return {"source": str(src), "out": str(out), **seg_cfg,
             "published_tensors": len(published), "converted_tensors": len(converted),
             "dropped": {k: DROPPED[k] for k in dropped}, "ignored": ignored, "options": dict(PUBLISHED_OPTIONS),

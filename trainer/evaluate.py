@@ -49,7 +49,8 @@ from robustness.masking import MaskingChecks, summarise as summarise_masking
 from robustness.threats import (
     THREAT_MODELS, ThreatError, WorstCase, build_threat, load_threats_yaml, resolve_threat,
 )
-from trainer.checkpoint import load_model
+from trainer.card import evaluation_entry
+from trainer.checkpoint import CheckpointError, load_model, record_evaluation
 from trainer.config import ConfigError, config_to_dict, finite, load_config, parse_overrides, require, save_config
 from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
 from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
@@ -110,6 +111,9 @@ class EvaluateConfig:
     miou_convention: str = "published"
     per_modality: list[str] = field(default_factory=lambda: ["paif"])  # also run these on IR only and VIS only
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    #: append this evaluation (threat models, mIoU / fusion metrics, report path) to the checkpoint's model card
+    #: (``python -m trainer.checkpoint info CKPT`` lists them); false leaves the checkpoint file untouched
+    record_in_checkpoint: bool = True
     #: validate every image of the split before the (slow) attacks; cached, false or --skip-data-check skips it
     data_check: bool = True
 
@@ -531,7 +535,19 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     write_json(report, run_dir / "report.json")
     write_markdown(report, run_dir / "report.md")
     log.info("wrote %s and %s (%.1f s)", run_dir / "report.json", run_dir / "report.md", report["elapsed_s"])
-    return to_jsonable(report)
+    report = to_jsonable(report)
+    if cfg.record_in_checkpoint:
+        _record(cfg.checkpoint, report, run_dir / "report.json")
+    return report
+
+
+def _record(checkpoint: str, report: dict[str, Any], report_path: Path) -> None:
+    """Append the evaluation to the checkpoint's model card; a read-only or exported file only gets a warning."""
+    try:
+        record_evaluation(checkpoint, evaluation_entry(report, str(report_path)))
+        log.info("recorded this evaluation in the model card of %s", checkpoint)
+    except (CheckpointError, OSError) as exc:
+        log.warning("could not record the evaluation in %s (%s); the report is complete without it", checkpoint, exc)
 
 
 def _collect_grid(rows: list[dict[str, Any]], limit: int, th: Threat, batch: dict[str, Any], clean: Any,

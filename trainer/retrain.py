@@ -9,6 +9,9 @@ Commands::
     python trainer/retrain.py --genotype out.json            # AAT (default): Reptile pretext + adaptive eps
     python trainer/retrain.py --genotype paif mode=at        # plain adversarial training, eps 8/255
     python trainer/retrain.py --genotype paif --no-aat       # no attacks (the paper's "w/o AAT")
+    python trainer/retrain.py --genotype paif mode=fusion data.root=../shared/data/real_rgbt \
+        data.holdout_fraction=0.2 data.crop=[96,128]          # fusion net only, unlabelled pairs, 20 % held out
+    python trainer/retrain.py --genotype paif mode=fusion attack.fusion_eps=0.0314 ...  # + label-free fusion attack
     python trainer/retrain.py --genotype paif --config configs/retrain.yaml epochs=20 data.crop=[96,128]
     python trainer/retrain.py --resume runs/retrain-aat-20250101-120000  # continue exactly where it stopped
                                               # (settings that change the run are refused: RESUME_SAFE)
@@ -162,12 +165,42 @@ def _genotype_spec(text: str) -> Any:
 
 # ----------------------------------------------------------------------------------------------- setup
 def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
-    from rgbt.dataset import RGBTDataset
+    """(train, val) datasets; labels are required except in mode ``fusion``.
+
+    With ``data.holdout_fraction`` > 0 both come from ``data.train_split``: a deterministic held-out part
+    (``strategies.search.holdout_split``, salted with ``data.holdout_seed``) validates, the rest trains.
+    """
+    from rgbt.dataset import RGBTDataset, RGBTSubset
 
     d = cfg.data
-    train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=True)
-    val = RGBTDataset(d.root, d.val_split, require_labels=True) if d.val_split else None
+    labels = cfg.mode != "fusion"
+    train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=labels)
+    if d.holdout_fraction > 0:
+        train_idx, held_idx = holdout_indices(train.names, d.holdout_fraction, d.holdout_seed)
+        return RGBTSubset(train, train_idx), RGBTSubset(RGBTDataset(d.root, d.train_split, require_labels=labels),
+                                                        held_idx)
+    val = RGBTDataset(d.root, d.val_split, require_labels=labels) if d.val_split else None
     return train, val
+
+
+def holdout_indices(names: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of ``names``: the search's file-name-hash split with salt ``holdout-<seed>``."""
+    from strategies.search import holdout_split
+
+    try:
+        return holdout_split(names, fraction, salt=f"holdout-{seed}")
+    except ValueError as exc:
+        raise RetrainError(f"data.holdout_fraction={fraction}: {exc}") from exc
+
+
+def write_split(run_dir: Path, cfg: RetrainConfig, train_set: Any, val_set: Any) -> None:
+    """``split.json``: the file names of the training and held-out parts (mode of the split, fraction, seed)."""
+
+    d = cfg.data
+    split = {"root": d.root, "split": d.train_split, "holdout_fraction": d.holdout_fraction,
+             "holdout_seed": d.holdout_seed, "salt": f"holdout-{d.holdout_seed}", "train": list(train_set.names),
+             "held_out": list(val_set.names) if val_set is not None else []}
+    atomic_write_text(json.dumps(split, indent=2) + "\n", run_dir / "split.json")
 
 
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
@@ -251,6 +284,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not child:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_text(json.dumps(genotype_to_dict(genotype), indent=2) + "\n", run_dir / "genotype.json")
+        if cfg.data.holdout_fraction > 0:
+            write_split(run_dir, cfg, train_set, val_set)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
 
     module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
@@ -270,7 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "run_dir": str(run_dir), "mode": cfg.mode, "global_step": int(trainer.global_step),
         "total_steps": total, "best": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
         "last": str(run_dir / "last.pt"), "resume": str(run_dir / RESUME_FILE),
-        "best_score": module.best_score if module.best_score > float("-inf") else None,
+        # in the monitor's own units (mode fusion keeps the negated loss internally: higher is better there)
+        "best_score": (None if module.best_score == float("-inf")
+                       else -module.best_score if cfg.mode == "fusion" else module.best_score),
         "monitor": cfg.monitor, "rank": int(trainer.global_rank),
     }
 

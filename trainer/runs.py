@@ -25,7 +25,7 @@ import torch
 from trainer.errors import track_run_dir
 
 __all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
-           "versions", "tune_malloc", "MALLOC_ENV"]
+           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write UTF-8 text atomically (temporary file + ``os.replace``)."""
-    data = text.encode("utf-8")
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write bytes atomically (temporary file in the same folder + ``os.replace``): never a half-written file."""
     return _atomic_write(Path(path), lambda f: f.write(data))
 
 

@@ -311,8 +311,15 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
         fusion, losses = warm_fusion(cfg, genotype, fusion_train)
         model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir))
         model.fusion.load_state_dict(fusion.state_dict())
+        card = {"training": {"mode": "warmstart",
+                             "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
+                                        "up on the fusion loss alone (python -m trainer.warmstart)",
+                             "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr,
+                                        "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr, "seed": cfg.seed}},
+                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(seg_train),
+                         "fingerprint": fingerprint}}
         save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
-                        {"warmstart": dataclasses.asdict(cfg)})
+                        {"warmstart": dataclasses.asdict(cfg)}, card=card)
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
                 "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
                 "fusion_loss_first_last": [losses[0], losses[-1]] if losses else None,
