@@ -68,7 +68,9 @@ from robustness.attacks import seg_scores  # noqa: E402
 from robustness.corruptions import (  # noqa: E402
     CORRUPTIONS, FAULTS, MISREGISTRATIONS, SEVERITIES, CorruptionError, corrupt, fault, image_seed, misregister,
 )
-from robustness.patches import IGNORE_INDEX, Patch, optimise_patch, paste, patch_side, place_on_objects, thermal_range  # noqa: E402,E501
+from robustness.patches import (  # noqa: E402
+    IGNORE_INDEX, Patch, optimise_patch, paste, patch_side, place_on_objects, thermal_range,
+)
 from robustness.threats import ThreatError  # noqa: E402
 from trainer.checkpoint import CheckpointError, load_model  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, require, save_config  # noqa: E402
@@ -77,7 +79,9 @@ from trainer.evaluate import (  # noqa: E402
 )
 from trainer.metrics import MIOU_CONVENTIONS  # noqa: E402
 from trainer.report import _f, _table, save_grid, save_radar, to_jsonable, write_json  # noqa: E402
-from trainer.runs import atomic_save, atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions  # noqa: E402,E501
+from trainer.runs import (  # noqa: E402
+    atomic_save, atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions,
+)
 
 log = logging.getLogger("trainer.card")
 
@@ -176,6 +180,11 @@ def _seeds(cfg: CardConfig, batch: Mapping[str, Any], *parts: str) -> list[int]:
     return [image_seed(cfg.seed, *parts, name) for name in batch["name"]]
 
 
+def _replace(b: Mapping[str, Any], modality: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:
+    """(ir, vis, mask) of batch ``b`` with the ``modality`` image replaced by ``x``."""
+    return (x, b["vis"], mask) if modality == "ir" else (b["ir"], x, mask)
+
+
 def _corruption_conditions(cfg: CardConfig, modality: str) -> list[Condition]:
     out = []
     for name, c in CORRUPTIONS.items():
@@ -183,24 +192,22 @@ def _corruption_conditions(cfg: CardConfig, modality: str) -> list[Condition]:
             continue
         for s in cfg.severities:
             def apply(b: dict[str, Any], name: str = name, s: int = s) -> tuple:
-                x = corrupt(b[modality], name, s, _seeds(cfg, b, name))
-                return (x, b["vis"], None) if modality == "ir" else (b["ir"], x, None)
+                return _replace(b, modality, corrupt(b[modality], name, s, _seeds(cfg, b, name)))
             out.append(Condition(name, str(s), apply))
     return out
 
 
-def _fault_conditions(cfg: CardConfig) -> list[Condition]:
+def _fault_conditions() -> list[Condition]:
     out = []
     for modality in ("ir", "vis"):
         for name in FAULTS:
             def apply(b: dict[str, Any], modality: str = modality, name: str = name) -> tuple:
-                x = fault(b[modality], name, b[f"prev_{modality}"])
-                return (x, b["vis"], None) if modality == "ir" else (b["ir"], x, None)
+                return _replace(b, modality, fault(b[modality], name, b[f"prev_{modality}"]))
             out.append(Condition(f"{MODALITY_NAME[modality]} sensor", name, apply))
     return out
 
 
-def _misregistration_conditions(cfg: CardConfig) -> list[Condition]:
+def _misregistration_conditions() -> list[Condition]:
     out = []
     for member, levels in MISREGISTRATIONS.items():
         for label, params in levels:
@@ -222,8 +229,7 @@ def _patch_conditions(cfg: CardConfig, patches: Mapping[tuple[str, float], Patch
             for i, name in enumerate(b["name"]):
                 g = torch.Generator().manual_seed(image_seed(cfg.seed, "patch", modality, f"{area:g}", name))
                 boxes.append(place_on_objects(b["label"][i], p.side, g))
-            x, mask = paste(b[modality], p.pixels.to(b[modality].device), boxes)
-            return (x, b["vis"], mask) if modality == "ir" else (b["ir"], x, mask)
+            return _replace(b, modality, *paste(b[modality], p.pixels.to(b[modality].device), boxes))
         out.append(Condition(f"{MODALITY_NAME[modality]} patch", _area_label(area), apply))
     return out
 
@@ -379,7 +385,8 @@ def _worst_picture(ctx: _Context, family: str, members: Mapping[str, Any], condi
 
 
 # ----------------------------------------------------------------------------------------------- patches
-def _train_batches(ctx: _Context) -> tuple[DataLoader, Dataset]:
+def _train_data(ctx: _Context) -> Dataset:
+    """The labelled split the patches are optimised on (never the evaluated one)."""
     cfg, pc = ctx.cfg, ctx.cfg.patch
     train = RGBTDataset(cfg.data, split=pc.train_split)
     if not train.has_labels:
@@ -388,17 +395,17 @@ def _train_batches(ctx: _Context) -> tuple[DataLoader, Dataset]:
     if pc.train_split == cfg.split:
         raise ConfigError(f"patch.train_split: expected a split other than the evaluated one ({cfg.split!r}), "
                           f"got {pc.train_split!r}")
-    data: Dataset = Subset(train, range(pc.train_limit)) if 0 < pc.train_limit < len(train) else train
-    loader = DataLoader(data, batch_size=pc.batch_size, shuffle=True, collate_fn=list,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    return loader, data
+    return Subset(train, range(pc.train_limit)) if 0 < pc.train_limit < len(train) else train
 
 
 class _DeviceBatches:
-    """Re-iterable stacked training batches on the device (each pass reshuffles, deterministically)."""
+    """Re-iterable shuffled training batches on the device; the order depends on ``seed`` only, so a patch
+    optimised after a resumption sees the same batches as in an uninterrupted run."""
 
-    def __init__(self, loader: DataLoader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
+    def __init__(self, data: Dataset, batch_size: int, seed: int, device: torch.device) -> None:
+        self.loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=list,
+                                 generator=torch.Generator().manual_seed(seed))
+        self.device = device
 
     def __iter__(self):
         for b in _batches(self.loader):
@@ -409,7 +416,7 @@ def _patches(ctx: _Context, out_dir: Path) -> dict[tuple[str, float], Patch]:
     """The optimised patches, from ``patches/`` when a file with the same fingerprint exists."""
     cfg, pc = ctx.cfg, ctx.cfg.patch
     h, w = ctx.dataset[0]["ir"].shape[-2:]
-    loader, train = _train_batches(ctx)
+    train = _train_data(ctx)
     value_range = {"vis": (0.0, 1.0)}
     if "ir" in pc.modalities:
         ir_images = (train[i]["ir"] for i in range(len(train)))
@@ -427,7 +434,9 @@ def _patches(ctx: _Context, out_dir: Path) -> dict[tuple[str, float], Patch]:
                     continue
             side = patch_side(h, w, area)
             started = time.time()
-            p = optimise_patch(ctx.model, _DeviceBatches(loader, ctx.device), modality, side, value_range[modality],
+            batches = _DeviceBatches(train, pc.batch_size, image_seed(cfg.seed, "patch-data", modality, f"{area:g}"),
+                                     ctx.device)
+            p = optimise_patch(ctx.model, batches, modality, side, value_range[modality],
                                steps=pc.steps, step_size=pc.step_size,
                                seed=image_seed(cfg.seed, "patch-init", modality, f"{area:g}"), area=area,
                                progress=cfg.progress)
@@ -506,9 +515,9 @@ def _image_family(ctx: _Context, family: str, out_dir: Path, clean: Mapping[str,
     elif family == "ir-corruptions":
         conditions = _corruption_conditions(ctx.cfg, "ir")
     elif family == "sensor-faults":
-        conditions = _fault_conditions(ctx.cfg)
+        conditions = _fault_conditions()
     elif family == "misregistration":
-        conditions = _misregistration_conditions(ctx.cfg)
+        conditions = _misregistration_conditions()
     else:
         conditions = _patch_conditions(ctx.cfg, _patches(ctx, out_dir))
     members = _evaluate_conditions(ctx, conditions, family)
@@ -691,7 +700,8 @@ def render_card(card: Mapping[str, Any]) -> str:
     lines += [f"> **Note:** {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Summary", "",
               "Per family: the mean mIoU (%) over its members and levels, the reference's, and the mCE-style "
-              "score: 100 × the mean over members of Σ(1 − mIoU) / Σ(1 − mIoU of the reference) over the levels. "
+              "score: 100 × the mean over members of Σ(1 − mIoU) / Σ(1 − mIoU of the reference) over the "
+              "levels. "
               "The reference scores 100; **below 100 = fewer errors than the reference**.", ""]
     rows = []
     for f, s in card["summary"].items():
@@ -803,8 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     line = [f"clean {_f(card['clean']['miou'])}"]
-    line += [f"{f} {_f(s['mean_miou'])} (score {s['score']:.0f})" if s["score"] is not None else f"{f} {_f(s['mean_miou'])}"
-             for f, s in card["summary"].items()]
+    for f, s in card["summary"].items():
+        line.append(f"{f} {_f(s['mean_miou'])}" + ("" if s["score"] is None else f" (score {s['score']:.0f})"))
     print("; ".join(line))
     print(f"card: {out_dir / 'card.md'}")
     return 0

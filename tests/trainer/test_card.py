@@ -102,7 +102,8 @@ def test_card_against_itself_is_100_and_has_every_family(model_card):
         assert full["summary"][f]["score"] == pytest.approx(100.0)
     assert full["score"] == pytest.approx(100.0)
     fams = full["families"]
-    assert set(fams["vis-corruptions"]["members"]) == {"gaussian-noise", "motion-blur", "fog", "low-light", "glare", "jpeg"}
+    assert set(fams["vis-corruptions"]["members"]) == {"gaussian-noise", "motion-blur", "fog", "low-light", "glare",
+                                                       "jpeg"}
     assert fams["vis-corruptions"]["members"]["fog"]["levels"] == ["1", "3", "5"]
     assert set(fams["sensor-faults"]["members"]) == {"IR sensor", "VIS sensor"}
     assert fams["sensor-faults"]["members"]["IR sensor"]["levels"] == ["zeros", "mean-grey", "frozen", "saturated"]
@@ -168,3 +169,8 @@ def test_cli_suite_card(model_card, synthetic_root, capsys):
     assert evaluate_main(["--suite", "card", "--checkpoint", str(model_card["ckpt"]), "--data", str(synthetic_root),
                           "--out", str(out), "--family", "rain"]) == 2
     assert "families: expected a non-empty subset" in capsys.readouterr().err
+
+
+def test_shipped_yaml_holds_the_defaults():
+    shipped = load_config(CardConfig, Path(__file__).resolve().parents[2] / "configs" / "card.yaml")
+    assert shipped == CardConfig()
