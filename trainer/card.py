@@ -758,7 +758,10 @@ def _family_section(family: str, fam: Mapping[str, Any], summary: Mapping[str, A
         lines += [f"![the optimised patches]({fam['patches_png']})", ""]
     pic = fam.get("picture")
     if pic:
-        lines += [f"Worst condition: `{pic['member']}` at {pic['level']}.", "",
+        n = len(pic.get("images") or [])
+        rows = (f"the {n} images whose pixel error grew most, clean then corrupted" if family != "threats"
+                else "the first images of the split, clean then attacked (the evaluation report's grid)")
+        lines += [f"Worst condition: `{pic['member']}` at {pic['level']}; rows: {rows}.", "",
                   f"![worst cases of {family}]({pic['png']})", ""]
     lines += [f"Computed in {fam.get('wall_s', 0):.0f} s wall, {fam.get('cpu_s', 0):.0f} s CPU "
               f"({fam.get('created', '')}).", ""]
