@@ -234,14 +234,14 @@ def _patch_conditions(cfg: CardConfig, patches: Mapping[tuple[str, float], Patch
     return out
 
 
-def _member_text(family: str, member: str, cfg: CardConfig) -> str:
+def _member_text(family: str, member: str, severities: Sequence[int]) -> str:
+    """What a member does, in a few words, for the card's tables."""
     if family in ("vis-corruptions", "ir-corruptions"):
         c = CORRUPTIONS[member]
-        params = ", ".join(f"{c.levels[s - 1]:g}" for s in cfg.severities)
+        params = ", ".join(f"{c.levels[s - 1]:g}" for s in severities)
         return f"{c.description}: {params}"
     if family == "sensor-faults":
-        return f"the {member.split()[0]} camera delivers: " + "; ".join(
-            f"*{n}* {f.description.split(': ', 1)[-1]}" for n, f in FAULTS.items())
+        return f"the {member.split()[0]} camera fails (levels below the table)"
     if family == "misregistration":
         return {"shift": "IR moved right by d px", "rotate": "IR rotated about the centre",
                 "scale": "IR scaled about the centre"}[member]
@@ -521,8 +521,6 @@ def _image_family(ctx: _Context, family: str, out_dir: Path, clean: Mapping[str,
     else:
         conditions = _patch_conditions(ctx.cfg, _patches(ctx, out_dir))
     members = _evaluate_conditions(ctx, conditions, family)
-    for name, m in members.items():
-        m["text"] = _member_text(family, name, ctx.cfg)
     picture = _worst_picture(ctx, family, members, conditions, clean["errors"], out_dir)
     extra = {"patches_png": "patches.png"} if family == "patches" else {}
     return {"members": members, "picture": picture, **extra}
@@ -717,7 +715,7 @@ def render_card(card: Mapping[str, Any]) -> str:
     else:
         lines += ["(No radar chart: it needs at least three families.)", ""]
     for f, fam in card["families"].items():
-        lines += _family_section(f, fam, card["summary"][f])
+        lines += _family_section(f, fam, card["summary"][f], cfg["severities"])
     lines += ["## How to read this card", "",
               "* mIoU: mean over the 9 classes of IoU = TP / (TP + FP + FN), from one confusion matrix over all "
               f"evaluation images (convention `{cfg['miou_convention']}`), in %. Pixels under a patch are left "
@@ -736,7 +734,8 @@ def render_card(card: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _family_section(family: str, fam: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+def _family_section(family: str, fam: Mapping[str, Any], summary: Mapping[str, Any],
+                    severities: Sequence[int]) -> list[str]:
     members = fam["members"]
     lines = [f"## {family}", "", f"{FAMILY_TEXT[family][0].upper()}{FAMILY_TEXT[family][1:]}. mIoU (%) per level; "
              "*CE* is the member's error relative to the reference (1.00 = the same).", ""]
@@ -749,9 +748,12 @@ def _family_section(family: str, fam: Mapping[str, Any], summary: Mapping[str, A
         cells = [_f(v) if shared else f"{lv}: {_f(v)}" for lv, v in zip(m["levels"], m["miou"])]
         cells += [""] * (width - len(cells))
         ce = summary["ce"].get(name)
-        rows.append([f"`{name}`", m.get("text", "")] + cells + [_f(float(np.mean(m["miou"]))),
+        text = m.get("text", "") if family == "threats" else _member_text(family, name, severities)
+        rows.append([f"`{name}`", text] + cells + [_f(float(np.mean(m["miou"]))),
                                                               "–" if ce is None else f"{ce:.2f}"])
     lines += _table(header + ["mean", "CE"], rows)
+    if family == "sensor-faults":
+        lines += ["Levels: " + "; ".join(f"*{n}*: {f.description}" for n, f in FAULTS.items()) + ".", ""]
     if fam.get("report"):
         lines += [f"The threat models' full evaluation report: [{fam['report']}]({fam['report']}).", ""]
     if fam.get("patches_png"):
