@@ -19,6 +19,8 @@ Usage::
     python trainer/evaluate.py --checkpoint ckpt.pt --data ../shared/data/real_rgbt --limit 8
     # a randomly initialised checkpoint for a demo:
     python -m trainer.checkpoint --init --genotype paif --out /tmp/ckpt.pt
+    # the robustness card (threat models, corruptions, sensor faults, misregistration, patches; trainer/robustness_card.py):
+    python trainer/evaluate.py --suite card --checkpoint aat.pt --data DIR --reference no_aat.pt --out runs/card
 
 Writes into the run directory: ``report.json`` (config, versions, checkpoint metadata, numbers),
 ``report.md`` (tables with explanations), ``grid_<threat>.png`` (IR, VIS, fused, prediction, ground
@@ -61,6 +63,7 @@ from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_mall
 log = logging.getLogger("trainer.evaluate")
 
 ALWAYS_LABELLED = "strong"  # the threat model every labelled report must include
+SUITES = ("report", "card")  # --suite: this report, or the robustness card of trainer/robustness_card.py
 
 
 
@@ -648,6 +651,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     """Command line → (YAML path, flat overrides). Flags override YAML; trailing ``key=value`` override flags."""
     p = argparse.ArgumentParser(prog="python trainer/evaluate.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Usage::")[1])
+    p.add_argument("--suite", choices=SUITES, default="report",
+                   help="report: this evaluation (default); card: the robustness card (trainer/robustness_card.py, own flags)")
     p.add_argument("--config", default=None, help="YAML file of EvaluateConfig keys (e.g. configs/evaluate.yaml)")
     p.add_argument("--checkpoint", help="checkpoint .pt written by trainer.checkpoint")
     p.add_argument("--data", help="dataset root")
@@ -674,14 +679,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
             args.eps_sweep = [float(e) for e in args.eps_sweep if "=" not in e]
         except ValueError as exc:
             raise ConfigError(f"--eps-sweep: expected numbers in units of 1/255, got {args.eps_sweep}") from exc
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "suite") and v is not None}
     flags.update(parse_overrides(overrides))
     return args.config, flags
+
+
+def _suite(argv: Sequence[str] | None) -> tuple[str, list[str]]:
+    """(suite, the other arguments): ``--suite card`` hands the command line to ``trainer/robustness_card.py``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", choices=SUITES, default="report")
+    known, rest = pre.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
+    return known.suite, rest
 
 
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns a process exit code (0 ok; 2 bad input or a file-system error, one line on stderr)."""
+    suite, rest = _suite(argv)
+    if suite == "card":
+        from trainer.robustness_card import main as card_main  # the card builds on this module
+
+        return card_main(rest)
     tune_malloc()
     yaml_path, overrides = parse_args(argv)
     cfg = load_config(EvaluateConfig, yaml_path, overrides)
