@@ -11,11 +11,20 @@ Commands::
     python strategies/search.py --config configs/search.yaml w_arch=1 attack.name=fgsm epochs=2
     python strategies/search.py --resume runs/search/search-<time> [epochs=20]   # continue (last.ckpt)
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
+    python strategies/search.py --config configs/search_converge.yaml init_from=<segformer dir or start .pt>
+
+The converging regime (``configs/search_converge.yaml``, README "Search quality"): weight warm-up epochs
+without architecture steps, hundreds of architecture steps at an ``arch_lr`` that moves α by whole units, the
+segmenter started from the warm start of retraining (``init_from``), optional Gumbel sampling
+(``strategy=gumbel``) and DARTS+ early stopping on argmax stability (``stop_when_stable``).
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
 label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
 loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (every epoch
-and ``last.ckpt``) and ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``).
+and ``last.ckpt``), ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``; per-slot
+``alpha/entropy/<label>`` and ``alpha/top/<label>`` every epoch) and ``alpha.png`` (α over the search). The result
+carries ``history`` (probabilities per epoch), ``convergence`` (argmax last changed, stable epochs, final entropy
+and top probability per slot, share of parameter-light ops) and ``cost`` (CPU minutes).
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -133,7 +143,14 @@ class SearchConfig:
     weight_decay: float = 3e-4
     arch_lr: float = 3e-4  # Adam(β=(0.5, 0.999), wd 1e-3), architecture (NNI DARTS)
     grad_clip: float | None = 5.0
-    warmup_epochs: int = 0  # epochs without architecture steps
+    warmup_epochs: int = 0  # epochs without architecture steps (weights only), DARTS' warm-up
+    strategy: str = "darts"  # darts (softmax mixture) | gumbel (NNI GumbelDARTS: Gumbel-softmax sampling, GDAS/SNAS)
+    gumbel_temperature: tuple[float, float] = (1.0, 0.33)  # strategy=gumbel: initial, final temperature
+    stop_when_stable: int | None = None  # DARTS+ early stop: architecture epochs with an unchanged argmax
+    #: start the supernet's segmenter from a warm start: a SegFormer folder (config.json + weights, e.g. the
+    #: segformer-<hash>/ of trainer.warmstart) or a PAIF checkpoint .pt (its segmenter.* weights only; the fusion
+    #: supernet has other parameters than any fixed net). None: random segmenter (or space.pretrained)
+    init_from: str | None = None
     log_every_n_steps: int = 10  # TensorBoard cadence of losses and probabilities
     seed: int = 0
     deterministic: bool = False
@@ -153,6 +170,18 @@ class SearchConfig:
             raise ValueError(f"epochs: expected >= 1, got {self.epochs}")
         if self.device not in ("auto", "cpu", "gpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or gpu, got {self.device!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs ({self.epochs}), so that "
+                             f"architecture steps run, got {self.warmup_epochs}")
+        if self.strategy not in ("darts", "gumbel"):
+            raise ValueError(f"strategy: expected 'darts' or 'gumbel', got {self.strategy!r}")
+        if self.stop_when_stable is not None and self.stop_when_stable < 1:
+            raise ValueError(f"stop_when_stable: expected null or >= 1 epochs, got {self.stop_when_stable}")
+        if self.arch_lr < 0:
+            raise ValueError(f"arch_lr: expected >= 0, got {self.arch_lr}")
+        if self.init_from is not None and self.space.pretrained is not None:
+            raise ValueError("init_from and space.pretrained: expected at most one source of segmenter weights, got "
+                             f"both ({self.init_from!r}, {self.space.pretrained!r})")
 
 
 def _ensure_data(cfg: DataConfig) -> Path:
@@ -236,9 +265,19 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
                         candidates=tuple(cfg.space.candidates or DEFAULT_CANDIDATES),
                         rules=tuple(cfg.space.rules or DEFAULT_RULES))
     s = cfg.space
+    seg_dir, seg_state = segmenter_init(cfg.init_from) if cfg.init_from else (s.pretrained, None)
 
     def wrap(supernet: torch.nn.Module) -> torch.nn.Module:
-        return FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, s.pretrained))
+        model = FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, seg_dir))
+        if seg_state is not None:
+            try:
+                model.segmenter.load_state_dict(seg_state, strict=True)
+            except RuntimeError as exc:
+                raise ConfigError(f"init_from={cfg.init_from}: its segmenter does not match space.segmenter="
+                                  f"{s.segmenter} with {s.num_classes} classes: {str(exc).splitlines()[0]}") from exc
+        if cfg.init_from:
+            log.info("segmenter initialised from %s", cfg.init_from)
+        return model
 
     robust = cfg.w > 0 or cfg.w_arch > 0
     module = RobustSearchModule(
@@ -249,12 +288,42 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
     return space, module, wrap
 
 
+def segmenter_init(init_from: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(SegFormer folder, None) or (None, segmenter state dict) for ``init_from`` (see :class:`SearchConfig`).
+
+    Raises:
+        ConfigError: neither a folder with ``config.json`` nor a readable PAIF checkpoint holding segmenter weights.
+    """
+    path = Path(init_from)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"init_from={init_from}: expected a SegFormer folder with config.json (e.g. "
+                              "runs/cache/segformer-<hash>/ of trainer.warmstart) or a PAIF checkpoint .pt, got a "
+                              "folder without config.json")
+        return str(path), None
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        state = load_checkpoint(path)["state_dict"]
+    except CheckpointError as exc:
+        raise ConfigError(f"init_from={init_from}: expected a SegFormer folder or a PAIF checkpoint .pt: {exc}") from exc
+    seg = {k.removeprefix("segmenter."): v for k, v in state.items() if k.startswith("segmenter.")}
+    if not seg:
+        raise ConfigError(f"init_from={init_from}: expected segmenter.* weights in the checkpoint, got none")
+    return None, seg
+
+
 def darts_settings(cfg: SearchConfig) -> DartsSettings:
+    from search_space.ops import DEFAULT_CANDIDATES
+    from strategies.convergence import light_ops
+
     return DartsSettings(
         epochs=cfg.epochs, arch_lr=cfg.arch_lr, grad_clip=cfg.grad_clip, warmup_epochs=cfg.warmup_epochs,
         log_every_n_steps=cfg.log_every_n_steps, max_train_batches=cfg.max_train_batches,
         accelerator=_accelerator(cfg.device), precision=cfg.precision, deterministic=cfg.deterministic,
-        seed=cfg.seed, progress_bar=cfg.progress_bar,
+        seed=cfg.seed, progress_bar=cfg.progress_bar, strategy=cfg.strategy,
+        gumbel_temperature=tuple(cfg.gumbel_temperature), stop_when_stable=cfg.stop_when_stable,
+        light_ops=tuple(light_ops(cfg.space.candidates or DEFAULT_CANDIDATES, cfg.space.channels)),
     )
 
 
@@ -277,6 +346,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
     """Run (or resume) the search of ``cfg`` in ``run_dir``; returns the final ``search_result.json`` dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cpu0 = time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -289,6 +359,10 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
     result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
                                            cfg.selection, has_labels)
+    # CPU minutes (all threads): everything this process did (data, model, loop, selection metric) plus the
+    # search loop of earlier processes when the run was resumed
+    cost = result.setdefault("cost", {})
+    cost["cpu_minutes"] = cost.get("earlier_processes_cpu_minutes", 0.0) + (time.process_time() - cpu0) / 60
     atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT_NAME)
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")
