@@ -147,3 +147,71 @@ def test_alpha_leaves_uniform_and_a_zero_lr_control_does_not(synthetic_root, tmp
     assert (tmp_path / "moved" / "alpha.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "moved" / "search_result.json").read_text())
     assert saved["history"][-1]["probabilities"] == moved["probabilities"]
+
+
+# ------------------------------------------------------------------------------------- the toy space (fast)
+def _toy(tmp_path, **settings):
+    from nni.nas.evaluator.pytorch import DataLoader
+
+    from strategies.darts import DartsSettings, EpochShuffleSampler, run_darts
+    from strategies.search_module import RobustSearchModule
+    from strategies_toy import ToyData, ToySpace, toy_attack_factory, toy_objective
+
+    torch.manual_seed(0)
+    tr, va = ToyData(8, seed=1), ToyData(8, seed=2)
+    loaders = [DataLoader(d, batch_size=4, sampler=EpochShuffleSampler(len(d), i)) for i, d in enumerate((tr, va))]
+    module = RobustSearchModule(toy_objective, toy_attack_factory(), w=0.5, w_arch=0.5, lr=1e-2)
+    kw = {"log_every_n_steps": 1, "progress_bar": False, **settings}
+    return run_darts(ToySpace(head_choice=True), module, *loaders, tmp_path, DartsSettings(**kw), {})
+
+
+def test_early_stop_on_a_stable_argmax(tmp_path):
+    """arch_lr 0: the argmax never changes, so the search stops once it was stable for 2 architecture epochs."""
+    result = _toy(tmp_path, epochs=8, warmup_epochs=1, arch_lr=0.0, stop_when_stable=2)
+    # epoch 1 warm-up, 2 first architecture epoch, 3 and 4 stable -> stop after epoch 4
+    assert result["epoch"] == 4 and result["complete"]
+    stopped = result["convergence"]["stopped_early"]
+    assert stopped["epoch"] == 4 and "DARTS+" in stopped["reason"]
+    assert result["convergence"]["stable_epochs"] == 2 and result["convergence"]["argmax_last_changed"] == 1
+
+
+def test_gumbel_strategy_reports_the_softmax_of_alpha(tmp_path):
+    """Under Gumbel sampling the recorded probabilities are softmax(α), not a fresh noisy sample."""
+    result = _toy(tmp_path, epochs=2, arch_lr=0.05, strategy="gumbel", gumbel_temperature=(1.0, 0.5))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    alphas = [v for k, v in ckpt["state_dict"].items() if k.endswith("_arch_alpha")]
+    assert sorted(a.numel() for a in alphas) == [2, 3]
+    expected = sorted(torch.softmax(a, -1).tolist() for a in alphas)
+    got = sorted(list(d.values()) for d in result["probabilities"].values())
+    assert got == [pytest.approx(e, abs=1e-6) for e in expected]
+    assert max(abs(p - 1 / len(d)) for d in result["probabilities"].values() for p in d.values()) > 0.01
+    with pytest.raises(ValueError, match="strategy"):
+        from strategies.darts import DartsSettings
+
+        DartsSettings(strategy="enas")
+
+
+def test_init_from_errors_name_the_setting(tmp_path):
+    from strategies.search import segmenter_init
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="init_from=.*config.json"):
+        segmenter_init(str(tmp_path / "empty"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="init_from=.*PAIF checkpoint"):
+        segmenter_init(str(tmp_path / "bad.pt"))
+    with pytest.raises(ConfigError, match="at most one source"):
+        load_config(SearchConfig, "configs/search.yaml", ["init_from=x", "space.pretrained=y"])
+
+
+def test_init_from_a_checkpoint_loads_its_segmenter(tmp_path):
+    from search_space.pipeline import build_model
+    from strategies.search import segmenter_init
+    from trainer.checkpoint import save_checkpoint
+
+    model = build_model("paif", segmenter="b0", num_classes=9)
+    save_checkpoint(tmp_path / "start.pt", model, model.genotype, {"variant": "b0", "num_classes": 9}, {})
+    seg_dir, state = segmenter_init(str(tmp_path / "start.pt"))
+    assert seg_dir is None
+    ref = model.segmenter.state_dict()
+    assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
