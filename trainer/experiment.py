@@ -240,12 +240,13 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
     t1 = time.time()
     ckpt = json.loads(train_done.read_text())["last"]
     eval_dir = jdir / "eval"
+    flags, items = _eval_budget(cfg)
     sweep = (["--eps-sweep", *[f"{e:g}" for e in cfg.eps_sweep], f"sweep_threats={json.dumps(cfg.sweep_threats)}"]
              if cfg.eps_sweep else ["eps_sweep=[]"])
     cmd = _python("trainer/evaluate.py", "--checkpoint", ckpt, "--data", str(out / "data"), "--split", "test",
                   *[a for t in cfg.threats for a in ("--threat", t)], "--out", str(eval_dir),
                   "--batch-size", str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed),
-                  "--no-progress", *sweep, *_eval_budget(cfg), "num_threads=1")
+                  "--no-progress", *flags, *sweep, *items, "num_threads=1")
     _run(cmd, logfile)
     report = json.loads((eval_dir / "report.json").read_text())
     from trainer.checkpoint import resolve_genotype
@@ -257,11 +258,15 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
     return result
 
 
-def _eval_budget(cfg: ExperimentConfig, limit: int | None = None) -> list[str]:
-    """evaluate.py arguments shared by every evaluation: step override, image limit, ``eval_extra``."""
+def _eval_budget(cfg: ExperimentConfig, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """evaluate.py (flags, key=value items) shared by every evaluation: step override, image limit, ``eval_extra``.
+
+    The key=value items must come last on the command line (argparse takes them as one positional list).
+    """
     limit = cfg.eval_limit if limit is None else limit
-    return [*(["--steps", str(cfg.eval_steps)] if cfg.eval_steps > 0 else []),
-            *(["--limit", str(limit)] if limit > 0 else []), *cfg.eval_extra]
+    flags = [*(["--steps", str(cfg.eval_steps)] if cfg.eval_steps > 0 else []),
+             *(["--limit", str(limit)] if limit > 0 else [])]
+    return flags, list(cfg.eval_extra)
 
 
 def extract(report: dict[str, Any]) -> dict[str, Any]:
@@ -644,10 +649,11 @@ def select_best_random(cfg: ExperimentConfig, out: Path, results: Sequence[dict[
         vdir = out / "jobs" / job.key / "val_eval"
         if not (vdir / "report.json").is_file():
             threat = sel.threat if sel.threat != "clean" else "paif"
+            flags, items = _eval_budget(cfg, sel.limit)
             _run(_python("trainer/evaluate.py", "--checkpoint", r["checkpoint"], "--data", str(out / "data"),
                          "--split", sel.split, "--threat", threat, "--out", str(vdir), "--batch-size",
                          str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed), "--no-progress",
-                         "eps_sweep=[]", "masking.enabled=false", *_eval_budget(cfg, sel.limit), "num_threads=1"),
+                         *flags, "eps_sweep=[]", "masking.enabled=false", *items, "num_threads=1"),
                  out / "jobs" / job.key / "job.log")
         report = json.loads((vdir / "report.json").read_text())
         values[job.label] = {"genotype": job.genotype, "miou": _selection_miou(report, sel.threat)}

@@ -245,13 +245,14 @@ def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dic
                   f"{_num(r['mean_entropy_norm'], '{:.3f}')} | {_num(r['min_top'], '{:.2f}')}–"
                   f"{_num(r['max_top'], '{:.2f}')} | {light} | {geno} |")
     if searches:
-        ops = sorted({op for r in search_rows for op in (r["architecture"] or {}).values()}
-                     | {op for g in genotypes.values() if g for c in ("ir", "vis", "fused") for op in g.get(c, [])})
-        from search_space.ops import OPS
+        from trainer.experiment import searched_space
 
-        light = light_ops([o for o in ops if o in OPS], cfg.channels)
-        md += ["", f"Parameter-light ops (fewer parameters than one 3×3 C→C conv at width {cfg.channels}): "
-                   f"{', '.join(f'`{o}`' for o in light) or 'none'}. Light-op slots of the retrained genotypes: "
+        used = {op for g in genotypes.values() if g for c in ("ir", "vis", "fused") for op in g.get(c, [])}
+        light = light_ops(sorted(set(searched_space(cfg)[0]) | used), cfg.channels)
+        md += ["", f"Parameter-light ops (fewer parameters than one 3×3 C→C conv at width {cfg.channels}; under a "
+                   f"uniform draw {len(set(light) & set(searched_space(cfg)[0]))} of {len(searched_space(cfg)[0])} "
+                   f"candidates): {', '.join(f'`{o}`' for o in light) or 'none'}. Light-op slots of the retrained "
+                   "genotypes: "
                    + ", ".join(f"{lab} {light_share(_arch(g), light)[0]}/{light_share(_arch(g), light)[1]}"
                                for lab, g in genotypes.items() if g) + "."]
     if stability:
