@@ -277,7 +277,8 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
                                   f"{s.segmenter} with {s.num_classes} classes: {str(exc).splitlines()[0]}") from exc
         if cfg.init_from:
             log.info("segmenter initialised from %s", cfg.init_from)
-        return model
+        # from_pretrained returns the segmenter in eval mode and Lightning keeps modes as found: train everything
+        return model.train()
 
     robust = cfg.w > 0 or cfg.w_arch > 0
     module = RobustSearchModule(

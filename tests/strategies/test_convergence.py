@@ -215,3 +215,16 @@ def test_init_from_a_checkpoint_loads_its_segmenter(tmp_path):
     assert seg_dir is None
     ref = model.segmenter.state_dict()
     assert set(state) == set(ref) and all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_a_pretrained_segmenter_trains_in_training_mode(tmp_path):
+    """from_pretrained returns eval mode and Lightning keeps modes: the search's model must be put in training mode."""
+    from search_space.segmenter import build_segmenter
+    from strategies.search import build_search
+
+    build_segmenter("b0", 9).model.save_pretrained(str(tmp_path / "seg"))
+    cfg = load_config(SearchConfig, "configs/search.yaml", [f"init_from={tmp_path / 'seg'}", "space.channels=4",
+                                                            "space.candidates=[sepconv_k3,eca_k3]", "w=0", "w_arch=0"])
+    space, _, wrap = build_search(cfg)
+    model = wrap(space)
+    assert all(m.training for m in model.modules())
