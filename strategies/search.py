@@ -11,12 +11,20 @@ Commands::
     python strategies/search.py --config configs/search.yaml w_arch=1 attack.name=fgsm epochs=2
     python strategies/search.py --resume runs/search/search-<time> [epochs=20]   # continue (last.ckpt)
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
+    python strategies/search.py --config configs/search_converge.yaml init_from=<segformer dir or start .pt>
+
+The converging regime (``configs/search_converge.yaml``, README "Search quality"): weight warm-up epochs
+without architecture steps, hundreds of architecture steps at an ``arch_lr`` that moves α by whole units, the
+segmenter started from the warm start of retraining (``init_from``), optional Gumbel sampling
+(``strategy=gumbel``) and DARTS+ early stopping on argmax stability (``stop_when_stable``).
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
 label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
-loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (``last.ckpt`` and the
-``keep_checkpoints`` best epochs by the epoch's held-out adversarial loss) and ``tensorboard/`` (losses and
-``prob/<label>/<op>`` every ``log_every_n_steps``).
+loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (``last.ckpt`` and
+the ``keep_checkpoints`` best epochs by the epoch's held-out adversarial loss), ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``; per-slot
+``alpha/entropy/<label>`` and ``alpha/top/<label>`` every epoch) and ``alpha.png`` (α over the search). The result
+carries ``history`` (probabilities per epoch), ``convergence`` (argmax last changed, stable epochs, final entropy
+and top probability per slot, share of parameter-light ops) and ``cost`` (CPU minutes).
 
 Settings are checked when the config is loaded; every training and held-out file is validated before the search
 (cached; ``--skip-data-check`` skips it). ``--resume`` refuses settings that change the run (only those in
@@ -30,6 +38,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -168,7 +177,14 @@ class SearchConfig:
     weight_decay: float = 3e-4
     arch_lr: float = 3e-4  # Adam(β=(0.5, 0.999), wd 1e-3), architecture (NNI DARTS)
     grad_clip: float | None = 5.0
-    warmup_epochs: int = 0  # epochs without architecture steps
+    warmup_epochs: int = 0  # epochs without architecture steps (weights only), DARTS' warm-up
+    strategy: str = "darts"  # darts (softmax mixture) | gumbel (NNI GumbelDARTS: Gumbel-softmax sampling, GDAS/SNAS)
+    gumbel_temperature: tuple[float, float] = (1.0, 0.33)  # strategy=gumbel: initial, final temperature
+    stop_when_stable: int | None = None  # DARTS+ early stop: architecture epochs with an unchanged argmax
+    #: start the supernet's segmenter from a warm start: a SegFormer folder (config.json + weights, e.g. the
+    #: segformer-<hash>/ of trainer.warmstart) or a PAIF checkpoint .pt (its segmenter.* weights only; the fusion
+    #: supernet has other parameters than any fixed net). None: random segmenter (or space.pretrained)
+    init_from: str | None = None
     log_every_n_steps: int = 10  # TensorBoard cadence of losses and probabilities
     seed: int = 0
     deterministic: bool = False
@@ -194,7 +210,8 @@ class SearchConfig:
         require(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         check_choice(self.device, ("auto", "cpu", "gpu", "cuda"), "device")
         check_lr(self.lr, "lr")
-        check_lr(self.arch_lr, "arch_lr")
+        require(finite(self.arch_lr) and self.arch_lr >= 0, "arch_lr", "a number >= 0 (0 freezes the architecture)",
+                self.arch_lr)
         require(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0",
                 self.weight_decay)
         require(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0), "grad_clip",
@@ -204,7 +221,8 @@ class SearchConfig:
                     getattr(self, name))
         require(self.max_train_batches is None or self.max_train_batches >= 1, "max_train_batches",
                 "null (the whole split) or an integer >= 1", self.max_train_batches)
-        require(0 <= self.warmup_epochs, "warmup_epochs", "an integer >= 0", self.warmup_epochs)
+        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                f"an integer in [0, epochs) = [0, {self.epochs}) so that architecture steps run", self.warmup_epochs)
         require(self.log_every_n_steps >= 1, "log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
         require(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
         require(self.keep_checkpoints >= -1, "keep_checkpoints",
@@ -214,6 +232,12 @@ class SearchConfig:
         if self.attack.alpha is not None:
             check_budget(self.attack.alpha, "attack.alpha", "a step size")
         check_nan_policy(self.nan_policy, self.nan_max_skips)
+        check_choice(self.strategy, ("darts", "gumbel"), "strategy")
+        require(self.stop_when_stable is None or self.stop_when_stable >= 1, "stop_when_stable",
+                "null or an integer >= 1 (epochs)", self.stop_when_stable)
+        require(self.init_from is None or self.space.pretrained is None, "init_from",
+                "at most one source of segmenter weights (init_from or space.pretrained)",
+                (self.init_from, self.space.pretrained))
 
 
 def _ensure_data(cfg: DataConfig) -> Path:
@@ -310,9 +334,20 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
                         candidates=tuple(cfg.space.candidates or DEFAULT_CANDIDATES),
                         rules=tuple(cfg.space.rules or DEFAULT_RULES))
     s = cfg.space
+    seg_dir, seg_state = segmenter_init(cfg.init_from) if cfg.init_from else (s.pretrained, None)
 
     def wrap(supernet: torch.nn.Module) -> torch.nn.Module:
-        return FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, s.pretrained))
+        model = FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, seg_dir))
+        if seg_state is not None:
+            try:
+                model.segmenter.load_state_dict(seg_state, strict=True)
+            except RuntimeError as exc:
+                raise ConfigError(f"init_from={cfg.init_from}: its segmenter does not match space.segmenter="
+                                  f"{s.segmenter} with {s.num_classes} classes: {str(exc).splitlines()[0]}") from exc
+        if cfg.init_from:
+            log.info("segmenter initialised from %s", cfg.init_from)
+        # from_pretrained returns the segmenter in eval mode and Lightning keeps modes as found: train everything
+        return model.train()
 
     robust = cfg.w > 0 or cfg.w_arch > 0
     module = RobustSearchModule(
@@ -324,12 +359,42 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
     return space, module, wrap
 
 
+def segmenter_init(init_from: str) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(SegFormer folder, None) or (None, segmenter state dict) for ``init_from`` (see :class:`SearchConfig`).
+
+    Raises:
+        ConfigError: neither a folder with ``config.json`` nor a readable PAIF checkpoint holding segmenter weights.
+    """
+    path = Path(init_from)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"init_from={init_from}: expected a SegFormer folder with config.json (e.g. "
+                              "runs/cache/segformer-<hash>/ of trainer.warmstart) or a PAIF checkpoint .pt, got a "
+                              "folder without config.json")
+        return str(path), None
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        state = load_checkpoint(path)["state_dict"]
+    except CheckpointError as exc:
+        raise ConfigError(f"init_from={init_from}: expected a SegFormer folder or a PAIF checkpoint .pt: {exc}") from exc
+    seg = {k.removeprefix("segmenter."): v for k, v in state.items() if k.startswith("segmenter.")}
+    if not seg:
+        raise ConfigError(f"init_from={init_from}: expected segmenter.* weights in the checkpoint, got none")
+    return None, seg
+
+
 def darts_settings(cfg: SearchConfig) -> DartsSettings:
+    from search_space.ops import DEFAULT_CANDIDATES
+    from strategies.convergence import light_ops
+
     return DartsSettings(
         epochs=cfg.epochs, arch_lr=cfg.arch_lr, grad_clip=cfg.grad_clip, warmup_epochs=cfg.warmup_epochs,
         log_every_n_steps=cfg.log_every_n_steps, max_train_batches=cfg.max_train_batches,
         accelerator=_accelerator(cfg.device), precision=cfg.precision, deterministic=cfg.deterministic,
-        seed=cfg.seed, progress_bar=cfg.progress_bar, keep_checkpoints=cfg.keep_checkpoints,
+        seed=cfg.seed, progress_bar=cfg.progress_bar, keep_checkpoints=cfg.keep_checkpoints, strategy=cfg.strategy,
+        gumbel_temperature=tuple(cfg.gumbel_temperature), stop_when_stable=cfg.stop_when_stable,
+        light_ops=tuple(light_ops(cfg.space.candidates or DEFAULT_CANDIDATES, cfg.space.channels)),
     )
 
 
@@ -352,6 +417,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
     """Run (or resume) the search of ``cfg`` in ``run_dir``; returns the final ``search_result.json`` dict."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cpu0 = time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.data.check:
@@ -366,6 +432,10 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
     result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
                                            cfg.selection, has_labels)
+    # CPU minutes (all threads): everything this process did (data, model, loop, selection metric) plus the
+    # search loop of earlier processes when the run was resumed
+    cost = result.setdefault("cost", {})
+    cost["cpu_minutes"] = cost.get("earlier_processes_cpu_minutes", 0.0) + (time.process_time() - cpu0) / 60
     atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT_NAME)
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")

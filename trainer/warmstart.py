@@ -44,7 +44,7 @@ from trainer.errors import entry_point
 from trainer.finite import NonFiniteError
 
 __all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
-           "pretrain_segmenter", "warm_fusion", "warm_start", "main"]
+           "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start", "main"]
 
 log = logging.getLogger("trainer.warmstart")
 
@@ -264,11 +264,14 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
-    """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``."""
+def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
+    """The cached segmenter pretrained on max-rule fused images (computed once).
+
+    Returns ``(segformer-<hash>/ folder, its hash, fingerprint of the training split)``.
+
+    A SegFormer folder for ``pretrained=`` / the search's ``init_from=``; it does not depend on the genotype.
+    """
     from rgbt.dataset import RGBTDataset
-    from search_space.pipeline import build_model
-    from trainer.checkpoint import resolve_genotype, save_checkpoint
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -282,8 +285,6 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
         check_datasets([seg_train, val], progress=cfg.progress_bar,
                        opt_out="data_check=false or --skip-data-check skips this check")
     fingerprint = data_fingerprint(seg_train)
-    genotype = resolve_genotype(cfg.genotype, channels=cfg.channels)
-
     seg_key = _key(RECIPE_VERSION, fingerprint, cfg.segmenter, cfg.num_classes, cfg.seed, dataclasses.asdict(cfg.seg),
                    data_fingerprint(val) if val is not None else None)
     seg_dir = cache / f"segformer-{seg_key}"
@@ -299,6 +300,18 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
         os.replace(tmp, seg_dir)
     else:
         log.info("segmenter pretraining cached: %s", seg_dir)
+    return seg_dir, seg_key, fingerprint
+
+
+def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
+    """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``."""
+    from rgbt.dataset import RGBTDataset
+    from search_space.pipeline import build_model
+    from trainer.checkpoint import resolve_genotype, save_checkpoint
+
+    seg_dir, seg_key, fingerprint = pretrained_segmenter(cfg)
+    cache = Path(cfg.cache)
+    genotype = resolve_genotype(cfg.genotype, channels=cfg.channels)
 
     start_key = _key(seg_key, genotype.to_dict(), dataclasses.asdict(cfg.fusion))
     start = cache / f"start-{start_key}.pt"
