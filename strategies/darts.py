@@ -75,6 +75,7 @@ RESULT_NAME = "search_result.json"
 PLOT_NAME = "alpha.png"  # the α trajectories, next to RESULT_NAME
 RESULT_VERSION = 1
 CONFIG_KEY = "paif_search_config"
+LAST_NAME = "last"  # checkpoints/last.ckpt: written every epoch, the resume point
 GUARD_KEY = "paif_nan_guard"  # the skipped-step counters of nan_policy=skip
 
 
@@ -514,11 +515,20 @@ def run_darts(
     model = wrap(supernet)
     recorder = SearchRecorder(run_dir, config, extra, warmup_epochs=settings.warmup_epochs,
                               stop_when_stable=settings.stop_when_stable, light_ops=settings.light_ops)
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, save_last=True, every_n_epochs=1,
-        save_on_train_epoch_end=True,
-    )
+    # last.ckpt every epoch (the resume point) from its own callback, after the best-k one so that it holds that
+    # callback's updated state: Lightning's save_last on a monitored callback writes last.ckpt only in epochs whose
+    # metric entered the top k, which would leave a stale resume point
+    checkpoints = []
+    if settings.keep_checkpoints != 0:
+        checkpoints.append(pl.callbacks.ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, every_n_epochs=1,
+            save_on_train_epoch_end=True,
+        ))
+    checkpoints.append(pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename=LAST_NAME, monitor=None, save_top_k=1, every_n_epochs=1,
+        save_on_train_epoch_end=True, enable_version_counter=False,
+    ))
     trainer = Trainer(
         max_epochs=settings.epochs,
         accelerator=settings.accelerator,
@@ -526,7 +536,7 @@ def run_darts(
         precision=settings.precision,
         deterministic=settings.deterministic,
         logger=pl.loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-        callbacks=[EpochSeeder(settings.seed), recorder, *callbacks, checkpoint],
+        callbacks=[EpochSeeder(settings.seed), recorder, *callbacks, *checkpoints],
         log_every_n_steps=settings.log_every_n_steps,
         limit_train_batches=settings.max_train_batches,
         num_sanity_val_steps=0,

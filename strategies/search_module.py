@@ -139,8 +139,12 @@ class RobustSearchModule(LightningModule):
 
     def _last_good(self) -> str | None:
         """The newest epoch checkpoint Lightning wrote (checkpoints hold finite weights: the loss was checked)."""
-        callback = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        return getattr(callback, "last_model_path", None) or None
+        if self._trainer is None:
+            return None
+        for callback in self._trainer.checkpoint_callbacks:  # the every-epoch last.ckpt callback (strategies.darts)
+            if getattr(callback, "filename", None) == "last":
+                return getattr(callback, "best_model_path", None) or None
+        return None
 
     def _accumulate(self, phase: str, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         for k, v in {"loss": loss, **parts}.items():

@@ -21,7 +21,7 @@ def _error(cls, overrides, path=None) -> str:
 
 @pytest.mark.parametrize("override, message", [
     ("lr=-1", "lr: expected a number > 0 (e.g. 5e-4), got -1.0"),
-    ("arch_lr=0", "arch_lr: expected a number > 0"),
+    ("arch_lr=-1", "arch_lr: expected a number >= 0"),
     ("weight_decay=-1", "weight_decay: expected a number >= 0, got -1.0"),
     ("grad_clip=-1", "grad_clip: expected null (off) or a number > 0, got -1.0"),
     ("epochs=0", "epochs: expected an integer >= 1, got 0"),

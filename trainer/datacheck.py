@@ -74,9 +74,17 @@ def _save(path: Path, valid: dict[str, Any]) -> None:
 def check_split(ds: Any, progress: bool = True, cache: Path | None = None) -> tuple[Any, dict[int, str], int]:
     """Validate the samples of ``ds`` not known valid; returns (the base dataset, problems by index, samples read).
 
-    ``ds`` is an ``RGBTDataset`` or a ``torch.utils.data.Subset`` of one (only its samples are checked).
+    ``ds`` is an ``RGBTDataset`` or a ``torch.utils.data.Subset`` / ``RGBTSubset`` of one (only its samples are
+    checked).
     """
-    base, wanted = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, range(len(ds)))
+    from rgbt.dataset import RGBTSubset
+
+    if isinstance(ds, Subset):
+        base, wanted = ds.dataset, list(ds.indices)
+    elif isinstance(ds, RGBTSubset):
+        base, wanted = ds.base, list(ds.indices)
+    else:
+        base, wanted = ds, range(len(ds))
     path = _cache_file(base, cache) if cache is not None else None
     known = _load(path) if path is not None else {}
     stamps = {i: _stamp(base.samples[i]) for i in wanted}

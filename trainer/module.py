@@ -100,8 +100,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(0.0 <= self.holdout_fraction < 1.0, "data.holdout_fraction", "a fraction in [0, 1) (0 = use val_split)",
                 self.holdout_fraction)
-
-    def __post_init__(self) -> None:
         check_crop(self.crop, "data.crop")
         require(self.batch_size >= 1 and self.val_batch_size >= 1, "data.batch_size and data.val_batch_size",
                 "integers >= 1", [self.batch_size, self.val_batch_size])
@@ -154,7 +152,7 @@ class TrainAttackConfig:
 
     def __post_init__(self) -> None:
         check_budget(self.at_eps, "attack.at_eps")
-        check_budget(self.fusion_eps, "attack.fusion_eps", "a budget (0 = no attack)")
+        check_budget(self.fusion_eps, "attack.fusion_eps")  # 0 = no attack
         require(finite(self.adv_weight) and self.adv_weight >= 0, "attack.adv_weight", "a number >= 0",
                 self.adv_weight)
 

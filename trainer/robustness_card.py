@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import hashlib
 import json
 import logging
 import sys
@@ -292,10 +291,12 @@ def fingerprint(cfg: CardConfig, family: str, digest: str) -> dict[str, Any]:
 
 
 def _file_digest(path: str | Path) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path}: expected a readable file, got {exc}") from exc
+    """The weights' content hash (``trainer.card.content_hash``): an evaluation recorded into the checkpoint's model
+    card changes the file, not the model, so it must not invalidate finished families."""
+    from trainer.card import content_hash
+    from trainer.checkpoint import load_checkpoint
+
+    return content_hash(load_checkpoint(path)["state_dict"]).split(":", 1)[1][:16]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

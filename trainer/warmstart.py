@@ -329,7 +329,7 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
                                         "up on the fusion loss alone (python -m trainer.warmstart)",
                              "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr,
                                         "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr, "seed": cfg.seed}},
-                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(seg_train),
+                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),
                          "fingerprint": fingerprint}}
         save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
                         {"warmstart": dataclasses.asdict(cfg)}, card=card)

@@ -137,5 +137,5 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad.write_text("this is not a checkpoint")
     assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: checkpoint {bad}") and "not a readable torch file" in err
+    assert err.startswith(f"error: {bad} is not a checkpoint") and "torch.save" in err
     assert not (tmp_path / "m.onnx").exists()
