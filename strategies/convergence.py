@@ -17,10 +17,17 @@ visible every epoch:
 Early stopping on argmax stability is DARTS+'s criterion (Liang et al. 2019, arXiv 1909.06035, §3.2: stop when
 the ranking of the architecture parameters is stable for a number of epochs), used here as the guard against a
 late drift into cheap ops: :func:`stable_for` counts the architecture epochs since the argmax last changed.
+
+Command (a finished or running search; with two, also the slots in which their argmax agree)::
+
+    python -m strategies.convergence RUN_DIR [RUN_DIR_2]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,6 +42,8 @@ __all__ = [
     "light_share",
     "agreement",
     "plot_alpha",
+    "history_table",
+    "main",
 ]
 
 Probs = Mapping[str, Mapping[str, float]]
@@ -177,3 +186,51 @@ def plot_alpha(history: Sequence[Mapping[str, Any]], path: str | Path, title: st
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def history_table(history: Sequence[Mapping[str, Any]], light: Sequence[str] = ()) -> str:
+    """Markdown table, one row per epoch: architecture steps on?, mean entropy/log K, top p (min–max over slots),
+    max |p − 1/K|, slots whose argmax changed since the epoch before, light-op slots of the argmax."""
+    rows = ["| epoch | arch | entropy / log K (mean) | top p (min–max) | max \\|p − 1/K\\| | argmax changes | "
+            "light-op slots |", "|---|---|---|---|---|---|---|"]
+    prev: Mapping[str, str] | None = None
+    for h in history:
+        stats = h["stats"].values()
+        changed = "–" if prev is None else str(sum(prev[k] != v for k, v in h["argmax"].items()))
+        light_n, slots = light_share(h["argmax"], light)
+        rows.append(f"| {h['epoch']} | {'yes' if h.get('arch', True) else 'warm-up'} | "
+                    f"{sum(s['entropy_norm'] for s in stats) / len(stats):.3f} | "
+                    f"{min(s['top'] for s in stats):.3f}–{max(s['top'] for s in stats):.3f} | "
+                    f"{max(s['max_dev'] for s in stats):.3f} | {changed} | {light_n}/{slots} |")
+        prev = h["argmax"]
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m strategies.convergence", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="search run folder(s) holding search_result.json")
+    args = p.parse_args(argv)
+    results = []
+    for run in args.runs:
+        path = Path(run) / "search_result.json"
+        if not path.is_file():
+            print(f"error: {path} does not exist; expected a search run folder", file=sys.stderr)
+            return 2
+        res = json.loads(path.read_text())
+        if not res.get("history"):
+            print(f"error: {path} has no per-epoch history; it was written before convergence logging existed",
+                  file=sys.stderr)
+            return 2
+        results.append(res)
+        conv = res["convergence"]
+        print(f"## {run} (epoch {res['epoch']}/{res['epochs']}, {res['cost'].get('cpu_minutes', res['cost'].get('search_cpu_minutes')):.1f} CPU-min)\n")
+        print(history_table(res["history"], conv.get("light_ops", ())))
+        print(f"\nargmax last changed at epoch {conv['argmax_last_changed']}; architecture {res['architecture']}\n")
+    if len(results) == 2:
+        same, total, differ = agreement(results[0]["architecture"], results[1]["architecture"])
+        print(f"agreement: {same} of {total} slots" + (f" (differ: {', '.join(differ)})" if differ else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -228,3 +228,27 @@ def test_a_pretrained_segmenter_trains_in_training_mode(tmp_path):
     space, _, wrap = build_search(cfg)
     model = wrap(space)
     assert all(m.training for m in model.modules())
+
+
+def test_convergence_cli_prints_the_history_and_the_agreement(tmp_path, capsys):
+    from strategies.convergence import main
+
+    def run(name: str, arch: dict) -> str:
+        probs = {label: {op: (0.7 if op == choice else 0.3) for op in ("x", "y")} for label, choice in arch.items()}
+        hist = [{"epoch": 1, "arch": False, "argmax": {"s1": "x", "s2": "x"}, "probabilities": probs,
+                 "stats": summary_stats({k: {"x": 0.5, "y": 0.5} for k in arch})},
+                {"epoch": 2, "arch": True, "argmax": arch, "probabilities": probs, "stats": summary_stats(probs)}]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "search_result.json").write_text(json.dumps(
+            {"epoch": 2, "epochs": 2, "history": hist, "architecture": arch, "cost": {"cpu_minutes": 1.5},
+             "convergence": {"argmax_last_changed": 2, "light_ops": ["y"]}}))
+        return str(tmp_path / name)
+
+    a, b = run("a", {"s1": "x", "s2": "y"}), run("b", {"s1": "x", "s2": "x"})
+    assert main([a, b]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | warm-up | 1.000 | 0.500–0.500 | 0.000 | – | 0/2 |" in out
+    # entropy of (0.7, 0.3) / log 2 = 0.881; one slot changed its argmax; one light op (y) chosen
+    assert "| 2 | yes | 0.881 | 0.700–0.700 | 0.200 | 1 | 1/2 |" in out
+    assert "agreement: 1 of 2 slots (differ: s2)" in out
+    assert main([str(tmp_path / "none")]) == 2 and "does not exist" in capsys.readouterr().err
