@@ -1,7 +1,8 @@
 """Build and load the fused C++ CPU kernels of the guided-filter decomposition (issue 10), at first use.
 
 The source is ``search_space/csrc/guided_decompose.cpp`` (PAIF's decomposition: He et al.'s guided filter
-with two eps sharing the window statistics, streamed row by row per group of channels; see its header). It is
+with two eps sharing the window statistics, streamed row by row per group of channels, see its header; and
+the one-pass single-slope PReLU backward of :mod:`search_space.activations`). It is
 compiled with ``torch.utils.cpp_extension.load`` (gcc, ninja) with ``-O3 -fopenmp``, plus ``-mavx2 -mfma``
 only when PyTorch reports an AVX2-capable CPU (no ``-march=native``: the build stays portable to the CPUs
 of that class), into ``$PAIF_EXT_DIR`` (default ``~/.cache/paif_ext``) under a directory named by the hash of
@@ -119,7 +120,8 @@ def _summary(exc: Exception) -> str:
 
 
 def load_extension(verbose: bool = False) -> ModuleType | None:
-    """The compiled module (``guide_stats``, ``forward``, ``backward``), or None when disabled or not buildable.
+    """The compiled module (``guide_stats``, ``forward``, ``backward``, ``prelu_backward``), or None when disabled
+    or not buildable.
 
     The first call builds (about a minute) or loads the cached build; a failure warns once and is remembered.
     """

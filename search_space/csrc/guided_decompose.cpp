@@ -6,7 +6,8 @@
 // Every box filter is streamed row by row (class BoxRows): each input row is summed horizontally into a ring of
 // 2r+1 rows, and a running column sum over the ring gives the output rows. Two box stages are chained per group of
 // channels, so a map never leaves the cache between the steps of the filter; groups of channels run in
-// parallel (at::parallel_for). The 1x1 reduce is a matrix product done by the caller.
+// parallel (at::parallel_for). The 1x1 reduce is a matrix product done by the caller. Also: a one-pass backward of
+// the single-slope PReLU used throughout the fusion net (search_space/activations.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -561,6 +562,41 @@ void guide_backward_kernel(const Shared<T>& sh, const int32_t* imax, const int32
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// PReLU with one slope a, backward in one pass: gx = g·(x > 0 ? 1 : a), ga = Σ g·x over x <= 0. (PyTorch's
+// kernel writes a full-size weight gradient and then sums it.) Blocks of fixed size are summed in double in a
+// fixed order, so ga does not depend on the number of threads.
+
+template <typename T>
+double prelu_block(const T* __restrict x, const T* __restrict g, T a, T* __restrict gx, int64_t n) {
+  // Branch-free (random signs would mispredict); sums of 256 products in T, added in double in a fixed order.
+  constexpr int64_t kChunk = 256;
+  double acc = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t i1 = std::min(n, i0 + kChunk);
+    T part = T(0);
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = i0; i < i1; ++i) {
+      const T neg = static_cast<T>(x[i] <= T(0));  // 1 where the slope applies
+      gx[i] = g[i] * (T(1) + neg * (a - T(1)));
+      part += g[i] * x[i] * neg;
+    }
+    acc += static_cast<double>(part);
+  }
+  return acc;
+}
+
+template <typename T>
+void prelu_backward_kernel(const T* x, const T* g, T a, T* gx, int64_t n, double* partial, int64_t block) {
+  const int64_t blocks = (n + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t i0 = blk * block, len = std::min(n, i0 + block) - i0;
+      partial[blk] = prelu_block<T>(x + i0, g + i0, a, gx + i0, len);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Python bindings
 
 template <typename T>
@@ -678,11 +714,31 @@ void backward(const at::Tensor& x, const at::Tensor& guide, const at::Tensor& mi
   });
 }
 
+// PReLU with a single slope: (gx, ga) from the input x, the output gradient g and the slope a (1 element).
+std::vector<at::Tensor> prelu_backward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& a) {
+  check_input(x, "prelu x");
+  TORCH_CHECK(x.is_contiguous() && g.is_contiguous() && g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type()
+                  && a.numel() == 1 && a.scalar_type() == x.scalar_type(),
+              "prelu_backward: expected contiguous x and g of one shape and dtype and a one-element slope, got ",
+              x.sizes(), " ", g.sizes(), " ", a.sizes());
+  const int64_t n = x.numel(), block = 1 << 15;
+  auto gx = at::empty_like(x);
+  std::vector<double> partial((n + block - 1) / block, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prelu_backward", [&] {
+    prelu_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), a.item<scalar_t>(),
+                                    gx.data_ptr<scalar_t>(), n, partial.data(), block);
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return {gx, at::full_like(a, total)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Guided-filter decomposition (PAIF): fused CPU forward and backward kernels";
+  m.doc() = "Guided-filter decomposition (PAIF): fused CPU forward and backward kernels; PReLU backward";
   m.def("guide_stats", &guide_stats, "guide, mI, s_e = 1/(var+eps_e), channel means, arg-max, arg-min");
   m.def("forward", &forward, "fills out = [x, low_1, ..., low_E]");
   m.def("backward", &backward, "dx = dL/dx from grad = [dx_direct, G_1, ..., G_E]");
+  m.def("prelu_backward", &prelu_backward, "single-slope PReLU backward: (grad_input, grad_slope)");
 }
