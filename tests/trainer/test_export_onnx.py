@@ -20,6 +20,9 @@ ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_RGBT = REPO.parent / "shared" / "data" / "real_rgbt"
+
+needs_real = pytest.mark.skipif(not REAL_RGBT.is_dir(), reason=f"real RGB-T pairs not found at {REAL_RGBT} "
+                                "(expected ../shared/data/real_rgbt next to the clone)")
 TOL = 1e-4  # fp32
 
 
@@ -81,6 +84,7 @@ def test_random_inputs_at_two_sizes_from_one_export(setup, part):
 
 
 @pytest.mark.slow
+@needs_real
 def test_real_pairs_of_two_sizes(setup):
     _, paths, model = setup
     session = _session(paths["full"])

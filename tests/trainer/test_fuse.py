@@ -19,6 +19,9 @@ from trainer.fuse import collect_pairs, fuse_folder, main
 
 REPO = Path(__file__).resolve().parents[2]
 REAL_RGBT = REPO.parent / "shared" / "data" / "real_rgbt"
+
+needs_real = pytest.mark.skipif(not REAL_RGBT.is_dir(), reason=f"real RGB-T pairs not found at {REAL_RGBT} "
+                                "(expected ../shared/data/real_rgbt next to the clone)")
 # the two smallest real pairs (RoadScene, 211x447 and 227x483): real data at two sizes, cheap enough for the suite
 REAL_NAMES = ("RoadScene_SF_085", "RoadScene_FLIR_05064")
 
@@ -65,6 +68,7 @@ def _reference(model, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.slow
+@needs_real
 def test_real_pairs_at_their_own_size_with_segmentation(ckpt, model, tmp_path, capsys):
     data = tmp_path / "real"
     for name in REAL_NAMES:
@@ -92,6 +96,7 @@ def test_real_pairs_at_their_own_size_with_segmentation(ckpt, model, tmp_path, c
     assert summary["pairs"] == summary["fused"] == 2 and summary["bad"] == [] and summary["seg"] is True
 
 
+@needs_real
 def test_every_real_pair_is_listed():
     pairs, problems = collect_pairs(str(REAL_RGBT), None, None, "test")
     assert len(pairs) == 60 and problems == []
