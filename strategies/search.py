@@ -453,7 +453,7 @@ def _resume_config(run_dir: Path, config: str | None, overrides: Sequence[str]) 
     stored = read_torch_file(resume, "a last.ckpt written by strategies/search.py")
     old = stored.get(CONFIG_KEY) if isinstance(stored, dict) else None
     if old is not None:
-        check_resume_settings(old, config_to_dict(cfg), RESUME_SAFE, str(run_dir))
+        check_resume_settings(old, config_to_dict(cfg), RESUME_SAFE, str(run_dir), config_to_dict(type(cfg)()))
     return cfg, resume
 
 

@@ -167,3 +167,15 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_marks_the_run(synthetic_roo
                         "is full; free space or choose an output folder on another disk", err), err
     assert (run_dir / FAILED_FILE).read_text().startswith("no space left on device")
     assert not list(run_dir.glob("*.pt")) and not list(run_dir.glob(".*.tmp"))  # no partial file
+
+
+def test_resume_accepts_a_setting_added_after_the_run_started_only_at_its_default():
+    from trainer.config import changed_settings
+
+    old = {"optim": {"lr": 0.1}}  # stored by an older version, before ``val.fusion_metrics`` existed
+    defaults = {"optim": {"lr": 0.0005}, "val": {"fusion_metrics": True}}
+    assert changed_settings(old, {"optim": {"lr": 0.1}, "val": {"fusion_metrics": True}}, defaults=defaults) == []
+    assert changed_settings(old, {"optim": {"lr": 0.1}, "val": {"fusion_metrics": False}}, defaults=defaults) == [
+        "val.fusion_metrics: was None, got False"]
+    # a stored setting is compared as stored, never replaced by the default
+    assert changed_settings(old, {"optim": {"lr": 0.0005}}, defaults=defaults) == ["optim.lr: was 0.1, got 0.0005"]

@@ -94,13 +94,19 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(data) if isinstance(data, tuple) else data}
 
 
-def changed_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str] = ()) -> list[str]:
+def changed_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str] = (),
+                     defaults: dict[str, Any] | None = None) -> list[str]:
     """``"key: was X, got Y"`` for every setting that differs between two config dicts, except ``safe`` ones.
 
-    Keys are dotted (``data.batch_size``); an entry of ``safe`` ending in ``.*`` covers a whole section.
+    Keys are dotted (``data.batch_size``); an entry of ``safe`` ending in ``.*`` covers a whole section. A key
+    that ``old`` lacks (a setting added to the code after that run started) counts as unchanged when ``new``
+    holds its value in ``defaults``: the run was started with that behaviour.
     """
     safe = set(safe)
     a, b = _flatten(old), _flatten(new)
+    for k, v in _flatten(defaults or {}).items():
+        if k not in a and b.get(k) == v:
+            a[k] = v
 
     def is_safe(key: str) -> bool:
         parts = key.split(".")
@@ -110,14 +116,18 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[st
             if a.get(k) != b.get(k) and not is_safe(k)]
 
 
-def check_resume_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str], where: str) -> None:
+def check_resume_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str], where: str,
+                          defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume ``where`` with settings that change the run (anything not in ``safe``).
+
+    ``defaults`` (the config class's defaults) lets a run started before a setting existed resume with that
+    setting at its default (:func:`changed_settings`).
 
     Raises:
         ConfigError: naming every changed setting, the ones that may change, and what to do instead.
     """
     safe = sorted(safe)
-    changed = changed_settings(old, new, safe)
+    changed = changed_settings(old, new, safe, defaults)
     if changed:
         raise ConfigError(
             f"--resume {where}: {'; '.join(changed)}; a resumed run must keep the settings it was started with "

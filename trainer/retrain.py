@@ -146,7 +146,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
             raise RetrainError(f"mode does not match the resumed checkpoint {resume_ckpt}: expected "
                                f"{stored.get('mode')!r}, got {cfg.mode!r}")
         if stored.get("config") is not None:
-            check_resume_settings(stored["config"], config_to_dict(cfg), RESUME_SAFE, str(run_dir))
+            check_resume_settings(stored["config"], config_to_dict(cfg), RESUME_SAFE, str(run_dir),
+                                  config_to_dict(type(cfg)()))
     if cfg.init_from:
         meta = load_checkpoint(cfg.init_from)
         _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
