@@ -54,7 +54,7 @@ from typing import Any, Sequence
 
 from trainer.config import ConfigError, load_config, save_config
 from trainer.errors import entry_point
-from trainer.runs import setup_logging, tune_malloc, use_run_dir
+from trainer.runs import lock_run_dir, setup_logging, tune_malloc, use_run_dir
 
 log = logging.getLogger("trainer.experiment")
 
@@ -809,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     if args.report:
         return report_only(cfg, jobs, out)
+    lock_run_dir(out)
     use_run_dir(out)
     setup_logging(out, filename="experiment.log")
     save_config(cfg, out / "config.yaml")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import fcntl
 import importlib.metadata
 import logging
 import os
@@ -22,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.errors import track_run_dir
+from trainer.errors import PaifError, track_run_dir
 
 __all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
-           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV"]
+           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir", "RunInUseError"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,46 @@ def make_run_dir(root: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a run directory under {root}: expected a free name, got 1000 clashes")
+
+
+class RunInUseError(PaifError):
+    """Another live process holds the folder's lock (:func:`lock_run_dir`)."""
+
+
+#: open lock files of this process, kept referenced so their ``flock`` lasts until the process ends
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def lock_run_dir(path: str | Path) -> Path:
+    """Hold an exclusive lock on the run folder ``path`` until this process ends; return the lock file.
+
+    The lock file ``.<name>.lock`` lies beside the folder (so taking it neither creates nor marks the folder) and
+    holds the owner's pid; the kernel drops the ``flock`` when the process dies, so a killed run never blocks its
+    resumption. Two commands resuming one folder at once would each redo and overwrite the other's jobs.
+
+    Raises:
+        RunInUseError: another live process holds the lock (its pid is named).
+    """
+    path = Path(path).resolve()
+    if path in _HELD_LOCKS:
+        return Path(_HELD_LOCKS[path].name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fh = open(lock, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "unknown"
+        fh.close()
+        raise RunInUseError(f"{path}: another process (pid {owner}) is running in this folder; wait for it to end "
+                            f"or stop it (kill {owner}), then rerun to continue") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _HELD_LOCKS[path] = fh
+    return lock
 
 
 def use_run_dir(path: str | Path) -> Path:

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,29 @@ def test_tune_malloc_opt_out(monkeypatch):
 
 def test_tune_malloc_on_this_platform_returns_a_bool():
     assert isinstance(_runs.tune_malloc(), bool)
+
+
+def test_a_second_process_cannot_take_a_held_run_folder_and_a_dead_owner_releases_it(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from trainer.runs import RunInUseError, lock_run_dir
+
+    out = tmp_path / "runs" / "experiment"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from trainer.runs import lock_run_dir
+        lock_run_dir({str(out)!r}); print("held", flush=True); time.sleep(60)""")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUseError, match=rf"another process \(pid {holder.pid}\) is running in this folder"):
+            lock_run_dir(out)
+        assert not out.exists()  # the lock lies beside the folder: taking it neither creates nor marks it
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = lock_run_dir(out)  # the kernel dropped the dead owner's lock
+    assert lock.read_text().strip() == str(os.getpid())
+    assert lock_run_dir(out) == lock  # taking it again in the same process is a no-op
