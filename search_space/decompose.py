@@ -610,10 +610,15 @@ _ONEDNN: dict[str, bool] = {}
 
 def _onednn_linear_ok() -> bool:
     """Whether ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul) runs here and agrees with ``torch.mm``
-    (checked once). On AMD CPUs MKL's float32 GEMM takes its AVX2 path; oneDNN's uses AVX-512 (2× faster)."""
+    (checked once). On AMD CPUs MKL's float32 GEMM takes its AVX2 path; oneDNN's uses AVX-512 (2× faster).
+
+    The probe draws from its own generator: drawing from the global one at the first call would shift every later
+    random number of a seeded run, so that a resumed run (whose first call comes later) would differ from an
+    uninterrupted one."""
     if "ok" not in _ONEDNN:
         try:
-            a, b = torch.randn(3, 5), torch.randn(4, 5)
+            gen = torch.Generator().manual_seed(0)
+            a, b = torch.randn(3, 5, generator=gen), torch.randn(4, 5, generator=gen)
             got = torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous().t(), None, "none", [], "")
             _ONEDNN["ok"] = bool(torch.allclose(got, a @ b.t(), atol=1e-5))
         except (AttributeError, RuntimeError):

@@ -179,3 +179,18 @@ def test_resume_accepts_a_setting_added_after_the_run_started_only_at_its_defaul
         "val.fusion_metrics: was None, got False"]
     # a stored setting is compared as stored, never replaced by the default
     assert changed_settings(old, {"optim": {"lr": 0.0005}}, defaults=defaults) == ["optim.lr: was 0.1, got 0.0005"]
+
+
+@pytest.mark.slow
+def test_resume_checkpoint_holds_each_weight_once_and_loads_the_aliased_format(synthetic_root, tmp_path):
+    """Resume checkpoints name each weight once (``model.*``); those written while ``net`` was a registered
+    alias (every weight twice, ``model.*`` and ``net.*``) still resume."""
+    runs = tmp_path / "runs"
+    assert retrain.main(_tiny(synthetic_root, runs, "stop_at_step=1", "save_every_steps=1")) == 0
+    (run_dir,) = runs.iterdir()
+    ckpt = torch.load(run_dir / "resume.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith("model.") for k in ckpt["state_dict"])
+    ckpt["state_dict"].update({"net." + k[len("model."):]: v for k, v in list(ckpt["state_dict"].items())})
+    torch.save(ckpt, run_dir / "resume.ckpt")
+    assert retrain.main(["--resume", str(run_dir), "--skip-data-check"]) == 0
+    assert torch.load(run_dir / "resume.ckpt", weights_only=True)["global_step"] == 3

@@ -403,12 +403,15 @@ class RetrainModule(pl.LightningModule):
             self.task_loss = TaskLoss(1.0, 0.0)
             self.objective = fusion_objective(self.task_loss)
             model.segmenter.requires_grad_(False)
-            #: what the loss, the attacks and validation run: the fusion half (FusionOnly shares the weights)
-            self.net: torch.nn.Module = FusionOnly(model)
+            net: torch.nn.Module = FusionOnly(model)  # the fusion half; shares the weights
         else:
             self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
             self.objective = task_objective(self.task_loss)
-            self.net = model
+            net = model
+        #: what the loss, the attacks and validation run. Not registered as a submodule: its weights are
+        #: ``model``'s, and the state dict keeps one name per weight (``model.*``), as before mode=fusion existed,
+        #: so resume checkpoints of either version load (see :meth:`on_load_checkpoint`)
+        object.__setattr__(self, "net", net)
         a = cfg.aat
         self.sampler = (AdaptiveEpsSampler(a.eps, a.prob_mode, a.temperature, a.momentum)
                         if cfg.mode == "aat" else None)
@@ -811,7 +814,15 @@ class RetrainModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the AAT state; the genotype was checked by the entry script before training started."""
+        """Restore the AAT state; the genotype was checked by the entry script before training started.
+
+        Resume checkpoints written while ``net`` was a registered alias of ``model`` hold every weight twice
+        (``model.*`` and ``net.*``); the ``net.*`` copies are dropped before Lightning loads the state dict.
+        """
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key in [k for k in state if k.startswith("net.")]:
+                del state[key]
         paif = checkpoint.get("paif") or {}
         self.pretext_done = bool(paif.get("pretext_done", True))
         self.best_score = float(paif.get("best_score", -math.inf))

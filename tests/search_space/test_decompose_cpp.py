@@ -209,3 +209,17 @@ def test_two_processes_building_at_once(tmp_path: Path) -> None:
     assert results[0][0] == results[1][0]
     builds = [d for d in tmp_path.iterdir() if d.is_dir()]
     assert len(builds) == 1 and len(list(builds[0].glob("*.so"))) == 1 and not (builds[0] / "lock").exists()
+
+
+def test_the_onednn_probe_leaves_the_global_random_stream_alone():
+    """Its first call comes at the first decomposition of a process: drawing from the global generator there shifted
+    every later random number, and a resumed run (a new process) ended with other weights than an uninterrupted one."""
+    from search_space import decompose
+
+    decompose._ONEDNN.clear()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    decompose._onednn_linear_ok()
+    assert "ok" in decompose._ONEDNN
+    assert torch.equal(torch.rand(4), expected)
