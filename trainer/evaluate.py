@@ -686,7 +686,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
 
 def _suite(argv: Sequence[str] | None) -> tuple[str, list[str]]:
     """(suite, the other arguments): ``--suite card`` hands the command line to ``trainer/robustness_card.py``."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--suite", choices=SUITES, default="report")
     known, rest = pre.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
     return known.suite, rest

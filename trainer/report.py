@@ -471,7 +471,8 @@ def save_radar(
         if len(vals) != len(axes):
             raise ValueError(f"save_radar: series {name!r}: expected {len(axes)} values, got {len(vals)}")
     angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False)
-    fig, ax = plt.subplots(figsize=(6.4, 6.0), subplot_kw={"projection": "polar"})
+    fig, ax = plt.subplots(figsize=(7.0, 7.2), subplot_kw={"projection": "polar"})
+    fig.subplots_adjust(left=0.14, right=0.86, top=0.86, bottom=0.2)  # room for the spoke labels and legend
     ax.set_theta_offset(np.pi / 2)
     ax.set_theta_direction(-1)
     ring = np.linspace(0, 2 * np.pi, 200)
@@ -490,8 +491,7 @@ def save_radar(
     ax.tick_params(axis="y", labelsize=7)
     if title:
         ax.set_title(title, fontsize=10, pad=24)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=8)
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

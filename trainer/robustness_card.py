@@ -150,6 +150,7 @@ class CardConfig:
     progress: bool = True
     miou_convention: str = "published"
     worst_rows: int = 2  # images shown per family in the worst-case pictures
+    redraw: bool = False  # draw the worst-case pictures of finished families again (numbers kept; not threats)
 
     def __post_init__(self) -> None:
         bad = [f for f in self.families if f not in FAMILIES]
@@ -512,21 +513,32 @@ def _threat_family(ctx: _Context, out_dir: Path) -> dict[str, Any]:
     return {"members": members, "picture": picture, "report": "threats/report.md", "notes": report.get("notes", [])}
 
 
+def _conditions(ctx: _Context, family: str, out_dir: Path) -> list[Condition]:
+    """The conditions of an image-level family (the patches are optimised, or read from ``patches/``)."""
+    if family in ("vis-corruptions", "ir-corruptions"):
+        return _corruption_conditions(ctx.cfg, family.split("-")[0])
+    if family == "sensor-faults":
+        return _fault_conditions()
+    if family == "misregistration":
+        return _misregistration_conditions()
+    return _patch_conditions(ctx.cfg, _patches(ctx, out_dir))
+
+
 def _image_family(ctx: _Context, family: str, out_dir: Path, clean: Mapping[str, Any]) -> dict[str, Any]:
-    if family == "vis-corruptions":
-        conditions = _corruption_conditions(ctx.cfg, "vis")
-    elif family == "ir-corruptions":
-        conditions = _corruption_conditions(ctx.cfg, "ir")
-    elif family == "sensor-faults":
-        conditions = _fault_conditions()
-    elif family == "misregistration":
-        conditions = _misregistration_conditions()
-    else:
-        conditions = _patch_conditions(ctx.cfg, _patches(ctx, out_dir))
+    conditions = _conditions(ctx, family, out_dir)
     members = _evaluate_conditions(ctx, conditions, family)
     picture = _worst_picture(ctx, family, members, conditions, clean["errors"], out_dir)
     extra = {"patches_png": "patches.png"} if family == "patches" else {}
     return {"members": members, "picture": picture, **extra}
+
+
+def redraw_family(ctx: _Context, family: str, saved: dict[str, Any], out_dir: Path,
+                  clean: Mapping[str, Any]) -> dict[str, Any]:
+    """Draw the worst-case picture of a finished image-level family again from its file (its numbers are kept;
+    a few forward passes), e.g. after changing ``worst_rows``."""
+    conditions = _conditions(ctx, family, out_dir)
+    saved["picture"] = _worst_picture(ctx, family, saved["members"], conditions, clean["errors"], out_dir)
+    return saved
 
 
 def compute_family(ctx: _Context, family: str, out_dir: Path, clean: Mapping[str, Any]) -> dict[str, Any]:
@@ -560,6 +572,9 @@ def run_families(cfg: CardConfig, out_dir: Path) -> tuple[dict[str, Any], dict[s
             saved = json.loads(path.read_text())
             if saved.get("fingerprint") == ctx.fingerprint(family):
                 log.info("%s: finished earlier (%s), skipped", family, path)
+                if cfg.redraw and family != "threats":
+                    write_json(redraw_family(ctx, family, saved, out_dir, clean), path)
+                    log.info("%s: worst-case picture drawn again", family)
                 done[family] = saved
                 continue
             log.info("%s: %s was computed with other settings; recomputing", family, path)
@@ -696,8 +711,8 @@ def render_card(card: Mapping[str, Any]) -> str:
              f"* reference: {card['reference']}; its clean mIoU {_f(card['ref_clean']['miou'])} %",
              f"* data: `{cfg['data']}` split `{cfg['split']}`, {model['num_images']} images; seed {cfg['seed']}; "
              f"device {model['device']}",
-             f"* time: {card['family_wall_s']:.0f} s wall / {card['family_cpu_s']:.0f} s CPU for the families "
-             f"computed in this call (families finished earlier cost nothing); created {card['created']}", ""]
+             f"* time to compute the families (as recorded in their files): {card['family_wall_s']:.0f} s wall, "
+             f"{card['family_cpu_s']:.0f} s CPU; card assembled {card['created']}", ""]
     notes = [n for f in card["families"].values() for n in f.get("notes", []) if "overridden" in n]
     lines += [f"> **Note:** {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Summary", "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,25 @@ def test_card_against_another_reference(model_card, synthetic_root):
                                           r"\['severities'\]\)"):
         build_card(_cfg(other, synthetic_root, base / "card_c", families=["ir-corruptions"], severities=[2],
                         reference=str(ref_dir)), base / "card_c")
+
+
+@pytest.mark.slow
+def test_redraw_keeps_the_numbers_and_draws_more_rows(model_card, synthetic_root, monkeypatch):
+    out = model_card["base"] / "redraw"
+    shutil.copytree(model_card["out"], out)
+    before = {f: json.loads((out / "families" / f"{f}.json").read_text()) for f in FAMILIES}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("redraw must not recompute a family")
+
+    monkeypatch.setattr(card, "compute_family", fail)
+    result = build_card(_cfg(model_card["ckpt"], synthetic_root, out, worst_rows=2, redraw=True), out)
+    for f in FAMILIES:
+        after = json.loads((out / "families" / f"{f}.json").read_text())
+        assert after["members"] == before[f]["members"] and after["wall_s"] == before[f]["wall_s"]
+        if f != "threats":  # the threats' picture is the evaluation report's grid, not redrawn
+            assert len(before[f]["picture"]["images"]) == 1 and len(after["picture"]["images"]) == 2
+    assert result["score"] == pytest.approx(100.0)
 
 
 @pytest.mark.slow
