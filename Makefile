@@ -9,7 +9,7 @@ RUNS    ?= runs
 # pytest-xdist is not used: the CI machine has 2 cores and torch already uses both.
 PYTEST_ARGS ?=
 
-.PHONY: install test demo experiment clean
+.PHONY: install test demo experiment search-eval clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# the plain `nnictl` of this venv: 127.0.0.1 only, NNI's experiment index under runs/ (strategies/nni_local.py)
+	$(BIN)/python -m strategies.nni_local install-hook
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +37,13 @@ demo: install
 # several hours on 2 CPU cores; resumable per arm: rerun the same command after an interruption)
 experiment: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --out $(RUNS)/experiment
+
+# search quality (README "Search quality"): 3 searches (robust, clean, robust seed 1) + 6 random genotypes, both
+# searched ones, paif and a hand-made baseline retrained with AAT from one warm start, evaluated clean and under
+# strong; resumable per arm and per search. SEARCH_EVAL_ARGS=--tiny: an end-to-end check at toy size
+search-eval: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --config configs/search_eval.yaml --out $(RUNS)/search_eval \
+		$(SEARCH_EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) $(RUNS) data/synthetic

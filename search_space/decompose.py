@@ -29,11 +29,19 @@ Conventions (the same in the fast path and the plain oracle):
   (4C channels, the published order) are reduced by a 1×1 conv to C. IR and VIS each have their own :class:`GuidedDecomposition`.
   The window statistics are shared by both eps, so the second eps costs one extra box pass of 2C maps only.
 * The filter runs in float32 with autocast disabled (cumulative sums in bf16 would lose all precision).
+* **Plain-ops path** (:func:`plain_ops`, :func:`uses_plain_ops`): under ``torch.compile``, during
+  ``torch.onnx.export`` and inside ``with plain_ops():`` the decomposition is written with functional torch ops
+  only (:func:`box_filter_shifted`, then the 1×1 conv on ``[x, low_1, low_2]``): no custom autograd function
+  and no preallocated buffers, so exporters and compilers see every op and keep the height and width symbolic.
+  ``trainer/export_onnx.py`` exports inside ``plain_ops()`` (the choice is explicit, not left to the exporter).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import sys
+import threading
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +52,33 @@ from search_space import cpp_ext
 __all__ = [
     "box_filter", "box_filter_cumsum", "cpp_usable", "decompose_fused", "box_filter_reference", "box_filter_shifted", "guided_filter", "guided_filter_autograd",
     "guided_filter_reference",
-    "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS",
+    "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS", "plain_ops", "uses_plain_ops",
 ]
 
 RADIUS = 4
 EPS: tuple[float, float] = (1e-3, 1e-4)
+
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+    """Within this block (this thread) the decomposition uses functional torch ops only (see the module
+    docstring): the path for exporters that trace the graph (ONNX) and must keep sizes symbolic."""
+    depth = getattr(_plain, "depth", 0)
+    _plain.depth = depth + 1
+    try:
+        yield
+    finally:
+        _plain.depth = depth
+
+
+def uses_plain_ops() -> bool:
+    """True inside :func:`plain_ops`, under ``torch.compile`` and during ``torch.onnx.export``."""
+    if getattr(_plain, "depth", 0) > 0 or torch.compiler.is_compiling():
+        return True
+    onnx = sys.modules.get("torch.onnx")  # never imported: cannot be exporting (and importing it costs 0.3 s)
+    return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
 def _check_4d(x: torch.Tensor, name: str) -> None:
@@ -381,7 +411,7 @@ def guided_filter(guide: torch.Tensor, x: torch.Tensor, eps: float | Sequence[fl
     _check_inputs(guide, x, "guided_filter")
     many = not isinstance(eps, (int, float))
     eps_list = tuple(float(e) for e in eps) if many else (float(eps),)
-    if torch.compiler.is_compiling():  # plain ops: inductor fuses them and derives the backward itself
+    if uses_plain_ops():  # plain ops: inductor fuses them and derives the backward itself; exporters see them
         outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_shifted)
     elif radius == 0 or x.dtype != guide.dtype:
         outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_cumsum)
@@ -717,8 +747,9 @@ class GuidedDecomposition(nn.Module):
     ``max_c x − min_c x`` — the published channel order (all low-frequency maps, then all high-frequency
     ones), so published weights load unchanged. The conv keeps its 4C→C parameterisation (with bias). Eager,
     the filter and the conv run as one autograd function with the conv moved inside the filter
-    (:func:`decompose_fused`, identical result up to rounding); under ``torch.compile`` (or r = 0) the plain
-    path: the low maps (:meth:`bands`), then the conv on ``[x, low_1, low_2]`` with the folded weight.
+    (:func:`decompose_fused`, identical result up to rounding); under ``torch.compile``, ONNX export and
+    :func:`plain_ops` (or r = 0) the plain path: the low maps (:meth:`bands`), then the conv on
+    ``[x, low_1, low_2]`` with the folded weight.
 
     Args:
         channels: C.
@@ -755,7 +786,7 @@ class GuidedDecomposition(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"GuidedDecomposition: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if self.radius > 0 and not torch.compiler.is_compiling():
+        if self.radius > 0 and not uses_plain_ops():
             with torch.autocast(device_type=x.device.type, enabled=False):
                 w, bias = self.reduce.weight.float(), self.reduce.bias
                 out = decompose_fused(x.float(), w, None if bias is None else bias.float(), self.eps, self.radius)

@@ -15,20 +15,22 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from search_space.cells import FUSION_RULES
+from search_space.cells import DEFAULT_RULES, FUSION_RULES
 from search_space.fusion_space import CELL_SCOPES, FusionSpace
-from search_space.ops import OPS
+from search_space.ops import DEFAULT_CANDIDATES, OPS
+from trainer.errors import PaifError
 
-__all__ = ["Genotype", "GenotypeError", "GENOTYPES", "FORMAT_VERSION", "build_fusion_net", "get_genotype"]
+__all__ = ["Genotype", "GenotypeError", "GENOTYPES", "FORMAT_VERSION", "build_fusion_net", "get_genotype",
+           "random_genotype"]
 
 FORMAT_VERSION = 1
 
 
-class GenotypeError(ValueError):
+class GenotypeError(PaifError, ValueError):
     """A genotype (or its JSON / NNI sample) is invalid; the message names the offending field."""
 
 
@@ -200,6 +202,26 @@ def get_genotype(genotype: Genotype | str | Path | Mapping[str, Any]) -> Genotyp
         return Genotype.from_json(genotype)
     raise GenotypeError(f"genotype: expected a Genotype, a name in {sorted(GENOTYPES)}, a JSON path or a mapping, "
                         f"got {type(genotype).__name__}")
+
+
+def random_genotype(seed: int, candidates: Sequence[str] = DEFAULT_CANDIDATES, rules: Sequence[str] = DEFAULT_RULES,
+                    steps: int = 2, channels: int = 32) -> Genotype:
+    """A genotype drawn uniformly from the space: every op slot and the rule independently, ``random.Random(seed)``.
+
+    The draws follow the label order of :meth:`Genotype.to_sample` (``ir/op1``, ..., ``fused/opN``, then
+    ``rule``), so the same seed and space give the same genotype on every machine. The random baselines of a
+    NAS comparison (Li & Talwalkar, "Random search and reproducibility for NAS", UAI 2019).
+    """
+    import random
+
+    if steps < 1:
+        raise GenotypeError(f"steps: expected >= 1 ops per cell, got {steps}")
+    if not candidates or not rules:
+        raise GenotypeError(f"random_genotype: expected non-empty candidates and rules, got {list(candidates)} and "
+                            f"{list(rules)}")
+    rng = random.Random(int(seed))
+    cells = {cell: tuple(rng.choice(list(candidates)) for _ in range(steps)) for cell in CELL_SCOPES}
+    return Genotype(**cells, rule=rng.choice(list(rules)), channels=channels)
 
 
 def build_fusion_net(genotype: Genotype | str | Path | Mapping[str, Any], **space_kwargs: Any) -> nn.Module:

@@ -24,6 +24,15 @@ run again with the same ``out`` (finished arms are never redone).
 A run is ``[label, genotype, mode]`` optionally followed by the number of seeds it uses (the first n of
 ``seeds``) and by ``key=value`` overrides of ``trainer/retrain.py`` for that run only, e.g.
 ``["AAT, uniform eps", "paif", "aat", "3", "aat.prob_mode=uniform"]``.
+
+Genotype specs: a name of ``search_space.genotype.GENOTYPES`` (``paif``), ``baseline`` (the hand-made
+all-residual net), ``searched`` (one search with the ``search`` overrides), a name of ``searches`` (the genotype that
+named search found; every named search starts its segmenter from the common warm start, ``init_from``),
+``random:<seed>`` (``random_genotype``: a uniform draw from the searched space) and ``best-random`` (the
+``random:`` arm with the highest ``selection.threat`` mIoU on the **validation** split, chosen after those arms
+are trained; its first seed reuses that arm's job). ``report: search_quality`` writes the search-quality report
+(:mod:`trainer.search_quality`) instead of the robustness tables — ``make search-eval``
+(``configs/search_eval.yaml``). ``--tiny`` shrinks everything for an end-to-end check in about a minute.
 """
 from __future__ import annotations
 
@@ -44,11 +53,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.config import ConfigError, load_config, save_config
-from trainer.runs import setup_logging, tune_malloc
+from trainer.errors import entry_point
+from trainer.runs import setup_logging, tune_malloc, use_run_dir
 
 log = logging.getLogger("trainer.experiment")
 
 REPO = Path(__file__).resolve().parents[1]
+
+RANDOM_PREFIX = "random:"  # genotype spec random:<seed>
+BEST_RANDOM = "best-random"  # genotype spec: the random arm that is best on the validation split
 
 BASELINE_GENOTYPE: dict[str, Any] = {
     "ir": ["residual_k3_d1", "residual_k3_d1"], "vis": ["residual_k3_d1", "residual_k3_d1"],
@@ -66,8 +79,23 @@ class DataSpec:
 
 
 @dataclass
+class SelectSpec:
+    """How ``best-random`` is chosen: mIoU under ``threat`` on the first ``limit`` images of ``split`` (never test)."""
+
+    split: str = "val"
+    threat: str = "strong"  # a threat model name, or "clean"
+    limit: int = 16  # 0: the whole split
+
+    def __post_init__(self) -> None:
+        if self.split.lower().startswith("test"):
+            raise ValueError(f"selection.split: expected a validation split, got {self.split!r}; choosing the best "
+                             "random genotype on the test split would leak it into the comparison")
+
+
+@dataclass
 class ExperimentConfig:
     out: str = "runs/experiment"
+    report: str = "robustness"  # robustness (results.md, claims of AAT) | search_quality (trainer.search_quality)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     workers: int = 2  # jobs in parallel, one torch thread each
     data: DataSpec = field(default_factory=DataSpec)
@@ -94,6 +122,17 @@ class ExperimentConfig:
         "w=0.5", "w_arch=0.5",
     ])
     #: paired differences per seed, [a, b] -> a − b (runs matched by seed)
+    #: --config of strategies/search.py for the named searches below
+    search_config: str = "configs/search.yaml"
+    #: named searches {name: [key=value overrides of strategies/search.py]}; a run whose genotype is a name here
+    #: retrains what that search found. They start from the warm start's segmenter (init_from) when warmstart is set
+    searches: dict[str, list[str]] = field(default_factory=dict)
+    search_extra: list[str] = field(default_factory=list)  # overrides appended to every named search
+    stability: list[str] = field(default_factory=list)  # two search names compared slot by slot
+    selection: SelectSpec = field(default_factory=SelectSpec)  # how best-random is chosen
+    eval_steps: int = 0  # > 0: every attack's step count in the evaluations (quick checks only, e.g. --tiny)
+    eval_limit: int = 0  # > 0: evaluate the first N test images only
+    eval_extra: list[str] = field(default_factory=list)  # key=value overrides of trainer/evaluate.py, every evaluation
     pairs: list[list[str]] = field(default_factory=lambda: [
         ["AAT", "no AAT"], ["AAT", "plain AT"], ["AAT", "AAT, uniform eps"],
     ])
@@ -101,6 +140,17 @@ class ExperimentConfig:
     eps_sweep: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0, 16.0])  # in 1/255
     sweep_threats: list[str] = field(default_factory=lambda: ["paif"])
     eval_batch_size: int = 6
+
+    def __post_init__(self) -> None:
+        if self.report not in ("robustness", "search_quality"):
+            raise ValueError(f"report: expected 'robustness' or 'search_quality', got {self.report!r}")
+        if self.stability and (len(self.stability) != 2 or not set(self.stability) <= set(self.searches)):
+            raise ValueError(f"stability: expected two names of searches {sorted(self.searches)}, got {self.stability}")
+        clash = set(self.searches) & {"searched", "baseline", BEST_RANDOM}
+        if clash or any(name.startswith(RANDOM_PREFIX) for name in self.searches):
+            raise ValueError(f"searches: expected names other than searched, baseline, {BEST_RANDOM} and "
+                             f"{RANDOM_PREFIX}<seed>, got {sorted(self.searches)}")
+
 
 
 # ------------------------------------------------------------------------------------------------ jobs
@@ -191,17 +241,33 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
     t1 = time.time()
     ckpt = json.loads(train_done.read_text())["last"]
     eval_dir = jdir / "eval"
+    flags, items = _eval_budget(cfg)
+    sweep = (["--eps-sweep", *[f"{e:g}" for e in cfg.eps_sweep], f"sweep_threats={json.dumps(cfg.sweep_threats)}"]
+             if cfg.eps_sweep else ["eps_sweep=[]"])
     cmd = _python("trainer/evaluate.py", "--checkpoint", ckpt, "--data", str(out / "data"), "--split", "test",
                   *[a for t in cfg.threats for a in ("--threat", t)], "--out", str(eval_dir),
                   "--batch-size", str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed),
-                  "--no-progress", "--eps-sweep", *[f"{e:g}" for e in cfg.eps_sweep],
-                  f"sweep_threats={json.dumps(cfg.sweep_threats)}", "num_threads=1")
+                  "--no-progress", *flags, *sweep, *items, "num_threads=1")
     _run(cmd, logfile)
     report = json.loads((eval_dir / "report.json").read_text())
+    from trainer.checkpoint import resolve_genotype
+
     result = {"job": dataclasses.asdict(job), "checkpoint": ckpt, "train_seconds": t1 - t0,
-              "eval_seconds": time.time() - t1, **extract(report)}
+              "eval_seconds": time.time() - t1,
+              "genotype": resolve_genotype(genotypes[job.genotype], channels=cfg.channels).to_dict(), **extract(report)}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _eval_budget(cfg: ExperimentConfig, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """evaluate.py (flags, key=value items) shared by every evaluation: step override, image limit, ``eval_extra``.
+
+    The key=value items must come last on the command line (argparse takes them as one positional list).
+    """
+    limit = cfg.eval_limit if limit is None else limit
+    flags = [*(["--steps", str(cfg.eval_steps)] if cfg.eval_steps > 0 else []),
+             *(["--limit", str(limit)] if limit > 0 else [])]
+    return flags, list(cfg.eval_extra)
 
 
 def extract(report: dict[str, Any]) -> dict[str, Any]:
@@ -211,7 +277,8 @@ def extract(report: dict[str, Any]) -> dict[str, Any]:
     for name, rep in report["threats"].items():
         out[name] = rep["segmentation"]["miou"]
         out[f"{name}_objects"] = rep["segmentation"]["miou_objects"]
-    out["curves"] = {name: [[p["eps_255"], p["miou"]] for p in pts] for name, pts in report["eps_sweep"].items()}
+    out["curves"] = {name: [[p["eps_255"], p["miou"]] for p in pts]
+                     for name, pts in (report.get("eps_sweep") or {}).items()}
     out["iou"] = {"clean": report["clean"]["segmentation"].get("iou", {}),
                   **{name: rep["segmentation"].get("iou", {}) for name, rep in report["threats"].items()}}
     out["fusion"] = report["clean"].get("fusion") or {}
@@ -423,9 +490,34 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _repo_path(path: str) -> str:
+    return str(path if Path(path).is_absolute() else REPO / path)
+
+
+def searched_space(cfg: ExperimentConfig) -> tuple[list[str], list[str], int]:
+    """(candidates, rules, steps) of the space the named searches explore (all must agree; defaults without any).
+
+    ``random:<seed>`` genotypes are drawn from this space, so random and searched genotypes compete in one space.
+    """
+    from search_space.cells import DEFAULT_RULES
+    from search_space.ops import DEFAULT_CANDIDATES
+    from strategies.search import SearchConfig
+
+    spaces = {}
+    for name, overrides in (cfg.searches or {"searched": cfg.search}).items():
+        path = _repo_path(cfg.search_config) if cfg.searches else _repo_path("configs/search.yaml")
+        sp = load_config(SearchConfig, path, [*overrides, *cfg.search_extra]).space
+        spaces[name] = (list(sp.candidates or DEFAULT_CANDIDATES), list(sp.rules or DEFAULT_RULES), sp.steps)
+    if len({json.dumps(v) for v in spaces.values()}) > 1:
+        raise ConfigError(f"searches: expected one search space (candidates, rules, steps) for every search, got "
+                          f"{json.dumps(spaces)}")
+    return next(iter(spaces.values()))
+
+
 def prepare(cfg: ExperimentConfig, out: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
-    """Dataset, the searched genotype (runs the search once) and the baseline genotype file."""
+    """Dataset, the legacy ``searched`` genotype (runs that search once), the baseline and random genotype files."""
     from rgbt.synthetic import generate_dataset
+    from search_space.genotype import random_genotype
 
     data = out / "data"
     if not (data / "meta.json").is_file():
@@ -435,40 +527,204 @@ def prepare(cfg: ExperimentConfig, out: Path) -> tuple[dict[str, str], dict[str,
     baseline = out / "baseline_genotype.json"
     baseline.write_text(json.dumps({**BASELINE_GENOTYPE, "channels": cfg.channels}, indent=2) + "\n")
     genotypes["baseline"] = str(baseline)
+    randoms = [spec for spec in genotypes if spec.startswith(RANDOM_PREFIX)]
+    if randoms:
+        candidates, rules, steps = searched_space(cfg)
+        (out / "genotypes").mkdir(exist_ok=True)
+        for spec in randoms:
+            seed = spec[len(RANDOM_PREFIX):]
+            if not seed.isdigit():
+                raise ConfigError(f"runs: expected genotype {RANDOM_PREFIX}<seed> with an integer seed, got {spec!r}")
+            path = out / "genotypes" / f"random-{seed}.json"
+            random_genotype(int(seed), candidates, rules, steps, cfg.channels).to_json(path)
+            genotypes[spec] = str(path)
     searched = None
     if "searched" in genotypes:
-        sdir = out / "search"
-        geno = sdir / "genotype.json"
-        if not geno.is_file():
-            shutil.rmtree(sdir, ignore_errors=True)
-            sdir.mkdir(parents=True)
-            log.info("searching (robust DARTS) -> %s", sdir)
-            _run(_python("strategies/search.py", f"data.root={data}", f"run_dir={sdir}", *cfg.search),
-                 out / "search.log")
+        geno = run_search(cfg, out, "searched", out / "search", None, cfg.search, out / "search.log")
         genotypes["searched"] = str(geno)
         searched = json.loads(geno.read_text())
     return genotypes, searched
+
+
+def run_search(cfg: ExperimentConfig, out: Path, name: str, sdir: Path, config: str | None, overrides: Sequence[str],
+               logfile: Path, init_from: str | None = None) -> Path:
+    """One search (``strategies/search.py``) into ``sdir``; resumes from its last epoch checkpoint; its genotype file."""
+    geno = sdir / "genotype.json"
+    if geno.is_file():
+        return geno
+    if (sdir / "checkpoints" / "last.ckpt").is_file():  # an interrupted search continues from its last epoch
+        cmd = _python("strategies/search.py", "--resume", str(sdir), "progress_bar=false")
+    else:
+        shutil.rmtree(sdir, ignore_errors=True)
+        sdir.mkdir(parents=True)
+        cmd = _python("strategies/search.py", *(["--config", _repo_path(config)] if config else []),
+                      f"data.root={out / 'data'}", f"run_dir={sdir}", "progress_bar=false",
+                      *([f"init_from={init_from}"] if init_from else []), *overrides)
+    log.info("search %s -> %s", name, sdir)
+    _run(cmd, logfile)
+    if not geno.is_file():
+        raise RuntimeError(f"search {name} finished without {geno}; see {logfile}")
+    return geno
+
+
+def run_searches(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str], init_from: str | None
+                 ) -> dict[str, dict[str, Any]]:
+    """Every named search (``workers`` at a time); adds their genotype files to ``genotypes``; their results."""
+    if not cfg.searches:
+        return {}
+    with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        futures = {name: pool.submit(run_search, cfg, out, name, out / "searches" / name, cfg.search_config,
+                                     [*overrides, *cfg.search_extra], out / "searches" / f"{name}.log", init_from)
+                   for name, overrides in cfg.searches.items()}
+        files = {name: fut.result() for name, fut in futures.items()}
+    genotypes.update({name: str(path) for name, path in files.items()})
+    return {name: json.loads((path.parent / "search_result.json").read_text()) for name, path in files.items()}
+
+
+def _warm_config(cfg: ExperimentConfig, out: Path, genotype: str) -> Any:
+    from trainer.warmstart import WarmStartConfig
+
+    return load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotype}", f"cache={out / 'cache'}",
+                                               f"channels={cfg.channels}", "progress_bar=false", *cfg.warmstart])
+
+
+def common_segmenter(cfg: ExperimentConfig, out: Path) -> str | None:
+    """The warm start's pretrained segmenter folder (the named searches' ``init_from``); None without warm start."""
+    if cfg.warmstart is None:
+        return None
+    from trainer.warmstart import pretrained_segmenter
+
+    return str(pretrained_segmenter(_warm_config(cfg, out, "paif"))[0])
 
 
 def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The common starting point of every arm, per genotype (``trainer.warmstart``, cached under ``out/cache``).
 
     The segmenter is pretrained once (its cache key does not depend on the genotype); each genotype gets its
-    own warmed fusion net. Runs in this process with every core (no job runs beside it).
+    own warmed fusion net. Runs in this process with every core (no job runs beside it). ``best-random`` takes
+    the start of the random genotype it resolves to (see :func:`select_best_random`).
     """
     if cfg.warmstart is None:
         return {}
-    from trainer.warmstart import WarmStartConfig, warm_start
+    from trainer.warmstart import warm_start
 
     used = dict.fromkeys(_parse_run(run, len(cfg.seeds))[1] for run in cfg.runs)
     infos = {}
     for name in used:
-        ws = load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotypes[name]}",
-                                                 f"cache={out / 'cache'}", f"channels={cfg.channels}",
-                                                 "progress_bar=false", *cfg.warmstart])
+        if name == BEST_RANDOM:
+            continue
+        ws = _warm_config(cfg, out, genotypes[name])
         log.info("warm start for %s (cached under %s)", name, ws.cache)
         infos[name] = warm_start(ws)
     return infos
+
+
+def _selection_miou(report: dict[str, Any], threat: str) -> float:
+    if threat == "clean":
+        return float(report["clean"]["segmentation"]["miou"])
+    return float(report["threats"][threat]["segmentation"]["miou"])
+
+
+def select_best_random(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``random:`` arm whose first-seed checkpoint has the highest mIoU under ``selection.threat`` on
+    ``selection.split`` (validation; never test). Cached in ``out/selection.json``; each arm's validation
+    evaluation is kept in ``jobs/<key>/val_eval/``.
+
+    Raises:
+        RuntimeError: no finished ``random:`` arm of the first seed.
+    """
+    sel = cfg.selection
+    cands = [r for r in results if str(r["job"]["genotype"]).startswith(RANDOM_PREFIX)
+             and r["job"]["seed"] == cfg.seeds[0]]
+    if not cands:
+        raise RuntimeError(f"{BEST_RANDOM}: expected finished {RANDOM_PREFIX}<seed> arms of seed {cfg.seeds[0]} to "
+                           "choose from, got none")
+    path = out / "selection.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if set(cached["values"]) == {r["job"]["label"] for r in cands}:
+            return cached
+    values: dict[str, dict[str, Any]] = {}
+    for r in cands:
+        job = Job(**{**r["job"], "overrides": tuple(r["job"].get("overrides", ()))})
+        vdir = out / "jobs" / job.key / "val_eval"
+        if not (vdir / "report.json").is_file():
+            threat = sel.threat if sel.threat != "clean" else "paif"
+            flags, items = _eval_budget(cfg, sel.limit)
+            _run(_python("trainer/evaluate.py", "--checkpoint", r["checkpoint"], "--data", str(out / "data"),
+                         "--split", sel.split, "--threat", threat, "--out", str(vdir), "--batch-size",
+                         str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed), "--no-progress",
+                         *flags, "eps_sweep=[]", "masking.enabled=false", *items, "num_threads=1"),
+                 out / "jobs" / job.key / "job.log")
+        report = json.loads((vdir / "report.json").read_text())
+        values[job.label] = {"genotype": job.genotype, "miou": _selection_miou(report, sel.threat)}
+    best = max(values, key=lambda label: values[label]["miou"])  # ties: the first listed
+    selection = {"split": sel.split, "threat": sel.threat, "limit": sel.limit, "values": values,
+                 "best": {"label": best, "genotype": values[best]["genotype"]}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(selection, indent=2) + "\n")
+    os.replace(tmp, path)
+    log.info("best random genotype on %s under %s: %s (%.1f %% mIoU)", sel.split, sel.threat, best,
+             100 * values[best]["miou"])
+    return selection
+
+
+def reuse_job(job: Job, source: Job, out: Path) -> dict[str, Any] | None:
+    """``source``'s finished result under ``job``'s label (the same genotype, mode, seed and overrides), or None."""
+    done = out / "jobs" / source.key / "done.json"
+    if (job.mode, job.seed, job.overrides) != (source.mode, source.seed, source.overrides) or not done.is_file():
+        return None
+    text = json.dumps({**json.loads(done.read_text()), "job": dataclasses.asdict(job), "reused_from": source.key},
+                      indent=2) + "\n"
+    target = out / "jobs" / job.key / "done.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return json.loads(text)
+
+
+def run_jobs(jobs: Sequence[Job], cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
+             starts: dict[str, dict[str, Any]], desc: str = "experiment") -> tuple[list[dict[str, Any]], list[str]]:
+    """Run ``jobs`` (``workers`` at a time); (results, failures) — a failed job does not stop the others."""
+    from tqdm import tqdm
+
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        futures = {pool.submit(run_job, job, cfg, out, genotypes, {g: i["start"] for g, i in starts.items()}): job
+                   for job in jobs}
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=desc, unit="job"):
+            job = futures[fut]
+            try:
+                results.append(fut.result())
+                log.info("done %s", job.key)
+            except Exception as exc:  # keep the other jobs; report at the end
+                failures.append(f"{job.key}: {exc}")
+                log.error("failed %s: %s", job.key, exc)
+    return results, failures
+
+
+def best_random_phase(cfg: ExperimentConfig, out: Path, jobs: Sequence[Job], results: Sequence[dict[str, Any]],
+                      genotypes: dict[str, str], starts: dict[str, dict[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[str], dict[str, Any] | None]:
+    """Choose ``best-random`` on the validation split, then run its jobs (the chosen arm's own job is reused)."""
+    if not jobs:
+        return [], [], None
+    try:
+        selection = select_best_random(cfg, out, results)
+    except Exception as exc:
+        return [], [f"{BEST_RANDOM}: {exc}"], None
+    spec, label = selection["best"]["genotype"], selection["best"]["label"]
+    genotypes[BEST_RANDOM] = genotypes[spec]
+    if spec in starts:
+        starts[BEST_RANDOM] = starts[spec]
+    source = {(r["job"]["seed"]): Job(**{**r["job"], "overrides": tuple(r["job"].get("overrides", ()))})
+              for r in results if r["job"]["label"] == label}
+    reused, todo = [], []
+    for job in jobs:
+        hit = reuse_job(job, source[job.seed], out) if job.seed in source else None
+        (reused.append(hit) if hit is not None else todo.append(job))
+    done, failures = run_jobs(todo, cfg, out, genotypes, starts, desc=BEST_RANDOM)
+    return reused + done, failures, selection
 
 
 def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
@@ -479,6 +735,16 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
         print(f"error: no finished job under {out / 'jobs'}; expected done.json files", file=sys.stderr)
         return 2
     extras: dict[str, Any] = {"finished_jobs": f"{len(results)} of {len(jobs)}"}
+    if cfg.report == "search_quality":
+        from trainer.search_quality import write_search_quality
+
+        searches = {name: json.loads((out / "searches" / name / "search_result.json").read_text())
+                    for name in cfg.searches if (out / "searches" / name / "search_result.json").is_file()}
+        sel = out / "selection.json"
+        path = write_search_quality(cfg, out, results, searches, json.loads(sel.read_text()) if sel.is_file() else None,
+                                    float("nan"), extras=extras)
+        print(path.read_text())
+        return 0
     baseline_path = out / "max_rule_fusion.json"
     if baseline_path.is_file():
         extras["max_rule_fusion"] = json.loads(baseline_path.read_text())
@@ -487,7 +753,39 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     return 0
 
 
+#: --tiny: every stage at toy size (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
+#: searches), seeds [0, 1] and at most 2 random arms: checks the whole command end to end, measures nothing
+TINY = [
+    "workers=2", "seeds=[0,1]", "channels=4", "data.size=[32,40]", "data.n_train=6", "data.n_val=2", "data.n_test=2",
+    'warmstart=["seg.steps=2","seg.batch_size=2","fusion.steps=1","fusion.batch_size=2","fusion.crop=[24,32]"]',
+    'retrain=["max_steps=2","data.batch_size=2","data.val_limit=1","val.attack_steps=1","val.num_images=0",'
+    '"aat.meta_iters=1","aat.inner_steps=1","attack.kind=fgsm","attack.steps=1","save_every_steps=1"]',
+    'search=["epochs=1","max_train_batches=1","data.crop=[24,32]","data.batch_size=2","space.channels=4",'
+    '"attack.name=fgsm","selection.max_batches=1"]',
+    'search_extra=["epochs=2","warmup_epochs=1","max_train_batches=1","data.crop=[24,32]","data.batch_size=2",'
+    '"space.channels=4","selection.max_batches=1","log_every_n_steps=1"]',
+    "eval_steps=1", "eval_limit=2", "eval_batch_size=2", "selection.limit=2", "eps_sweep=[]",
+    'eval_extra=["masking.queries=2","per_modality=[]"]',
+]
+
+
+def tiny_runs(cfg: ExperimentConfig, max_random: int = 2) -> ExperimentConfig:
+    """``cfg`` with at most ``max_random`` ``random:`` runs (the others kept): the run list of ``--tiny``."""
+    kept, n = [], 0
+    for run in cfg.runs:
+        if len(run) > 1 and str(run[1]).startswith(RANDOM_PREFIX):
+            n += 1
+            if n > max_random:
+                continue
+        kept.append(run)
+    cfg.runs = kept
+    return cfg
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0; 1 when some jobs failed (listed); 2 with one line on stderr for bad settings or a file-system
+    error (the out folder is then marked FAILED)."""
     tune_malloc()
     p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of ExperimentConfig keys")
@@ -495,15 +793,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", action="store_true", help="print the jobs and exit")
     p.add_argument("--report", action="store_true",
                    help="run nothing: rebuild results.json/.md and the plot from the finished jobs' done.json files")
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes everywhere, seeds [0,1], at most 2 random arms: an end-to-end check, not a result")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1,2] workers=2")
     args = p.parse_args(argv)
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    try:
-        cfg = load_config(ExperimentConfig, args.config, overrides)
-        jobs = plan(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = (TINY if args.tiny else []) + list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    if args.tiny:
+        cfg = tiny_runs(cfg)
+    jobs = plan(cfg)
     if args.plan:
         for job in jobs:
             print(f"{job.key:32s} {job.label}")
@@ -511,34 +809,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     if args.report:
         return report_only(cfg, jobs, out)
-    out.mkdir(parents=True, exist_ok=True)
+    use_run_dir(out)
     setup_logging(out, filename="experiment.log")
     save_config(cfg, out / "config.yaml")
     t0 = time.time()
     genotypes, searched = prepare(cfg, out)
+    searches = run_searches(cfg, out, genotypes, common_segmenter(cfg, out) if cfg.searches else None)
     starts = warm_starts(cfg, out, genotypes)
     baseline_path = out / "max_rule_fusion.json"
     if not baseline_path.is_file():
         baseline_path.write_text(json.dumps(max_rule_fusion_metrics(out / "data"), indent=2) + "\n")
-    results: list[dict[str, Any]] = []
-    failures: list[str] = []
-    from tqdm import tqdm
-
-    with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        futures = {pool.submit(run_job, job, cfg, out, genotypes, {g: i["start"] for g, i in starts.items()}): job
-                   for job in jobs}
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="experiment", unit="job"):
-            job = futures[fut]
-            try:
-                results.append(fut.result())
-                log.info("done %s", job.key)
-            except Exception as exc:  # keep the other jobs; report at the end
-                failures.append(f"{job.key}: {exc}")
-                log.error("failed %s: %s", job.key, exc)
+    results, failures = run_jobs([j for j in jobs if j.genotype != BEST_RANDOM], cfg, out, genotypes, starts)
+    more, more_failures, selection = best_random_phase(cfg, out, [j for j in jobs if j.genotype == BEST_RANDOM],
+                                                       results, genotypes, starts)
+    results, failures = results + more, failures + more_failures
     order = {job.key: i for i, job in enumerate(jobs)}
     results.sort(key=lambda r: order[Job(**r["job"]).key])
-    path = write_outputs(cfg, out, results, searched, time.time() - t0,
-                         extras={"warm_start": starts, "max_rule_fusion": json.loads(baseline_path.read_text())})
+    if cfg.report == "search_quality":
+        from trainer.search_quality import write_search_quality
+
+        path = write_search_quality(cfg, out, results, searches, selection, time.time() - t0,
+                                    extras={"warm_start": starts})
+    else:
+        path = write_outputs(cfg, out, results, searched, time.time() - t0,
+                             extras={"warm_start": starts, "max_rule_fusion": json.loads(baseline_path.read_text())})
     print(path.read_text())
     if failures:
         print("failed jobs:\n" + "\n".join(failures), file=sys.stderr)

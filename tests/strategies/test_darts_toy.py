@@ -153,7 +153,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed = toy_search(tmp_path / "killed", resume=tmp_path / "killed" / "checkpoints" / "last.ckpt", **kw)
     a = json.loads((tmp_path / "full" / RESULT_NAME).read_text())
     b = json.loads((tmp_path / "killed" / RESULT_NAME).read_text())
+    cost_a, cost_b = a.pop("cost"), b.pop("cost")  # times differ; everything else (the history too) is equal
+    assert cost_a["earlier_processes_cpu_minutes"] == 0 < cost_b["earlier_processes_cpu_minutes"]
+    assert cost_b["search_cpu_minutes"] > cost_b["earlier_processes_cpu_minutes"]
     assert a == b
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
     assert resumed["probabilities"] == full["probabilities"]
     assert a["epoch"] == 3 and a["global_step"] == b["global_step"]
     assert set(a["probabilities"]) == {"toy/op1", "toy/head"}
