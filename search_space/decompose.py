@@ -17,6 +17,11 @@ Conventions (the same in the fast path and the plain oracle):
 * :class:`GuidedDecomposition` (eager) runs filter and 1×1 reduce as one autograd function with the conv moved
   inside the filter (:func:`decompose_fused`; exact by linearity): half the box work of the second pass and of
   the backward's first, and 5C saved maps instead of 10C. Box passes filter cache-sized chunks of maps.
+* On CPU (float32/float64, eager) :func:`decompose_fused` runs on fused C++ kernels instead
+  (:class:`_DecompositionCppFn`, source ``search_space/csrc/guided_decompose.cpp``, built at first use by
+  :mod:`search_space.cpp_ext`): every step of the filter streamed row by row per group of channels in cache,
+  the 1×1 reduce unfolded as one matrix product, a hand-written backward. The PyTorch functions above stay the
+  path on CUDA, under ``torch.compile``, without a compiler or with ``PAIF_NO_CPP=1``, and the tests' reference.
 * The guidance of a feature map ``x`` (B, C, H, W) is ``max_c x − min_c x`` (B, 1, H, W); every channel of
   ``x`` is filtered with that one guidance.
 * Interpretation of "eps 1e-3 and 1e-4" (DESIGN §4): each modality is filtered with **both** eps values;

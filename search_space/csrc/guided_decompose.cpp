@@ -737,8 +737,10 @@ std::vector<at::Tensor> prelu_backward(const at::Tensor& x, const at::Tensor& g,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Guided-filter decomposition (PAIF): fused CPU forward and backward kernels; PReLU backward";
-  m.def("guide_stats", &guide_stats, "guide, mI, s_e = 1/(var+eps_e), channel means, arg-max, arg-min");
-  m.def("forward", &forward, "fills out = [x, low_1, ..., low_E]");
-  m.def("backward", &backward, "dx = dL/dx from grad = [dx_direct, G_1, ..., G_E]");
-  m.def("prelu_backward", &prelu_backward, "single-slope PReLU backward: (grad_input, grad_slope)");
+  // the kernels only touch tensor memory: other Python threads may run meanwhile
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("guide_stats", &guide_stats, "guide, mI, s_e = 1/(var+eps_e), channel means, arg-max, arg-min", nogil);
+  m.def("forward", &forward, "fills out = [x, low_1, ..., low_E]", nogil);
+  m.def("backward", &backward, "dx = dL/dx from grad = [dx_direct, G_1, ..., G_E]", nogil);
+  m.def("prelu_backward", &prelu_backward, "single-slope PReLU backward: (grad_input, grad_slope)", nogil);
 }

@@ -68,13 +68,13 @@ def test_cpp_matches_brute_force_oracle_float64(shape: tuple[int, ...], radius: 
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-8)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 34, 13), (2, 3, 6, 5)])
-def test_cpp_float32_radius4_path_matches_float64_oracle(shape: tuple[int, ...]) -> None:
-    """float32 with r = 4 runs the compiled-in-radius kernels (a different instantiation from float64's)."""
+@pytest.mark.parametrize("shape,radius", [((1, 3, 34, 13), 4), ((2, 3, 6, 5), 4), ((1, 2, 35, 8), 2)])
+def test_cpp_float32_matches_float64_oracle(shape: tuple[int, ...], radius: int) -> None:
+    """float32 runs other instantiations than float64: r = 4 compiled in, other radii at run time."""
     x64, w64, b64 = _inputs(shape, 4, 2, torch.float64, seed=5)
     x32, w32, b32 = (t.detach().float().requires_grad_(True) for t in (x64, w64, b64))
-    out = decompose_fused(x32, w32, b32, (1e-3, 1e-4), 4, backend="cpp")
-    expected = _oracle(x64, w64, b64, (1e-3, 1e-4), 4)
+    out = decompose_fused(x32, w32, b32, (1e-3, 1e-4), radius, backend="cpp")
+    expected = _oracle(x64, w64, b64, (1e-3, 1e-4), radius)
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
     w = torch.randn_like(expected)
     got = torch.autograd.grad((out * w.float()).sum(), (x32, w32, b32))
