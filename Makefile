@@ -19,6 +19,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# the plain `nnictl` of this venv: 127.0.0.1 only, NNI's experiment index under runs/ (strategies/nni_local.py)
+	$(BIN)/python -m strategies.nni_local install-hook
 	touch $@
 
 install: $(VENV)/.installed

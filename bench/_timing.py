@@ -28,9 +28,12 @@ def timeit(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int
-                ) -> dict[str, float]:
-    """Median seconds per variant; one call of each variant per round (so load changes hit every variant alike)."""
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int, warmup: int,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per variant; one call of each variant per round (so load changes hit every variant alike).
+
+    ``clock``: wall time by default; ``time.process_time`` counts only this process's CPU time (steadier on a
+    shared machine with one thread; with more threads it also counts their idle spinning)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -38,8 +41,8 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(repeat, 1)):
         for key, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync(device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

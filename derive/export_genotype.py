@@ -31,15 +31,23 @@ from typing import Any, Mapping, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search_space.genotype import Genotype, GenotypeError  # noqa: E402
+from search_space.genotype import Genotype  # noqa: E402
+from trainer.errors import PaifError, entry_point  # noqa: E402
+from trainer.runs import atomic_write_text  # noqa: E402
 
-__all__ = ["RESULT_NAME", "EXPERIMENT_ROOTS", "find_latest_result", "load_result", "find_experiment_dir",
+__all__ = ["RESULT_NAME", "EXPERIMENT_ROOTS", "ExportError", "find_latest_result", "load_result", "find_experiment_dir",
            "experiment_of", "pick_best_trial", "provenance_path", "pick_architecture", "export_genotype",
            "probability_table", "save_heatmap", "main"]
 
 log = logging.getLogger(__name__)
 
 RESULT_NAME = "search_result.json"
+
+
+class ExportError(PaifError, ValueError):
+    """A search result or an NNI experiment that no genotype can be exported from (named in the message)."""
+
+
 #: where ``--experiment <id>`` is looked up (search.yml's experimentWorkingDirectory, then NNI's default)
 EXPERIMENT_ROOTS = ("runs/nni-experiments", "~/nni-experiments")
 _DB = Path("db") / "nni.sqlite"
@@ -65,9 +73,13 @@ def load_result(run: str | Path | None = None, root: str | Path = "runs") -> tup
         if not path.is_file():
             raise FileNotFoundError(f"--run {run}: expected a run directory with {RESULT_NAME} or the file itself, "
                                     "got neither")
-    result = json.loads(path.read_text())
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: expected a search result (JSON), got unreadable text ({exc}); was the search "
+                          "interrupted while writing it?") from exc
     if not isinstance(result, dict) or not isinstance(result.get("probabilities"), dict):
-        raise ValueError(f"{path}: expected a search result with 'probabilities', got keys "
+        raise ExportError(f"{path}: expected a search result with 'probabilities', got keys "
                          f"{sorted(result) if isinstance(result, dict) else type(result).__name__}")
     return path, result
 
@@ -123,11 +135,11 @@ def pick_best_trial(exp_dir: str | Path) -> tuple[dict[str, Any], Path, dict[str
         candidates.append(entry)
     if not ranked:
         statuses = ", ".join(f"{c['trial']}: {c['status']} ({c.get('skipped', '')})" for c in candidates) or "none"
-        raise ValueError(f"experiment {exp_dir}: expected at least one SUCCEEDED trial with a selection metric in "
+        raise ExportError(f"experiment {exp_dir}: expected at least one SUCCEEDED trial with a selection metric in "
                          f"its {RESULT_NAME}, got none (trials: {statuses})")
     metrics = {(sel.get("metric"), sel.get("mode", "min")) for *_, sel in ranked}
     if len(metrics) != 1:
-        raise ValueError(f"experiment {exp_dir}: expected one selection metric across trials, got {sorted(metrics)}")
+        raise ExportError(f"experiment {exp_dir}: expected one selection metric across trials, got {sorted(metrics)}")
     (_, mode), = metrics
     sign = -1.0 if mode == "max" else 1.0
     trial, path, result, _ = min(ranked, key=lambda r: (sign * r[3]["value"], r[0]["id"]))
@@ -147,7 +159,7 @@ def pick_architecture(probs: Mapping[str, Mapping[str, float]], exclude: Sequenc
     for label, dist in probs.items():
         allowed = {op: p for op, p in dist.items() if op not in excluded}
         if not allowed:
-            raise ValueError(f"{label}: expected at least one op left after --exclude {sorted(excluded)}, got none "
+            raise ExportError(f"{label}: expected at least one op left after --exclude {sorted(excluded)}, got none "
                              f"(candidates {sorted(dist)}); exclude fewer ops")
         arch[label] = max(allowed, key=allowed.__getitem__)
     return arch
@@ -248,7 +260,9 @@ def _select(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
     return path, result, provenance
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one line on stderr (no usable result, bad genotype, a file-system error)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--experiment", metavar="ID_OR_DIR",
@@ -261,18 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="OP", help="ops never to pick")
     parser.add_argument("--channels", type=int, help="genotype width (default: the search's channels)")
     args = parser.parse_args(argv)
-    try:
-        path, result, provenance = _select(args)
-        genotype = export_genotype(result, args.exclude, args.channels)
-    except (FileNotFoundError, ValueError, GenotypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path, result, provenance = _select(args)
+    genotype = export_genotype(result, args.exclude, args.channels)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    genotype.to_json(out)
+    atomic_write_text(genotype.to_json(), out)
     provenance.update(genotype=str(out), exclude=list(args.exclude))
     prov = provenance_path(out)
-    prov.write_text(json.dumps(provenance, indent=2) + "\n")
+    atomic_write_text(json.dumps(provenance, indent=2) + "\n", prov)
     arch = genotype.to_sample()
     png = save_heatmap(result["probabilities"], arch, args.png or out.with_suffix(".png"),
                        title=f"{path.parent.name} (epoch {result.get('epoch', '?')})")

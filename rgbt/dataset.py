@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 from rgbt.io import DataError, MissingDataError, read_gray, read_label, read_rgb, read_rgbt
 
-__all__ = ["RGBTDataset", "DataError", "MissingDataError", "detect_layout", "VI_DIRS", "IR_DIRS", "LABEL_DIRS"]
+__all__ = ["RGBTDataset", "RGBTSubset", "DataError", "MissingDataError", "detect_layout", "match_pairs", "list_pairs",
+           "read_sample",
+           "VI_DIRS", "IR_DIRS", "LABEL_DIRS"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,21 +99,88 @@ def _list_images(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _pair_up(folders: dict[str, Path]) -> list[tuple[str, dict[str, Path]]]:
-    """Pair files across folders by stem; a stem missing from any folder is an error naming the file."""
+def match_pairs(folders: dict[str, Path]) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
+    """Pair the image files of ``folders`` (role -> folder) by file-name stem.
+
+    Returns:
+        ``(pairs, problems)``: ``[(name, {role: path})]`` sorted by name for the stems present in every folder,
+        and one message per file whose partner is missing (``"<file>: missing partner <role> file <path>"``).
+    Raises:
+        MissingDataError / DataError: a folder is empty or holds two images with the same stem.
+    """
     listings = {key: _list_images(folder) for key, folder in folders.items()}
     all_names = sorted(set().union(*(set(v) for v in listings.values())))
-    problems = []
+    pairs, problems = [], []
     for name in all_names:
         have = {k: listing[name] for k, listing in listings.items() if name in listing}
-        for key in listings:
-            if key not in have:
-                present = next(iter(have.values()))
-                problems.append(f"{present}: missing partner {key} file {folders[key] / present.name}")
+        if len(have) == len(listings):
+            pairs.append((name, have))
+            continue
+        present = next(iter(have.values()))
+        problems += [f"{present}: missing partner {key} file {folders[key] / present.name}"
+                     for key in listings if key not in have]
+    return pairs, problems
+
+
+def _pair_up(folders: dict[str, Path]) -> list[tuple[str, dict[str, Path]]]:
+    """Pair files across folders by stem; a stem missing from any folder is an error naming the file."""
+    pairs, problems = match_pairs(folders)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise DataError("unpaired files: " + "; ".join(problems[:5]) + more + "; add or remove the files")
-    return [(name, {k: listings[k][name] for k in listings}) for name in all_names]
+    return pairs
+
+
+def list_pairs(root: str | Path, split: str | None = None, layout: str = "auto"
+               ) -> tuple[list[tuple[str, dict[str, Path]]], list[str]]:
+    """The image pairs of a dataset folder, labels ignored, unpaired files reported instead of raised.
+
+    Used where every good pair should be processed even if some files lack a partner (``trainer/fuse.py``).
+    MSRS and flat pairs give ``{"vis": path, "ir": path}`` per name, MFNet ``{"rgbt": path}`` (``split=None``:
+    every image of ``images/``).
+
+    Returns:
+        ``(pairs, problems)`` as :func:`match_pairs`.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    layout = detect_layout(root, split) if layout == "auto" else layout
+    if layout == "mfnet":
+        ds = RGBTDataset(root, split, layout="mfnet")
+        return [(name, {"rgbt": files["rgbt"]}) for name, files in zip(ds.names, ds.samples)], []
+    base = root / split if layout == "msrs" and split is not None else root
+    vi, ir = _find_dir(base, VI_DIRS), _find_dir(base, IR_DIRS)
+    if vi is None or ir is None:
+        kind, names = ("visible", VI_DIRS) if vi is None else ("infrared", IR_DIRS)
+        raise MissingDataError(f"{base}: expected the {kind} image folder (one of {', '.join(names)}), got none")
+    return match_pairs({"vis": vi, "ir": ir})
+
+
+def read_sample(files: dict[str, Path], name: str) -> dict[str, np.ndarray]:
+    """Read and size-check the files of one sample (``{"vis", "ir"[, "label"]}`` or ``{"rgbt"[, "label"]}``).
+
+    Returns:
+        uint8 ``vis`` (H, W, 3), ``ir`` (H, W) and, when present, ``label`` (H, W) (values not range-checked).
+    Raises:
+        DataError: an unreadable / truncated / wrong-mode file, or files of different sizes (all named).
+    """
+    if "rgbt" in files:
+        vis, ir = read_rgbt(files["rgbt"])
+        sources = {"vis": files["rgbt"], "ir": files["rgbt"]}
+    else:
+        vis, ir = read_rgb(files["vis"]), read_gray(files["ir"])
+        sources = {"vis": files["vis"], "ir": files["ir"]}
+    out: dict[str, Any] = {"vis": vis, "ir": ir}
+    if "label" in files:
+        out["label"] = read_label(files["label"])
+        sources["label"] = files["label"]
+    shapes = {k: out[k].shape[:2] for k in out}
+    if len(set(shapes.values())) != 1:
+        sizes = ", ".join(f"{k} {sources[k]} is {h}x{w}" for k, (h, w) in shapes.items())
+        raise DataError(f"size mismatch for sample {name!r}: {sizes} (HxW); "
+                        "expected all files of a sample to have the same size")
+    return out
 
 
 class RGBTDataset(Dataset):
@@ -251,23 +321,9 @@ class RGBTDataset(Dataset):
     def load_arrays(self, index: int) -> dict[str, Any]:
         """Read and validate one sample without augmentation: uint8 ``vis`` (H,W,3), ``ir`` (H,W), ``label``."""
         files = self.samples[index]
-        if "rgbt" in files:
-            vis, ir = read_rgbt(files["rgbt"])
-            sources = {"vis": files["rgbt"], "ir": files["rgbt"]}
-        else:
-            vis, ir = read_rgb(files["vis"]), read_gray(files["ir"])
-            sources = {"vis": files["vis"], "ir": files["ir"]}
-        out: dict[str, Any] = {"vis": vis, "ir": ir}
-        if "label" in files:
-            out["label"] = read_label(files["label"])
-            sources["label"] = files["label"]
-        shapes = {k: out[k].shape[:2] for k in out}
-        if len(set(shapes.values())) != 1:
-            sizes = ", ".join(f"{k} {sources[k]} is {h}x{w}" for k, (h, w) in shapes.items())
-            raise DataError(f"size mismatch for sample {self.names[index]!r}: {sizes} (HxW); "
-                            "expected all files of a sample to have the same size")
+        out = read_sample(files, self.names[index])
         if "label" in out:
-            self._check_label(out["label"], sources["label"])
+            self._check_label(out["label"], files["label"])
         return out
 
     @staticmethod
@@ -312,27 +368,78 @@ class RGBTDataset(Dataset):
             item["label"] = torch.from_numpy(np.ascontiguousarray(arrays["label"]).astype(np.int64))
         return item
 
-    def check(self) -> int:
-        """Read every sample and validate it; raises one :class:`DataError` listing all problems.
+    def validate(self, indices: Sequence[int] | None = None, progress: bool = False) -> dict[int, str]:
+        """Read and validate samples ``indices`` (default: all); returns the problem of each bad one by index.
+
+        ``progress`` shows a tqdm bar (``data check <root> <split>``).
+        """
+        indices = range(len(self)) if indices is None else indices
+        problems: dict[int, str] = {}
+        bar = tqdm(indices, desc=f"data check {self.root.name} {self.split or ''}".rstrip(), unit="sample",
+                   disable=not progress, leave=False)
+        for i in bar:
+            try:
+                self.load_arrays(i)
+            except DataError as exc:
+                problems[i] = str(exc)
+        return problems
+
+    def problem_report(self, problems: Mapping[int, str], limit: int = 20) -> str:
+        """``"<root> (split 'train'): N bad sample(s):"`` and one line per problem (the first ``limit``)."""
+        lines = list(problems.values())
+        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+        return (f"{self.root} (split {self.split!r}): {len(lines)} bad sample(s):\n  " + "\n  ".join(lines[:limit])
+                + more)
+
+    def check(self, indices: Sequence[int] | None = None, progress: bool = False) -> int:
+        """Read every sample (or ``indices``) and validate it; raises one :class:`DataError` listing all problems.
 
         Returns:
             the number of samples checked.
         """
-        problems = []
-        for i in range(len(self)):
-            try:
-                self.load_arrays(i)
-            except DataError as exc:
-                problems.append(str(exc))
+        problems = self.validate(indices, progress)
         if problems:
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(f"{self.root} (split {self.split!r}): {len(problems)} bad sample(s):\n  "
-                            + "\n  ".join(problems[:20]) + more)
-        return len(self)
+            raise DataError(self.problem_report(problems))
+        return len(self) if indices is None else len(indices)
 
     def __repr__(self) -> str:
         return (f"RGBTDataset(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, n={len(self)}, "
                 f"labels={self.has_labels}, crop={self.crop}, flip={self.flip}, seed={self.seed})")
+
+
+class RGBTSubset(Dataset):
+    """The samples ``indices`` of an :class:`RGBTDataset`, keeping its interface (``names``, ``has_labels``,
+    ``split``, ``set_epoch``, ``check``), e.g. the training or held-out part of one split."""
+
+    def __init__(self, base: RGBTDataset, indices: list[int]) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.names = [base.names[i] for i in self.indices]
+        self.has_labels = base.has_labels
+        self.split = base.split
+        self.root = base.root
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[self.indices[index]]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def check(self) -> int:
+        """Read and validate every sample of the subset; one :class:`DataError` lists all problems."""
+        problems = []
+        for i in self.indices:
+            try:
+                self.base.load_arrays(i)
+            except DataError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise DataError(f"{self.root} (split {self.split!r}, {len(self)} of {len(self.base)} samples): "
+                            f"{len(problems)} bad sample(s):\n  " + "\n  ".join(problems[:20]))
+        return len(self)
 
 
 def _pad(arrays: dict[str, Any], h: int, w: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Conversion rules (documented once, here):
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from rgbt.color import KB, KR
+from trainer.errors import PaifError
 
 __all__ = [
     "DataError",
@@ -32,6 +34,7 @@ __all__ = [
     "read_label",
     "read_rgbt",
     "write_png",
+    "encode_png",
     "image_size",
 ]
 
@@ -40,7 +43,7 @@ logger = logging.getLogger(__name__)
 _KG = 1.0 - KR - KB
 
 
-class DataError(ValueError):
+class DataError(PaifError, ValueError):
     """Bad dataset input: an unreadable, truncated or malformed file, or an inconsistent dataset."""
 
 
@@ -153,17 +156,31 @@ def read_rgbt(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return arr[..., :3].copy(), arr[..., 3].copy()
 
 
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 array as PNG (deterministic bytes), creating parent folders.
+def encode_png(array: np.ndarray, where: str | Path = "image") -> bytes:
+    """The PNG bytes of a uint8 array (deterministic), for writers that place the file themselves (atomically).
 
     Args:
         array: (H, W) -> mode L, (H, W, 3) -> RGB, (H, W, 4) -> RGBA; dtype uint8.
+        where: the destination, named in errors.
     """
-    path = Path(path)
     array = np.asarray(array)
     if array.dtype != np.uint8:
-        raise DataError(f"{path}: expected a uint8 array to write, got dtype {array.dtype}; scale and cast first")
+        raise DataError(f"{where}: expected a uint8 array to write, got dtype {array.dtype}; scale and cast first")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
-        raise DataError(f"{path}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+        raise DataError(f"{where}: expected shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as PNG (deterministic bytes, :func:`encode_png`), creating parent folders."""
+    path = Path(path)
+    data = encode_png(array, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is None:  # a failed write (full disk, size limit): name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise

@@ -22,6 +22,7 @@ import numpy as np
 from rgbt.classes import CLASSES, IGNORE_INDEX, NUM_CLASSES
 from rgbt.dataset import MFNET_SPLITS, RGBTDataset, detect_layout, _has_pair_dirs
 from rgbt.io import DataError
+from trainer.errors import entry_point
 
 __all__ = ["summarize", "format_summary", "main"]
 
@@ -105,16 +106,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+@entry_point
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Summarise an RGB-T dataset folder.")
     parser.add_argument("root", type=Path, help="dataset root (MSRS, MFNet or flat vi/ir pairs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        print(format_summary(summarize(args.root)))
-    except DataError as exc:
-        parser.exit(2, f"error: {exc}\n")
+    print(format_summary(summarize(args.root)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -34,12 +34,14 @@ from scipy.ndimage import gaussian_filter
 
 from rgbt.classes import CLASSES, NUM_CLASSES
 from rgbt.io import write_png
+from trainer.errors import entry_point, track_run_dir
 
 __all__ = ["GENERATOR_VERSION", "SPLITS", "Scene", "render_scene", "generate_dataset", "main"]
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
+PARTIAL_META = "meta.partial.json"  # the scene list of a generation in progress (removed when it completes)
 SPLITS = ("train", "val", "test")
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 (UNLABELED, CAR, PERSON, BIKE, CURVE, CAR_STOP, GUARDRAIL, CONE, BUMP) = range(NUM_CLASSES)
@@ -357,10 +359,14 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] = (128, 160), n
 
 # ----------------------------------------------------------------------------------------------- dataset
 def _clear_previous(out: Path) -> None:
-    """Remove the files of an earlier generated dataset in ``out`` (only those listed in its meta.json)."""
+    """Remove the files of an earlier generated dataset in ``out`` (only those listed in its meta.json, or in the
+    ``meta.partial.json`` of a generation that failed or was interrupted) and its ``FAILED`` marker."""
     meta_path = out / "meta.json"
     if not out.exists():
         return
+    (out / "FAILED").unlink(missing_ok=True)
+    if not meta_path.is_file() and (out / PARTIAL_META).is_file():
+        meta_path = out / PARTIAL_META
     if not meta_path.is_file():
         if any(out.iterdir()):
             raise FileExistsError(f"{out}: expected an empty folder or an earlier synthetic dataset (meta.json), "
@@ -376,6 +382,12 @@ def _clear_previous(out: Path) -> None:
         for sub in ("vi", "ir", "Segmentation_labels"):
             (out / info["split"] / sub / f"{name}.png").unlink(missing_ok=True)
     meta_path.unlink()
+
+
+def _replaceable(out: Path) -> bool:
+    """True for a missing or empty folder, or an earlier (possibly partial) synthetic dataset."""
+    return (not out.exists() or (out / "meta.json").is_file() or (out / PARTIAL_META).is_file()
+            or (out.is_dir() and not any(out.iterdir())))
 
 
 def generate_dataset(out: str | Path, n_train: int = 48, n_val: int = 16, n_test: int = 16,
@@ -399,6 +411,9 @@ def generate_dataset(out: str | Path, n_train: int = 48, n_val: int = 16, n_test
         for j in range(n):
             number += 1
             jobs.append((split, j, f"{number:05d}{'N' if j % 2 else 'D'}"))
+    out.mkdir(parents=True, exist_ok=True)
+    # the scenes to be written, listed first: a generation that fails part-way (full disk) is cleared by the next
+    (out / PARTIAL_META).write_text(json.dumps({"scenes": {name: {"split": split} for split, _, name in jobs}}) + "\n")
     scenes: dict[str, dict] = {}
     iterator = jobs
     if progress:
@@ -425,13 +440,15 @@ def generate_dataset(out: str | Path, n_train: int = 48, n_val: int = 16, n_test
         "classes": list(CLASSES),
         "scenes": scenes,
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    (out / PARTIAL_META).unlink()
     logger.info("wrote %d synthetic scenes to %s", len(scenes), out)
     return meta
 
 
-def main(argv: list[str] | None = None) -> None:
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one line on stderr (bad arguments, a folder of other files, a file-system error)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; an earlier synthetic "
@@ -443,14 +460,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if _replaceable(args.out):  # a failed generation marks its folder FAILED (never a folder of other files)
+        track_run_dir(args.out, created=not args.out.exists())
     try:
         meta = generate_dataset(args.out, args.n_train, args.n_val, args.n_test, tuple(args.size), args.seed,
                                 progress=True)
-    except (ValueError, FileExistsError) as exc:
+    except ValueError as exc:  # bad counts or size: nothing was written
         parser.exit(2, f"error: {exc}\n")
     n_night = sum(s["time"] == "night" for s in meta["scenes"].values())
     print(f"wrote {len(meta['scenes'])} scenes ({n_night} night) of {args.size[0]}x{args.size[1]} to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

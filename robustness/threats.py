@@ -54,6 +54,7 @@ from robustness.attacks import (
     APGD, FUSION_DISTANCES, LOSSES, MODALITIES, MODEL_MODES, NORMS, PGD, SEG_LOSSES, Attack, CosPGD, FGSM,
     SegPGD, Square, fusion_distance, model_guard, seg_scores,
 )
+from trainer.errors import PaifError
 
 __all__ = [
     "THREAT_MODELS", "EPS_SWEEP", "ATTACKS", "ThreatError", "WorstCase",
@@ -96,7 +97,7 @@ THREAT_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-class ThreatError(ValueError):
+class ThreatError(PaifError, ValueError):
     """A threat model name or mapping is invalid."""
 
 

@@ -27,13 +27,14 @@ import hashlib
 import logging
 import pickle
 import re
-import sys
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+
+from trainer.errors import PaifError, entry_point
 
 __all__ = [
     "ConversionError", "Rule", "DROPPED", "PUBLISHED_OPTIONS", "WRAPPER_KEYS", "fusion_rules", "segmenter_rules",
@@ -67,7 +68,7 @@ _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _WB = ("weight", "bias")
 
 
-class ConversionError(ValueError):
+class ConversionError(PaifError, ValueError):
     """The published checkpoint cannot be converted; the message names the first key that does not fit."""
 
 
@@ -427,7 +428,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, ignore_prefixes: Sequen
     ignored = sorted(k for k in published if any(k.startswith(p) for p in ignore_prefixes))
     train_cfg = {"source": "published PAIF checkpoint (LiuZhu-CV/PAIF), converted by search_space.convert_reference",
                  "source_file": src.name, "source_sha256": _sha256(src), "dropped": dropped, "ignored": ignored}
-    save_checkpoint(out, model, genotype, seg_cfg, train_cfg, model_cfg=PUBLISHED_OPTIONS)
+    card = {"training": {"mode": "converted", "summary": f"published PAIF weights ({src.name}), converted; trained by "
+                                                        "the paper's authors (MSRS, their recipe)",
+                         "recipe": {"source_sha256": train_cfg["source_sha256"]}}}
+    save_checkpoint(out, model, genotype, seg_cfg, train_cfg, model_cfg=PUBLISHED_OPTIONS, card=card)
     return {"source": str(src), "out": str(out), **seg_cfg,
             "published_tensors": len(published), "converted_tensors": len(converted),
             "dropped": {k: DROPPED[k] for k in dropped}, "ignored": ignored, "options": dict(PUBLISHED_OPTIONS),
@@ -440,6 +444,7 @@ def _depths(variant: str) -> list[int]:
     return list(MIT_VARIANTS[variant]["depths"])
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m search_space.convert_reference", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="published PAIF checkpoint (.pth)")
@@ -450,11 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="load with weights_only=False (runs code in the file: only for files you trust)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = convert_checkpoint(args.checkpoint, args.out, args.ignore_prefix, args.trust_pickle)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = convert_checkpoint(args.checkpoint, args.out, args.ignore_prefix, args.trust_pickle)
     print(f"converted {summary['source']} (MiT-{summary['variant']}, head width {summary['decoder_hidden_size']}, "
           f"{summary['num_classes']} classes, "
           f"{summary['published_tensors']} tensors) -> {summary['out']} ({summary['converted_tensors']} tensors)")

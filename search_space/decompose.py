@@ -24,24 +24,56 @@ Conventions (the same in the fast path and the plain oracle):
   (4C channels, the published order) are reduced by a 1×1 conv to C. IR and VIS each have their own :class:`GuidedDecomposition`.
   The window statistics are shared by both eps, so the second eps costs one extra box pass of 2C maps only.
 * The filter runs in float32 with autocast disabled (cumulative sums in bf16 would lose all precision).
+* **Plain-ops path** (:func:`plain_ops`, :func:`uses_plain_ops`): under ``torch.compile``, during
+  ``torch.onnx.export`` and inside ``with plain_ops():`` the decomposition is written with functional torch ops
+  only (:func:`box_filter_shifted`, then the 1×1 conv on ``[x, low_1, low_2]``): no custom autograd function
+  and no preallocated buffers, so exporters and compilers see every op and keep the height and width symbolic.
+  ``trainer/export_onnx.py`` exports inside ``plain_ops()`` (the choice is explicit, not left to the exporter).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import sys
+import threading
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search_space import cpp_ext
+
 __all__ = [
-    "box_filter", "box_filter_cumsum", "decompose_fused", "box_filter_reference", "box_filter_shifted", "guided_filter", "guided_filter_autograd",
+    "box_filter", "box_filter_cumsum", "cpp_usable", "decompose_fused", "box_filter_reference", "box_filter_shifted", "guided_filter", "guided_filter_autograd",
     "guided_filter_reference",
-    "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS",
+    "guidance_from_features", "GuidedDecomposition", "RADIUS", "EPS", "plain_ops", "uses_plain_ops",
 ]
 
 RADIUS = 4
 EPS: tuple[float, float] = (1e-3, 1e-4)
+
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_ops() -> Iterator[None]:
+    """Within this block (this thread) the decomposition uses functional torch ops only (see the module
+    docstring): the path for exporters that trace the graph (ONNX) and must keep sizes symbolic."""
+    depth = getattr(_plain, "depth", 0)
+    _plain.depth = depth + 1
+    try:
+        yield
+    finally:
+        _plain.depth = depth
+
+
+def uses_plain_ops() -> bool:
+    """True inside :func:`plain_ops`, under ``torch.compile`` and during ``torch.onnx.export``."""
+    if getattr(_plain, "depth", 0) > 0 or torch.compiler.is_compiling():
+        return True
+    onnx = sys.modules.get("torch.onnx")  # never imported: cannot be exporting (and importing it costs 0.3 s)
+    return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
 def _check_4d(x: torch.Tensor, name: str) -> None:
@@ -374,7 +406,7 @@ def guided_filter(guide: torch.Tensor, x: torch.Tensor, eps: float | Sequence[fl
     _check_inputs(guide, x, "guided_filter")
     many = not isinstance(eps, (int, float))
     eps_list = tuple(float(e) for e in eps) if many else (float(eps),)
-    if torch.compiler.is_compiling():  # plain ops: inductor fuses them and derives the backward itself
+    if uses_plain_ops():  # plain ops: inductor fuses them and derives the backward itself; exporters see them
         outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_shifted)
     elif radius == 0 or x.dtype != guide.dtype:
         outs = _guided_filter_impl(guide, x, eps_list, radius, box_filter_cumsum)
@@ -573,19 +605,117 @@ class _DecompositionFn(torch.autograd.Function):
         return dx, gwx, gv, gbias, None, None
 
 
+_ONEDNN: dict[str, bool] = {}
+
+
+def _onednn_linear_ok() -> bool:
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` (oneDNN's matmul) runs here and agrees with ``torch.mm``
+    (checked once). On AMD CPUs MKL's float32 GEMM takes its AVX2 path; oneDNN's uses AVX-512 (2× faster)."""
+    if "ok" not in _ONEDNN:
+        try:
+            a, b = torch.randn(3, 5), torch.randn(4, 5)
+            got = torch.ops.mkldnn._linear_pointwise(a, b.t().contiguous().t(), None, "none", [], "")
+            _ONEDNN["ok"] = bool(torch.allclose(got, a @ b.t(), atol=1e-5))
+        except (AttributeError, RuntimeError):
+            _ONEDNN["ok"] = False
+    return _ONEDNN["ok"]
+
+
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` for a (M, K), b (N, K) (``b`` may be a transposed view): oneDNN for float32 CPU where it
+    works, else ``torch.mm``. Result (M, N), contiguous."""
+    if a.dtype == torch.float32 and a.device.type == "cpu" and _onednn_linear_ok():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.t())
+
+
+class _DecompositionCppFn(torch.autograd.Function):
+    """The decomposition on the fused C++ kernels (:mod:`search_space.cpp_ext`), CPU, float32/float64.
+
+    Unfolded: the kernels compute ``maps = [x, low_1, …, low_E]`` (every guided-filter step of a group of
+    channels streamed row by row in cache, both eps sharing the statistics) and the 1×1 reduce is one matrix
+    product with the folded weight ``[Wx, V_1, …, V_E]`` (:meth:`GuidedDecomposition.folded_weight`). Backward:
+    ``[dx_direct, G_1, …, G_E] = W^T·grad`` (one product), then the kernel's hand-written guided-filter
+    backward (the formulas of :class:`_GuidedFilterFn`, sums over eps and channels accumulated per thread)
+    and the guide's gradient scattered to the arg-max/arg-min channel. Only ``maps`` and the per-image guide
+    statistics are saved; the per-channel window statistics are recomputed in the backward (cheaper than
+    storing them: they never leave the cache). The products run per image (:func:`_matmul_nt`).
+    Once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: tuple[float, ...],
+                radius: int) -> torch.Tensor:
+        ext = cpp_ext.load_extension()
+        x = x.contiguous()
+        b, _, h, w = x.shape
+        co, hw = weight.shape[0], h * w
+        guide, mi, s, x_mean, imax, imin = ext.guide_stats(x, list(eps), radius)
+        maps = x.new_empty(b, weight.shape[1], h, w)
+        ext.forward(x, guide, mi, s, x_mean, maps, radius, 0)
+        maps3 = maps.view(b, -1, hw)
+        outs = [_matmul_nt(weight, maps3[i].t()) for i in range(b)]
+        out = outs[0].view(1, co, h, w) if b == 1 else torch.stack(outs).view(b, co, h, w)
+        if bias is not None:
+            out.add_(bias.view(1, co, 1, 1))
+        ctx.radius, ctx.has_bias = radius, bias is not None
+        ctx.save_for_backward(maps, weight, guide, mi, s, x_mean, imax, imin)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        maps, weight, guide, mi, s, x_mean, imax, imin = ctx.saved_tensors
+        b, k, h, w = maps.shape
+        c, hw = x_mean.shape[1], h * w
+        g3 = grad.contiguous().view(b, -1, hw)
+        maps3 = maps.view(b, k, hw)
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = _matmul_nt(g3[0], maps3[0])
+            for i in range(1, b):
+                gw.add_(_matmul_nt(g3[i], maps3[i]))
+        gbias = g3.sum(dim=(0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            ext = cpp_ext.load_extension()
+            wt = weight.t().contiguous()
+            dx = maps.new_empty(b, c, h, w)
+            for i in range(b):
+                one = slice(i, i + 1)
+                full = _matmul_nt(wt, g3[i].t()).view(1, k, h, w)     # [dx_direct, G_1, …, G_E]
+                ext.backward(maps[one, :c], guide[one], mi[one], s[one], x_mean[one], imax[one], imin[one], full,
+                             dx[one], ctx.radius, 0)
+        return dx, gw, gbias, None, None
+
+
+def cpp_usable(x: torch.Tensor, radius: int = RADIUS) -> bool:
+    """Whether :func:`decompose_fused` runs ``x`` on the C++ kernels: a CPU float32/float64 tensor, radius >= 1,
+    not under ``torch.compile``, ``PAIF_NO_CPP`` unset and the extension built (the first call builds it)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and radius >= 1
+            and not torch.compiler.is_compiling() and cpp_ext.load_extension() is not None)
+
+
 def decompose_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: Sequence[float] = EPS,
-                    radius: int = RADIUS) -> torch.Tensor:
-    """The decomposition ``conv1x1([low_1 … low_E, x − low_1 … x − low_E]; weight, bias)`` in one pass
-    (:class:`_DecompositionFn`); ``low_e`` is the guided filter of ``x`` by ``max_c x − min_c x`` with ``eps[e]``.
+                    radius: int = RADIUS, backend: str = "auto") -> torch.Tensor:
+    """The decomposition ``conv1x1([low_1 … low_E, x − low_1 … x − low_E]; weight, bias)`` in one pass;
+    ``low_e`` is the guided filter of ``x`` by ``max_c x − min_c x`` with ``eps[e]``.
+
+    Backends: ``"cpp"`` the fused C++ kernels (:class:`_DecompositionCppFn`), ``"torch"`` the pure-PyTorch
+    function with the conv folded into the filter (:class:`_DecompositionFn`), ``"auto"`` the C++ one where
+    :func:`cpp_usable`, else PyTorch (CUDA, ``torch.compile``, no compiler, ``PAIF_NO_CPP=1``).
 
     Args:
         x: (B, C, H, W) float.
         weight: (C_out, 2·E·C) or (C_out, 2·E·C, 1, 1), the published 1×1 weight (lows first, then highs).
         bias: (C_out,) or None.
+        backend: "auto", "cpp" or "torch".
     Returns:
         (B, C_out, H, W).
     """
     _check_4d(x, "decompose_fused")
+    if backend not in ("auto", "cpp", "torch"):
+        raise ValueError(f"decompose_fused: expected backend 'auto', 'cpp' or 'torch', got {backend!r}")
     eps = tuple(float(e) for e in eps)
     n, c = len(eps), x.shape[1]
     weight = weight.reshape(weight.shape[0], -1)
@@ -594,6 +724,13 @@ def decompose_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     w_low = [weight[:, k * c:(k + 1) * c] for k in range(n)]
     w_high = [weight[:, (n + k) * c:(n + k + 1) * c] for k in range(n)]
     wx = sum(w_high)
+    if backend == "cpp" or (backend == "auto" and cpp_usable(x, radius)):
+        if not cpp_usable(x, radius):
+            raise ValueError(f"decompose_fused: backend 'cpp' needs a CPU float tensor, radius >= 1 and the built "
+                             f"extension; got {x.device} {x.dtype}, radius {radius}, build error: "
+                             f"{cpp_ext.failure() or ('PAIF_NO_CPP set' if cpp_ext.disabled() else 'none')}")
+        folded = torch.cat([wx, *(lo - hi for lo, hi in zip(w_low, w_high))], 1)
+        return _DecompositionCppFn.apply(x, folded, bias, eps, radius)
     v = torch.cat([lo - hi for lo, hi in zip(w_low, w_high)], 0)
     return _DecompositionFn.apply(x, wx, v, bias, eps, radius)
 
@@ -605,8 +742,9 @@ class GuidedDecomposition(nn.Module):
     ``max_c x − min_c x`` — the published channel order (all low-frequency maps, then all high-frequency
     ones), so published weights load unchanged. The conv keeps its 4C→C parameterisation (with bias). Eager,
     the filter and the conv run as one autograd function with the conv moved inside the filter
-    (:func:`decompose_fused`, identical result up to rounding); under ``torch.compile`` (or r = 0) the plain
-    path: the low maps (:meth:`bands`), then the conv on ``[x, low_1, low_2]`` with the folded weight.
+    (:func:`decompose_fused`, identical result up to rounding); under ``torch.compile``, ONNX export and
+    :func:`plain_ops` (or r = 0) the plain path: the low maps (:meth:`bands`), then the conv on
+    ``[x, low_1, low_2]`` with the folded weight.
 
     Args:
         channels: C.
@@ -643,7 +781,7 @@ class GuidedDecomposition(nn.Module):
         """(B, C, H, W) -> (B, C, H, W)."""
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"GuidedDecomposition: expected (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if self.radius > 0 and not torch.compiler.is_compiling():
+        if self.radius > 0 and not uses_plain_ops():
             with torch.autocast(device_type=x.device.type, enabled=False):
                 w, bias = self.reduce.weight.float(), self.reduce.bias
                 out = decompose_fused(x.float(), w, None if bias is None else bias.float(), self.eps, self.radius)

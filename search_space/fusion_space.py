@@ -30,6 +30,7 @@ import torch
 from nni.nas.nn.pytorch import ModelSpace
 from torch import nn
 
+from search_space.activations import PReLU
 from search_space.cells import DEFAULT_RULES, ChainCell, make_rule_choice
 from search_space.decompose import EPS, RADIUS, GuidedDecomposition
 from search_space.ops import DEFAULT_CANDIDATES, check_candidates
@@ -51,7 +52,7 @@ class Stem(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, channels, 3, padding=1, bias=False)
-        self.act = nn.PReLU()
+        self.act = PReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x))
@@ -73,7 +74,7 @@ class Head(nn.Module):
         self.output = output
         self.conv1 = nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False)
         self.conv2 = nn.Conv2d(channels // 2, 1, 3, padding=1, bias=False)
-        self.act = nn.PReLU()
+        self.act = PReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = torch.tanh(self.act(self.conv2(self.conv1(x))))

@@ -22,6 +22,7 @@ from torch import nn
 from search_space.cells import DEFAULT_RULES, FUSION_RULES
 from search_space.fusion_space import CELL_SCOPES, FusionSpace
 from search_space.ops import DEFAULT_CANDIDATES, OPS
+from trainer.errors import PaifError
 
 __all__ = ["Genotype", "GenotypeError", "GENOTYPES", "FORMAT_VERSION", "build_fusion_net", "get_genotype",
            "random_genotype"]
@@ -29,7 +30,7 @@ __all__ = ["Genotype", "GenotypeError", "GENOTYPES", "FORMAT_VERSION", "build_fu
 FORMAT_VERSION = 1
 
 
-class GenotypeError(ValueError):
+class GenotypeError(PaifError, ValueError):
     """A genotype (or its JSON / NNI sample) is invalid; the message names the offending field."""
 
 

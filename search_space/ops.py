@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search_space.activations import PReLU
+
 __all__ = [
     "OPS", "DEFAULT_CANDIDATES", "get_padding", "check_candidates",
     "ResidualDenseBlock", "ResidualModule", "DilatedSepConvResidual", "SepConv",
@@ -57,7 +59,7 @@ class ResidualDenseBlock(nn.Module):
         self.conv1 = _conv(c, c, kernel_size, dilation)
         self.conv2 = _conv(2 * c, c, kernel_size, dilation)
         self.conv3 = _conv(3 * c, c, kernel_size, dilation)
-        self.act = nn.PReLU()
+        self.act = PReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.act(self.conv1(x))
@@ -81,7 +83,7 @@ class ResidualModule(nn.Module):
             _conv(c, c, 3, 2),
             _conv(c, c, 1),
             nn.BatchNorm2d(c),
-            nn.PReLU(),
+            PReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ class _GatedConvBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv(channels, channels, 3)
         self.conv2 = _conv(channels, channels, kernel_size)
-        self.act = nn.PReLU()
+        self.act = PReLU()
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError

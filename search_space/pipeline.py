@@ -26,7 +26,7 @@ from rgbt.color import COLOR_STANDARDS, rgb_to_ycbcr, ycbcr_to_rgb
 from search_space.genotype import Genotype, build_fusion_net, get_genotype
 from search_space.segmenter import build_segmenter, set_mit_norm_eps
 
-__all__ = ["FusionSegOutput", "FusionSegModel", "normalize_per_image", "normalize_published", "build_model",
+__all__ = ["FusionSegOutput", "FusionSegModel", "FusionOnly", "normalize_per_image", "normalize_published", "build_model",
            "SEG_MULTIPLE", "SEG_NORMS", "MODEL_OPTIONS", "INPUTS", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 SEG_MULTIPLE = 32
@@ -158,6 +158,25 @@ class FusionSegModel(nn.Module):
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return FusionSegOutput(fused_y, fused_rgb, logits[..., :height, :width])
+
+
+class FusionOnly(nn.Module):
+    """The fusion half of a :class:`FusionSegModel` as a model of its own: the segmenter never runs.
+
+    ``forward(ir, vis)`` returns a :class:`FusionSegOutput` whose ``logits`` are empty, (B, 0, H, W), so the
+    label-free attacks (``robustness.attacks`` with ``loss="fusion"``) and the fusion loss work on it unchanged:
+    fusion-only training on unlabelled pairs (``trainer/retrain.py mode=fusion``) and the fusion-only ONNX export.
+    Shares the wrapped model's parameters (``self.model``).
+    """
+
+    def __init__(self, model: FusionSegModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ir: torch.Tensor, vis: torch.Tensor) -> FusionSegOutput:
+        """ir (B,1,H,W), vis (B,3,H,W) RGB in [0, 1] -> fused_y, fused_rgb and empty logits (B, 0, H, W)."""
+        fused_y, fused_rgb = self.model.fuse(ir, vis)
+        return FusionSegOutput(fused_y, fused_rgb, fused_y.new_zeros(fused_y.shape[0], 0, *fused_y.shape[-2:]))
 
 
 def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: str = "b0",

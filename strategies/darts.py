@@ -63,6 +63,7 @@ __all__ = [
     "EpochShuffleSampler",
     "EpochSeeder",
     "SearchRecorder",
+    "SELECT_METRIC",
     "under_nni",
     "run_darts",
     "argmax_architecture",
@@ -74,6 +75,8 @@ RESULT_NAME = "search_result.json"
 PLOT_NAME = "alpha.png"  # the α trajectories, next to RESULT_NAME
 RESULT_VERSION = 1
 CONFIG_KEY = "paif_search_config"
+LAST_NAME = "last"  # checkpoints/last.ckpt: written every epoch, the resume point
+GUARD_KEY = "paif_nan_guard"  # the skipped-step counters of nan_policy=skip
 
 
 @dataclass
@@ -91,6 +94,8 @@ class DartsSettings:
     deterministic: bool = False
     seed: int = 0
     progress_bar: bool = True
+    #: best epoch checkpoints kept beside last.ckpt (by :data:`SELECT_METRIC`, lower is better); 0 = none, -1 = all
+    keep_checkpoints: int = 1
     strategy: str = "darts"  # "darts" (softmax mixture) | "gumbel" (NNI GumbelDARTS: Gumbel-softmax sampling)
     gumbel_temperature: tuple[float, float] = (1.0, 0.33)  # initial, final temperature (linear over the epochs)
     stop_when_stable: int | None = None  # stop after this many architecture epochs with an unchanged argmax
@@ -101,6 +106,11 @@ class DartsSettings:
             raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, got {self.strategy!r}")
 
 
+#: the per-epoch metric that ranks epoch checkpoints: ``nni_metric(result)["default"]`` of the epoch (the mean
+#: held-out adversarial loss of its architecture steps), logged by :class:`SearchRecorder`
+SELECT_METRIC = "search/epoch_select"
+
+
 def _ordered_arch_parameters(module: DartsLightningModule) -> list[nn.Parameter]:
     params: dict[int, nn.Parameter] = {}
     for sub in module.supernet_modules():
@@ -109,15 +119,30 @@ def _ordered_arch_parameters(module: DartsLightningModule) -> list[nn.Parameter]
     return list(params.values())
 
 
+def _guard_step(module: Any, optimizer: Any) -> None:
+    """The training module's ``guard_gradients`` (``nan_policy``) on the parameters ``optimizer`` is about to step."""
+    guard = getattr(module.training_module, "guard_gradients", None)
+    if guard is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        guard(params, architecture=bool(getattr(optimizer, "is_arch_optimizer", False)))
+
+
 class _OrderedDartsModule(DartsLightningModule):
-    """NNI's DARTS module with the architecture parameters in module order.
+    """NNI's DARTS module with the architecture parameters in module order, and a gradient guard.
 
     NNI 3.0 returns ``list(set(alphas))``, whose order changes from process to process; the Adam state of
     the architecture optimiser then lands on the wrong tensors when a checkpoint is restored.
+
+    Before each optimiser step (architecture and weights; Lightning calls ``on_before_optimizer_step`` in NNI's
+    manual optimisation too) the training module's ``guard_gradients`` applies the ``nan_policy`` to the gradient
+    norm: stop at a non-finite one, or drop the gradients so the step leaves the weights unchanged.
     """
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return _ordered_arch_parameters(self)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        _guard_step(self, optimizer)
 
 
 class _OrderedGumbelModule(GumbelDartsLightningModule):
@@ -129,6 +154,9 @@ class _OrderedGumbelModule(GumbelDartsLightningModule):
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return _ordered_arch_parameters(self)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        _guard_step(self, optimizer)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
         if batch_idx == 0:
@@ -391,6 +419,7 @@ class SearchRecorder(pl.Callback):
         result = self.result(trainer, pl_module)
         atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         self.last_result = result
+        pl_module.log(SELECT_METRIC, nni_metric(result)["default"], on_step=False, on_epoch=True)
         plot_alpha(self.history, self.run_dir / PLOT_NAME, light=self.light_ops,
                    title=f"architecture probabilities, epochs 1-{result['epoch']} (shaded: weight warm-up, "
                          "dashed: parameter-light ops)")
@@ -406,6 +435,14 @@ class SearchRecorder(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        guard = getattr(getattr(pl_module, "training_module", None), "guard", None)
+        if guard is not None:
+            checkpoint[GUARD_KEY] = guard.state_dict()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        guard = getattr(getattr(pl_module, "training_module", None), "guard", None)
+        if guard is not None and checkpoint.get(GUARD_KEY) is not None:
+            guard.load_state_dict(checkpoint[GUARD_KEY])
 
 
 def nni_metric(result: Mapping[str, Any]) -> dict[str, float]:
@@ -458,7 +495,8 @@ def run_darts(
         space: a fresh model space (mutated in place into the supernet; seed the RNG before, α is random).
         module: the inner Lightning module (its ``training_step`` sees batch_idx 2k = α step, 2k+1 = weights).
         train_loader, val_loader: the training and held-out splits (batches are dicts).
-        run_dir: where ``search_result.json``, ``checkpoints/`` and ``tensorboard/`` go.
+        run_dir: where ``search_result.json``, ``checkpoints/`` (``last.ckpt`` + the ``settings.keep_checkpoints``
+            best epochs) and ``tensorboard/`` go.
         settings: trainer settings.
         config: resolved config (plain dict) stored in results and checkpoints.
         wrap: builds the trained model around the supernet (e.g. fusion supernet + segmenter).
@@ -477,10 +515,20 @@ def run_darts(
     model = wrap(supernet)
     recorder = SearchRecorder(run_dir, config, extra, warmup_epochs=settings.warmup_epochs,
                               stop_when_stable=settings.stop_when_stable, light_ops=settings.light_ops)
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
-        save_last=True, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True,
-    )
+    # last.ckpt every epoch (the resume point) from its own callback, after the best-k one so that it holds that
+    # callback's updated state: Lightning's save_last on a monitored callback writes last.ckpt only in epochs whose
+    # metric entered the top k, which would leave a stale resume point
+    checkpoints = []
+    if settings.keep_checkpoints != 0:
+        checkpoints.append(pl.callbacks.ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, every_n_epochs=1,
+            save_on_train_epoch_end=True,
+        ))
+    checkpoints.append(pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename=LAST_NAME, monitor=None, save_top_k=1, every_n_epochs=1,
+        save_on_train_epoch_end=True, enable_version_counter=False,
+    ))
     trainer = Trainer(
         max_epochs=settings.epochs,
         accelerator=settings.accelerator,
@@ -488,7 +536,7 @@ def run_darts(
         precision=settings.precision,
         deterministic=settings.deterministic,
         logger=pl.loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-        callbacks=[EpochSeeder(settings.seed), recorder, *callbacks, checkpoint],
+        callbacks=[EpochSeeder(settings.seed), recorder, *callbacks, *checkpoints],
         log_every_n_steps=settings.log_every_n_steps,
         limit_train_batches=settings.max_train_batches,
         num_sanity_val_steps=0,

@@ -4,13 +4,27 @@
 // `app.listen(port)` (all interfaces) and starts TensorBoard with `--bind_all`; both are rewritten here:
 //   * every net.Server#listen on a TCP port is forced to host PAIF_BIND_HOST (default 127.0.0.1);
 //   * a child process argument `--bind_all` becomes `--host=<host>`;
-//   * DNS results prefer IPv4, so clients that dial "localhost" reach the IPv4 listener.
+//   * DNS results prefer IPv4, so clients that dial "localhost" reach the IPv4 listener;
+//   * with PAIF_NNI_HOME set, os.homedir() is that folder (NNI's experiment index lives there) while child
+//     processes get the user's HOME (PAIF_USER_HOME) back.
 'use strict';
 const net = require('net');
 const dns = require('dns');
+const os = require('os');
 const childProcess = require('child_process');
 
 const HOST = process.env.PAIF_BIND_HOST || '127.0.0.1';
+
+// NNI's home: strategies/nni_local.py runs nnictl with HOME=<project>/runs (PAIF_NNI_HOME) so that NNI's
+// experiment index (<home>/nni-experiments/.experiment) stays in the project. The manager keeps that home, but
+// its children (the trials) get the user's HOME back.
+if (process.env.PAIF_NNI_HOME) {
+  const nniHome = process.env.PAIF_NNI_HOME;
+  os.homedir = () => nniHome;
+  if (process.env.PAIF_USER_HOME) {
+    process.env.HOME = process.env.PAIF_USER_HOME;
+  }
+}
 
 if (typeof dns.setDefaultResultOrder === 'function') {
   dns.setDefaultResultOrder('ipv4first');

@@ -10,10 +10,22 @@ trials' ``python`` is the project's).
 ``nnictl create --foreground`` exits 0 even when trials fail; this wrapper reads the experiment's database
 and log and exits non-zero unless the experiment is DONE, every trial SUCCEEDED and wrote a
 ``search_result.json``, and the manager listened on the loopback interface only. A summary is written to
-``<experiment dir>/paif_summary.json`` and printed. Commands::
+``<experiment dir>/paif_summary.json`` and printed.
+
+NNI's experiment index (``~/nni-experiments/.experiment``, read by ``nnictl list/stop/view``) is kept in the
+project instead: NNI's Python side and its Node manager both take "home" from ``HOME``, so ``nnictl`` runs with
+``HOME=<project>/runs`` (:func:`nni_home`; ``PAIF_NNI_HOME`` chooses another folder, ``PAIF_NNI_HOME=~`` keeps
+the user's home) and the preload gives the manager's children (the trials) the user's ``HOME`` back.
+
+**The plain command.** ``python -m strategies.nni_local install-hook`` (run by ``make install``) puts a one-line
+``.pth`` startup hook into this virtual environment: when the program is ``nnictl`` (any subcommand), it applies
+:func:`localhost_env` to the process before NNI is imported, so ``nnictl create --config search.yml`` typed as is
+binds 127.0.0.1 and writes its index under ``runs/``. Other programs are untouched; ``PAIF_NNICTL_HOOK=0``
+switches the hook off for one call; ``uninstall-hook`` removes it. Commands::
 
     python -m strategies.nni_local create --config search.yml [--port 8080] [--timeout 3600]
     python -m strategies.nni_local check --experiment-dir runs/nni-experiments/<id>
+    python -m strategies.nni_local install-hook | uninstall-hook | hook-status
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -36,7 +49,13 @@ import yaml
 
 __all__ = [
     "PRELOAD",
+    "HOOK_FILE",
+    "nni_home",
     "localhost_env",
+    "apply_hook",
+    "hook_line",
+    "install_hook",
+    "uninstall_hook",
     "free_port",
     "listening_addresses",
     "experiment_summary",
@@ -52,15 +71,86 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STATUS_CHANGE = re.compile(r"Change NNIManager status from: (\w+) to: (\w+)")
 
 
+NNI_HOME_ENV = "PAIF_NNI_HOME"
+USER_HOME_ENV = "PAIF_USER_HOME"
+HOOK_ENV = "PAIF_NNICTL_HOOK"
+HOOK_FILE = "paif_nnictl_localhost.pth"
+_PROJECT = Path(__file__).resolve().parents[1]
+
+
+def nni_home(environ: dict[str, str] | None = None) -> Path | None:
+    """The folder NNI is given as home (its index is ``<home>/nni-experiments/.experiment``), or None to leave
+    ``HOME`` alone: ``PAIF_NNI_HOME`` when set (``~`` or empty: None), else ``runs/`` of the project checkout
+    (of the working directory when the package is installed without its checkout)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(NNI_HOME_ENV)
+    if raw is not None:
+        return None if raw.strip() in ("", "~") else Path(os.path.expanduser(raw)).resolve()
+    root = _PROJECT if (_PROJECT / "pyproject.toml").is_file() else Path.cwd()
+    return root / "runs"
+
+
 def localhost_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """``base`` (default: os.environ) plus the Node preload in NODE_OPTIONS and this Python first on PATH."""
+    """``base`` (default: os.environ) plus the Node preload in NODE_OPTIONS, this Python first on PATH and NNI's
+    home redirected to :func:`nni_home` (the user's ``HOME`` kept in ``PAIF_USER_HOME`` for the trials).
+
+    Idempotent: applying it to its own result changes nothing.
+    """
     env = dict(os.environ if base is None else base)
-    require = f"--require {PRELOAD}"
+    preload = f'"{PRELOAD}"' if " " in str(PRELOAD) else str(PRELOAD)
+    require = f"--require {preload}"
     if require not in env.get("NODE_OPTIONS", ""):
         env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} {require}".strip()
     env["PAIF_BIND_HOST"] = BIND_HOST
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    bindir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    home = nni_home(env)
+    if home is not None:
+        env.setdefault(USER_HOME_ENV, env.get("HOME", os.path.expanduser("~")))
+        env[NNI_HOME_ENV] = str(home)
+        env["HOME"] = str(home)
+        (home / "nni-experiments").mkdir(parents=True, exist_ok=True)
     return env
+
+
+# ----------------------------------------------------------------------------------- the plain-nnictl hook
+def apply_hook(argv0: str | None = None) -> bool:
+    """Run by the ``.pth`` hook at interpreter start-up: in an ``nnictl`` process, apply :func:`localhost_env` to
+    ``os.environ`` (before NNI reads it). Returns whether it did."""
+    name = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")).name
+    if name not in ("nnictl", "nnictl.exe") or os.environ.get(HOOK_ENV, "1") == "0":
+        return False
+    os.environ.update(localhost_env())
+    return True
+
+
+def hook_line() -> str:
+    """The ``.pth`` line: imports this module only in ``nnictl`` processes; a failure is printed, never raised."""
+    code = ("try:\n import os\n if os.path.basename(sys.argv[0] if sys.argv else '') in ('nnictl', 'nnictl.exe'):\n"
+            "  from strategies.nni_local import apply_hook; apply_hook()\n"
+            "except Exception as exc:\n print('paif nnictl hook:', exc, file=sys.stderr)")
+    return f"import sys; exec({code!r})\n"
+
+
+def _site_dir(site: str | Path | None) -> Path:
+    return Path(site) if site is not None else Path(sysconfig.get_paths()["purelib"])
+
+
+def install_hook(site: str | Path | None = None) -> Path:
+    """Write the hook into ``site`` (default: this interpreter's site-packages)."""
+    path = _site_dir(site) / HOOK_FILE
+    path.write_text(hook_line())
+    return path
+
+
+def uninstall_hook(site: str | Path | None = None) -> bool:
+    """Remove the hook; returns whether it was there."""
+    path = _site_dir(site) / HOOK_FILE
+    if path.is_file():
+        path.unlink()
+        return True
+    return False
 
 
 def free_port(host: str = BIND_HOST) -> int:
@@ -105,10 +195,13 @@ def _is_loopback(addr: str) -> bool:
     return addr.startswith("127.") or addr == "::1"
 
 
-def _working_directory(config_path: Path) -> Path:
+def _working_directory(config_path: Path, home: str | None = None) -> Path:
+    """The experiments folder of a config; ``~`` is ``home`` (the HOME nnictl runs with), default the user's."""
     config = yaml.safe_load(config_path.read_text()) or {}
-    raw = config.get("experimentWorkingDirectory", "~/nni-experiments")
-    path = Path(os.path.expanduser(str(raw)))
+    raw = str(config.get("experimentWorkingDirectory", "~/nni-experiments"))
+    if home and (raw == "~" or raw.startswith("~/")):
+        raw = home + raw[1:]
+    path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (config_path.parent / path).resolve()
 
 
@@ -189,9 +282,10 @@ def create(config: str | Path, port: int | None = None, timeout: float | None = 
     if not config.is_file():
         raise FileNotFoundError(f"--config {config}: expected an NNI experiment YAML, got no such file")
     port = port or free_port()
-    workdir = _working_directory(config)
+    env = localhost_env()
+    workdir = _working_directory(config, env.get("HOME"))
     cmd = [_nnictl(), "create", "--config", str(config), "--port", str(port), "--foreground"]
-    proc = subprocess.Popen(cmd, env=localhost_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     exp_id: list[str] = []
     listen: set[str] = set()
@@ -251,7 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--timeout", type=float, default=None, help="stop the experiment after this many seconds")
     k = sub.add_parser("check", help="summarise a finished experiment directory")
     k.add_argument("--experiment-dir", required=True)
+    for name, text in (("install-hook", "make the plain `nnictl` of this environment bind 127.0.0.1 and keep its "
+                                        "experiment index under runs/"),
+                       ("uninstall-hook", "remove that hook"), ("hook-status", "where the hook is and what it does")):
+        h = sub.add_parser(name, help=text)
+        h.add_argument("--site", default=None, help="site-packages folder (default: this interpreter's)")
     args = parser.parse_args(argv)
+    if args.command in ("install-hook", "uninstall-hook", "hook-status"):
+        return _hook_command(args.command, args.site)
     if args.command == "create":
         rc, summary = create(args.config, args.port, args.timeout)
     else:
@@ -262,6 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     for problem in summary.get("problems", []):
         print(f"error: {problem}", file=sys.stderr)
     return rc
+
+
+def _hook_command(command: str, site: str | None) -> int:
+    path = _site_dir(site) / HOOK_FILE
+    if command == "install-hook":
+        print(f"installed {install_hook(site)}: `nnictl` in this environment binds {BIND_HOST} and keeps NNI's "
+              f"experiment index in {nni_home()}/nni-experiments/ ({NNI_HOME_ENV} overrides, {HOOK_ENV}=0 disables)")
+    elif command == "uninstall-hook":
+        print(f"removed {path}" if uninstall_hook(site) else f"no hook at {path}")
+    else:
+        installed = path.is_file() and path.read_text() == hook_line()
+        print(json.dumps({"hook": str(path), "installed": installed, "nni_home": str(nni_home()),
+                          "bind_host": BIND_HOST}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,11 +20,16 @@ segmenter started from the warm start of retraining (``init_from``), optional Gu
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
 label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
-loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (every epoch
-and ``last.ckpt``), ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``; per-slot
+loss that ranks trials, :mod:`strategies.selection`), ``genotype.json``, ``checkpoints/`` (``last.ckpt`` and
+the ``keep_checkpoints`` best epochs by the epoch's held-out adversarial loss), ``tensorboard/`` (losses and ``prob/<label>/<op>`` every ``log_every_n_steps``; per-slot
 ``alpha/entropy/<label>`` and ``alpha/top/<label>`` every epoch) and ``alpha.png`` (α over the search). The result
 carries ``history`` (probabilities per epoch), ``convergence`` (argmax last changed, stable epochs, final entropy
 and top probability per slot, share of parameter-light ops) and ``cost`` (CPU minutes).
+
+Settings are checked when the config is loaded; every training and held-out file is validated before the search
+(cached; ``--skip-data-check`` skips it). ``--resume`` refuses settings that change the run (only those in
+``RESUME_SAFE`` may change, e.g. ``epochs`` to search longer). Bad input, bad data, a diverged search or a file-system
+error end with one line ``error: ...`` and exit code 2 (``trainer.errors``).
 """
 from __future__ import annotations
 
@@ -48,18 +53,28 @@ from strategies.darts import RESULT_NAME, DartsSettings, EpochShuffleSampler, ru
 from strategies.objective import AttackConfig, build_attack_factory, task_objective  # noqa: E402
 from strategies.search_module import RobustSearchModule  # noqa: E402
 from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
-from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
-from trainer.finite import NonFiniteError  # noqa: E402
-from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions  # noqa: E402
+from trainer.checkpoint import read_torch_file  # noqa: E402
+from trainer.config import (ConfigError, check_budget, check_channels, check_choice, check_crop, check_lr,  # noqa: E402
+                            check_nan_policy, check_resume_settings, config_to_dict, finite, load_config, require,
+                            save_config)
+from trainer.errors import entry_point  # noqa: E402
+from trainer.runs import (atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc,  # noqa: E402
+                          use_run_dir, versions)
 
-__all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
-           "main"]
+__all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "RESUME_SAFE", "holdout_split", "run_search",
+           "prepare_data", "check_search_data", "main"]
 
 log = logging.getLogger("strategies.search")
 
 DEFAULT_SYNTHETIC = "data/synthetic"
 #: split names reserved for the final evaluation: never used to train or select an architecture
 TEST_SPLITS = ("test", "test_day", "test_night")
+#: settings a resumed search may change (the rest change what it computes and are refused): its length (the
+#: optimisers have no schedule, so more epochs continue the same search), what is logged and kept, and the final
+#: selection metric (computed once, after the search)
+RESUME_SAFE = ("epochs", "progress_bar", "threads", "run_dir", "run_root", "log_every_n_steps", "keep_checkpoints",
+               "nan_policy", "nan_max_skips", "max_channels", "data.check", "data.num_workers",
+               "data.generate_synthetic", "selection.*")
 
 
 @dataclass
@@ -80,8 +95,14 @@ class DataConfig:
     generate_synthetic: bool = True  # generate the synthetic dataset into `root` when it does not exist
     synthetic_counts: tuple[int, int, int] = (48, 16, 16)  # train, val, test scenes when generating
     synthetic_size: tuple[int, int] = (128, 160)
+    #: validate every file of both splits before the search (cached; false or --skip-data-check skips it)
+    check: bool = True
 
     def __post_init__(self) -> None:
+        check_crop(self.crop, "data.crop")
+        require(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        check_choice(self.layout, ("auto", "msrs", "mfnet", "pairs"), "data.layout")
         for key in ("train_split", "val_split"):
             if getattr(self, key) in TEST_SPLITS:
                 raise ValueError(
@@ -126,6 +147,19 @@ class SpaceConfig:
     pretrained: str | None = None  # local dir / hub id of ImageNet MiT weights
     num_classes: int = 9
 
+    def __post_init__(self) -> None:
+        from search_space.cells import FUSION_RULES
+        from search_space.ops import OPS
+        from search_space.segmenter import MIT_VARIANTS
+
+        require(self.steps >= 1, "space.steps", "an integer >= 1 (ops per chain cell)", self.steps)
+        require(self.num_classes >= 1, "space.num_classes", "an integer >= 1", self.num_classes)
+        unknown = [c for c in self.candidates or [] if c not in OPS]
+        require(not unknown, "space.candidates", f"names in search_space.ops.OPS (e.g. {sorted(OPS)[:3]})", unknown)
+        unknown = [r for r in self.rules or [] if r not in FUSION_RULES]
+        require(not unknown, "space.rules", f"names among {sorted(FUSION_RULES)}", unknown)
+        check_choice(self.segmenter.lower().removeprefix("mit-"), MIT_VARIANTS, "space.segmenter")
+
 
 @dataclass
 class SearchConfig:
@@ -160,28 +194,50 @@ class SearchConfig:
     run_root: str = "runs/search"
     run_dir: str | None = None  # None: <run_root>/search-<timestamp>
     progress_bar: bool = True
+    #: best epoch checkpoints kept beside last.ckpt, ranked by the epoch's mean held-out adversarial loss (the
+    #: per-epoch NNI metric); 0 = last.ckpt only, -1 = every epoch's (each holds the whole supernet + SegFormer)
+    keep_checkpoints: int = 1
+    #: refuse a search width above this (a memory guard; raise it on purpose)
+    max_channels: int = 1024
+    #: at a non-finite loss or gradient: "stop" (default) or "skip" the step, stopping after nan_max_skips in a row
+    nan_policy: str = "stop"
+    nan_max_skips: int = 10
 
     def __post_init__(self) -> None:
         for name in ("w", "w_arch"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a weight in [0, 1], got {value}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs: expected >= 1, got {self.epochs}")
-        if self.device not in ("auto", "cpu", "gpu", "cuda"):
-            raise ValueError(f"device: expected auto, cpu or gpu, got {self.device!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs: expected 0 <= warmup_epochs < epochs ({self.epochs}), so that "
-                             f"architecture steps run, got {self.warmup_epochs}")
-        if self.strategy not in ("darts", "gumbel"):
-            raise ValueError(f"strategy: expected 'darts' or 'gumbel', got {self.strategy!r}")
-        if self.stop_when_stable is not None and self.stop_when_stable < 1:
-            raise ValueError(f"stop_when_stable: expected null or >= 1 epochs, got {self.stop_when_stable}")
-        if self.arch_lr < 0:
-            raise ValueError(f"arch_lr: expected >= 0, got {self.arch_lr}")
-        if self.init_from is not None and self.space.pretrained is not None:
-            raise ValueError("init_from and space.pretrained: expected at most one source of segmenter weights, got "
-                             f"both ({self.init_from!r}, {self.space.pretrained!r})")
+            require(finite(value) and 0.0 <= value <= 1.0, name, "a weight in [0, 1]", value)
+        require(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        check_choice(self.device, ("auto", "cpu", "gpu", "cuda"), "device")
+        check_lr(self.lr, "lr")
+        require(finite(self.arch_lr) and self.arch_lr >= 0, "arch_lr", "a number >= 0 (0 freezes the architecture)",
+                self.arch_lr)
+        require(finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0",
+                self.weight_decay)
+        require(self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+                "null (off) or a number > 0", self.grad_clip)
+        for name in ("lambda_fusion", "lambda_seg"):
+            require(finite(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0",
+                    getattr(self, name))
+        require(self.max_train_batches is None or self.max_train_batches >= 1, "max_train_batches",
+                "null (the whole split) or an integer >= 1", self.max_train_batches)
+        require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                f"an integer in [0, epochs) = [0, {self.epochs}) so that architecture steps run", self.warmup_epochs)
+        require(self.log_every_n_steps >= 1, "log_every_n_steps", "an integer >= 1", self.log_every_n_steps)
+        require(self.threads is None or self.threads >= 1, "threads", "null or an integer >= 1", self.threads)
+        require(self.keep_checkpoints >= -1, "keep_checkpoints",
+                "an integer >= -1 (best epochs kept beside last.ckpt; 0 = none, -1 = all)", self.keep_checkpoints)
+        check_channels(self.space.channels, self.max_channels, "space.channels")
+        check_budget(self.attack.eps, "attack.eps")
+        if self.attack.alpha is not None:
+            check_budget(self.attack.alpha, "attack.alpha", "a step size")
+        check_nan_policy(self.nan_policy, self.nan_max_skips)
+        check_choice(self.strategy, ("darts", "gumbel"), "strategy")
+        require(self.stop_when_stable is None or self.stop_when_stable >= 1, "stop_when_stable",
+                "null or an integer >= 1 (epochs)", self.stop_when_stable)
+        require(self.init_from is None or self.space.pretrained is None, "init_from",
+                "at most one source of segmenter weights (init_from or space.pretrained)",
+                (self.init_from, self.space.pretrained))
 
 
 def _ensure_data(cfg: DataConfig) -> Path:
@@ -236,6 +292,19 @@ def prepare_data(cfg: DataConfig, seed: int) -> tuple[Any, Any, bool]:
     return loaders[0], loaders[1], has_labels
 
 
+def check_search_data(cfg: DataConfig, progress: bool = True) -> None:
+    """Validate every file of the training and held-out splits (:func:`trainer.datacheck.check_datasets`).
+
+    Raises:
+        DataError: listing every bad file of both splits.
+    """
+    from trainer.datacheck import check_datasets
+
+    bases, _ = search_datasets(cfg, (0, 1))
+    splits = bases if cfg.val_split != cfg.train_split else bases[:1]
+    check_datasets(splits, progress=progress)
+
+
 def selection_loader(cfg: DataConfig, seed: int) -> Any:
     """The held-out part in a fixed order, no flips, crops from ``seed`` (the same pixels in every trial)."""
     bases, parts = search_datasets(cfg, (seed, seed), flip=False)
@@ -285,6 +354,7 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
         task_objective(TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)),
         build_attack_factory(cfg.attack) if robust else None,
         w=cfg.w, w_arch=cfg.w_arch, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        nan_policy=cfg.nan_policy, nan_max_skips=cfg.nan_max_skips,
     )
     return space, module, wrap
 
@@ -322,7 +392,7 @@ def darts_settings(cfg: SearchConfig) -> DartsSettings:
         epochs=cfg.epochs, arch_lr=cfg.arch_lr, grad_clip=cfg.grad_clip, warmup_epochs=cfg.warmup_epochs,
         log_every_n_steps=cfg.log_every_n_steps, max_train_batches=cfg.max_train_batches,
         accelerator=_accelerator(cfg.device), precision=cfg.precision, deterministic=cfg.deterministic,
-        seed=cfg.seed, progress_bar=cfg.progress_bar, strategy=cfg.strategy,
+        seed=cfg.seed, progress_bar=cfg.progress_bar, keep_checkpoints=cfg.keep_checkpoints, strategy=cfg.strategy,
         gumbel_temperature=tuple(cfg.gumbel_temperature), stop_when_stable=cfg.stop_when_stable,
         light_ops=tuple(light_ops(cfg.space.candidates or DEFAULT_CANDIDATES, cfg.space.channels)),
     )
@@ -338,7 +408,7 @@ def write_genotype(result: dict[str, Any], run_dir: Path) -> Path | None:
         log.warning("no genotype written: %s", exc)
         return None
     path = run_dir / "genotype.json"
-    genotype.to_json(path)
+    atomic_write_text(genotype.to_json(), path)
     return path
 
 
@@ -350,6 +420,8 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
     cpu0 = time.process_time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.data.check:
+        check_search_data(cfg.data, cfg.progress_bar)
     seed_everything(cfg.seed, cfg.deterministic)
     train_loader, val_loader, has_labels = prepare_data(cfg.data, cfg.seed)
     space, module, wrap = build_search(cfg, has_labels)
@@ -370,37 +442,46 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
     return result
 
 
+def _resume_config(run_dir: Path, config: str | None, overrides: Sequence[str]) -> tuple[SearchConfig, Path]:
+    """The config of a resumed search and its checkpoint; refuses settings that change the run (:data:`RESUME_SAFE`)."""
+    from strategies.darts import CONFIG_KEY
+
+    resume = run_dir / "checkpoints" / "last.ckpt"
+    if not resume.is_file():
+        raise ConfigError(f"--resume {run_dir}: expected {resume}, got no such file; start a new search")
+    cfg = load_config(SearchConfig, config or run_dir / "config.yaml", list(overrides) + [f"run_dir={run_dir}"])
+    stored = read_torch_file(resume, "a last.ckpt written by strategies/search.py")
+    old = stored.get(CONFIG_KEY) if isinstance(stored, dict) else None
+    if old is not None:
+        check_resume_settings(old, config_to_dict(cfg), RESUME_SAFE, str(run_dir))
+    return cfg, resume
+
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one line on stderr for bad input, bad data, divergence or a file-system error."""
     tune_malloc()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: configs/search.yaml, or the run's config.yaml)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the search in RUN_DIR from checkpoints/last.ckpt")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="do not validate every data file first (alias of data.check=false)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. w_arch=1 attack.eps=0.0157")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow key=value overrides
+    overrides = list(args.overrides) + (["data.check=false"] if args.skip_data_check else [])
     resume = None
-    try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            resume = run_dir / "checkpoints" / "last.ckpt"
-            if not resume.is_file():
-                raise ConfigError(f"--resume {run_dir}: expected {resume}, got no such file; start a new search")
-            cfg = load_config(SearchConfig, args.config or run_dir / "config.yaml",
-                              list(args.overrides) + [f"run_dir={run_dir}"])
-        else:
-            cfg = load_config(SearchConfig, args.config or "configs/search.yaml", args.overrides)
-            run_dir = Path(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "search")
-            cfg.run_dir = str(run_dir)
-    except ConfigError as exc:
-        parser.error(str(exc))
+    if args.resume:
+        cfg, resume = _resume_config(Path(args.resume), args.config, overrides)
+        run_dir = use_run_dir(args.resume)
+    else:
+        cfg = load_config(SearchConfig, args.config or "configs/search.yaml", overrides)
+        run_dir = use_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "search")
+        cfg.run_dir = str(run_dir)
     setup_logging(run_dir, filename="search.log")
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
-    try:
-        result = run_search(cfg, run_dir, resume=resume)
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    atomic_write_text(json.dumps(versions(), indent=2) + "\n", run_dir / "versions.json")
+    result = run_search(cfg, run_dir, resume=resume)
     print(json.dumps({"run_dir": str(run_dir), "result": str(run_dir / RESULT_NAME),
                       "architecture": result["architecture"]}, indent=2))
     return 0

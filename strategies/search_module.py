@@ -8,8 +8,9 @@ of batches ``{"train": ..., "val": ...}`` from its combined loader, calls
 * ``training_step(train_batch, 2·k+1)`` — the weight step (DARTS calls our optimiser, α excluded).
 
 So the parity of ``batch_idx`` tells which step this is; the adversarial example is made here, inside
-``training_step`` (the strategy stays NNI's). A non-finite loss stops the search
-(:class:`trainer.finite.NonFiniteError`, naming the step, the loss parts and the last epoch checkpoint).
+``training_step`` (the strategy stays NNI's). A non-finite loss or gradient norm stops the search
+(:class:`trainer.finite.NonFiniteError`, naming the step, the loss parts and the last epoch checkpoint), or, with
+``nan_policy="skip"``, skips that step (its gradients are dropped) until ``nan_max_skips`` in a row.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 from nni.nas.evaluator.pytorch import LightningModule
 
-from trainer.finite import check_loss
+from trainer.finite import StepGuard, grad_norm
 from trainer.robust_objective import AttackFactory, AttackFn, Objective, convex_weights, robust_loss
 
 __all__ = ["RobustSearchModule", "is_architecture_step"]
@@ -46,6 +47,8 @@ class RobustSearchModule(LightningModule):
         w: robustness weight of the weight step (training split).
         w_arch: robustness weight of the architecture step (held-out split).
         lr, weight_decay, betas: the one optimiser (Adam) of the network weights.
+        nan_policy, nan_max_skips: at a non-finite loss or gradient norm, "stop" or "skip" the step (stopping after
+            ``nan_max_skips`` skipped steps in a row), :class:`trainer.finite.StepGuard`.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class RobustSearchModule(LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 3e-4,
         betas: tuple[float, float] = (0.9, 0.999),
+        nan_policy: str = "stop",
+        nan_max_skips: int = 10,
     ) -> None:
         super().__init__()
         for name, value in (("w", w), ("w_arch", w_arch)):
@@ -78,6 +83,10 @@ class RobustSearchModule(LightningModule):
         self._attack_cache: tuple[nn.Module, AttackFn] | None = None
         self.epoch_sums: dict[str, float] = {}
         self.epoch_counts: dict[str, int] = {}
+        self.guard = StepGuard(nan_policy, nan_max_skips)
+        self._step_ok = True  # the loss of the step being taken was finite
+        self._parts: dict[str, torch.Tensor] = {}
+        self._where = ""
 
     def forward(self, ir: torch.Tensor, vis: torch.Tensor) -> Any:
         return self.model(ir, vis)
@@ -100,21 +109,42 @@ class RobustSearchModule(LightningModule):
         architecture = is_architecture_step(batch_idx)
         loss, parts = self.robust_step(batch, architecture)
         phase = "arch" if architecture else "weight"
-        check_loss(loss, parts, f"search {phase} step (epoch {self._epoch()}, batch {batch_idx})", self._last_good())
-        batch_size = int(batch["ir"].shape[0])
-        self.log(f"search/{phase}_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        for k, v in parts.items():
-            self.log(f"search/{phase}_{k}", v, batch_size=batch_size)
-        self._accumulate(phase, loss.detach(), parts)
+        self._where = f"search {phase} step (epoch {self._epoch()}, batch {batch_idx})"
+        self._parts = parts
+        self._step_ok = self.guard.check(loss, parts, self._where, self._last_good())
+        if self._step_ok:  # a skipped step (nan_policy=skip) logs no NaN
+            batch_size = int(batch["ir"].shape[0])
+            self.log(f"search/{phase}_loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+            for k, v in parts.items():
+                self.log(f"search/{phase}_{k}", v, batch_size=batch_size)
+            self._accumulate(phase, loss.detach(), parts)
         return {"loss": loss}
+
+    def guard_gradients(self, params: list[torch.Tensor], architecture: bool) -> None:
+        """Before an optimiser step: apply the ``nan_policy`` to the gradient norm of ``params``.
+
+        A skipped step (non-finite loss or gradient norm under ``nan_policy="skip"``) drops the gradients of
+        ``params``: Adam then leaves them and their moments unchanged.
+        """
+        ok = self._step_ok and self.guard.check(grad_norm(params), self._parts, self._where, self._last_good(),
+                                                what="gradient norm")
+        if ok:
+            self.guard.good_step()
+        else:
+            for p in params:
+                p.grad = None
 
     def _epoch(self) -> int:
         return int(self.trainer.current_epoch) if self._trainer is not None else 0
 
     def _last_good(self) -> str | None:
         """The newest epoch checkpoint Lightning wrote (checkpoints hold finite weights: the loss was checked)."""
-        callback = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        return getattr(callback, "last_model_path", None) or None
+        if self._trainer is None:
+            return None
+        for callback in self._trainer.checkpoint_callbacks:  # the every-epoch last.ckpt callback (strategies.darts)
+            if getattr(callback, "filename", None) == "last":
+                return getattr(callback, "best_model_path", None) or None
+        return None
 
     def _accumulate(self, phase: str, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         for k, v in {"loss": loss, **parts}.items():

@@ -15,7 +15,8 @@ Under nnictl the run directory is ``$NNI_OUTPUT_DIR/search`` (inside the experim
 TensorBoard button shows ``tensorboard/``); the architecture probabilities are reported as intermediate
 results every epoch and the final result at the end, whose ``default`` is the selection metric (held-out
 adversarial task loss without ``w_arch``, :mod:`strategies.selection`), comparable across trials. Any failure exits
-non-zero, so NNI marks the trial FAILED.
+non-zero, so NNI marks the trial FAILED: bad settings or data, a diverged search or a file-system error with one line
+``error: ...`` in ``trial.log`` and exit code 2, the run folder marked ``FAILED`` (``trainer.errors``).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ import nni  # noqa: E402
 from strategies.darts import nni_metric, under_nni  # noqa: E402
 from strategies.search import SearchConfig, run_search  # noqa: E402
 from trainer.config import load_config, parse_overrides, save_config  # noqa: E402
-from trainer.runs import make_run_dir, setup_logging, tune_malloc  # noqa: E402
+from trainer.errors import entry_point  # noqa: E402
+from trainer.runs import make_run_dir, setup_logging, tune_malloc, use_run_dir  # noqa: E402
 
 __all__ = ["PARAMETER_KEYS", "parameters_to_overrides", "main"]
 
@@ -50,6 +52,7 @@ def parameters_to_overrides(params: Mapping[str, Any] | None) -> dict[str, Any]:
     return {PARAMETER_KEYS.get(k, k): v for k, v in (params or {}).items()}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     parser = argparse.ArgumentParser(description="NNI trial: one robust DARTS search with the tuner's parameters")
@@ -61,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**parse_overrides(args.overrides), **parameters_to_overrides(params)}
     output = os.environ.get("NNI_OUTPUT_DIR")
     cfg = load_config(SearchConfig, args.config, overrides)
-    run_dir = Path(output) / "search" if output else (Path(cfg.run_dir) if cfg.run_dir else
-                                                      make_run_dir(cfg.run_root, "trial"))
+    if output:
+        run_dir = use_run_dir(Path(output) / "search")
+    else:
+        run_dir = use_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "trial")
     cfg.run_dir = str(run_dir)
     cfg.progress_bar = False  # trial.log is a file: no live progress bar
-    run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, filename="search.log")
     save_config(cfg, run_dir / "config.yaml")
     log.info("trial parameters %s -> overrides %s", params, overrides)

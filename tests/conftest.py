@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 # small convolutions up to ~100x slower. Set before torch is imported by any test module.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# the data check's cache (trainer.datacheck) goes to a fresh folder per session, never the user's ~/.cache
+os.environ.setdefault("PAIF_CACHE_DIR", tempfile.mkdtemp(prefix="paif-test-cache-"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

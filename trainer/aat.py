@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.finite import check_loss, grad_norm
+from trainer.finite import StepGuard, grad_norm
 
 __all__ = [
     "PROB_MODES", "INNER_OPTIMIZERS", "AATConfig", "AdaptiveEpsSampler", "mix_seed",
@@ -280,6 +280,7 @@ def reptile_meta_step(
     beta: float = 1.0,
     inner_optimizer: str = "sgd",
     average: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    guard: StepGuard | None = None,
 ) -> list[float]:
     """One Reptile meta-iteration over the attack tasks, updating ``model`` in place.
 
@@ -288,11 +289,16 @@ def reptile_meta_step(
     θ ← :func:`reptile_outer_update` (θ, [θ_k], β), optionally passed through ``average`` (e.g. an
     all-reduce mean across data-parallel ranks, so every rank holds the same weights).
 
+    ``guard`` applies the run's ``nan_policy`` to every inner step (default: stop at the first non-finite loss or
+    gradient norm); a skipped inner step leaves the weights unchanged.
+
     Returns:
-        The mean adversarial loss observed per task during its inner loop (to initialise the sampler).
+        The mean adversarial loss observed per task during its inner loop (to initialise the sampler; NaN for a
+        task whose every inner step was skipped).
     Raises:
         NonFiniteError: an inner step's loss or gradient norm is NaN or ±inf (the step is named).
     """
+    guard = guard if guard is not None else StepGuard("stop")
     theta = snapshot(model)
     params = [p for p in model.parameters() if p.requires_grad]
     task_weights, adv_losses = [], []
@@ -304,13 +310,16 @@ def reptile_meta_step(
             opt.zero_grad(set_to_none=True)
             loss, adv = objective(model, batches(meta_iter, k, i), float(e))
             where = f"AAT pretext meta-iteration {meta_iter}, task eps {e * 255:.1f}/255, inner step {i}"
-            check_loss(loss, {"adv": adv}, where)
+            if not guard.check(loss, {"adv": adv}, where):
+                continue
             loss.backward()
-            check_loss(grad_norm(params), {"loss": loss, "adv": adv}, where, what="gradient norm")
+            if not guard.check(grad_norm(params), {"loss": loss, "adv": adv}, where, what="gradient norm"):
+                continue
+            guard.good_step()
             opt.step()
             seen.append(float(adv))
         task_weights.append(snapshot(model))
-        adv_losses.append(sum(seen) / len(seen))
+        adv_losses.append(sum(seen) / len(seen) if seen else float("nan"))
         log.debug("reptile meta-iter %d task eps=%.4f: adversarial loss %.4f", meta_iter, e, adv_losses[-1])
     for p in params:
         p.grad = None
@@ -323,7 +332,8 @@ def reptile_meta_step(
 
 def pretext_initialise(model: nn.Module, cfg: AATConfig, objective: Objective, batches: BatchSource,
                        average: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                       on_meta_iter: Callable[[int, list[float]], None] | None = None) -> list[float]:
+                       on_meta_iter: Callable[[int, list[float]], None] | None = None,
+                       guard: StepGuard | None = None) -> list[float]:
     """The AAT pretext stage: ``cfg.meta_iters`` Reptile meta-iterations over the tasks ``cfg.eps``.
 
     Returns the last meta-iteration's mean adversarial loss per task ([] when ``meta_iters == 0``).
@@ -332,7 +342,7 @@ def pretext_initialise(model: nn.Module, cfg: AATConfig, objective: Objective, b
     for it in range(cfg.meta_iters):
         losses = reptile_meta_step(model, cfg.eps, objective, batches, meta_iter=it, inner_steps=cfg.inner_steps,
                                    inner_lr=cfg.inner_lr, beta=cfg.beta, inner_optimizer=cfg.inner_optimizer,
-                                   average=average)
+                                   average=average, guard=guard)
         log.info("AAT pretext meta-iteration %d/%d: adversarial loss per task %s", it + 1, cfg.meta_iters,
                  ", ".join(f"{e * 255:.0f}/255: {l:.4f}" for e, l in zip(cfg.eps, losses)))
         if on_meta_iter is not None:

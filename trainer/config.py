@@ -13,12 +13,16 @@ from typing import Any, Iterable, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "parse_overrides", "config_to_dict", "save_config", "from_dict", "require"]
+from trainer.errors import PaifError
+
+__all__ = ["ConfigError", "load_config", "parse_overrides", "config_to_dict", "save_config", "from_dict", "require",
+           "finite", "check_lr", "check_budget", "check_choice", "check_channels", "NAN_POLICIES", "check_nan_policy",
+           "check_crop", "changed_settings", "check_resume_settings"]
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PaifError, ValueError):
     """A configuration file or override is invalid."""
 
 
@@ -35,6 +39,89 @@ def require(ok: bool, key: str, expected: str, got: Any, hint: str = "") -> None
 def finite(value: float) -> bool:
     """True for a finite number (``require(finite(lr) and lr > 0, ...)``)."""
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------------------ shared checks of settings
+# used by the config dataclasses of retrain, search and evaluate (and warm start), so one setting gets one message
+
+
+def check_lr(value: float, key: str) -> None:
+    """A learning rate: a finite number > 0."""
+    require(finite(value) and value > 0, key, "a number > 0 (e.g. 5e-4)", value)
+
+
+def check_budget(value: float, key: str, what: str = "a budget") -> None:
+    """An attack budget or step in pixel units: a number in [0, 1] (8/255 = 0.0314)."""
+    require(finite(value) and 0 <= value <= 1, key, f"{what} in [0, 1] pixel units (8/255 = 0.0314)", value)
+
+
+def check_choice(value: Any, choices: Iterable[Any], key: str) -> None:
+    """``value`` is one of ``choices``."""
+    choices = list(choices)
+    require(value in choices, key, f"one of {choices}", value)
+
+
+def check_channels(channels: int, max_channels: int, key: str) -> None:
+    """The fusion width: even, in ``2 .. max_channels`` (a memory guard the user can raise)."""
+    require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
+    require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
+            f"set max_channels={channels} to train this wide a fusion net on purpose")
+
+
+def check_crop(crop: Any, key: str) -> None:
+    """``None`` or a (height, width) pair of positive integers."""
+    require(crop is None or (len(crop) == 2 and all(int(c) >= 1 for c in crop)), key,
+            "null or [height, width] with positive sizes", None if crop is None else list(crop))
+
+
+#: what a training loop does at a non-finite loss or gradient: stop with an error, or skip the step
+NAN_POLICIES = ("stop", "skip")
+
+
+def check_nan_policy(policy: str, max_skips: int, prefix: str = "") -> None:
+    """``nan_policy`` in :data:`NAN_POLICIES` and ``nan_max_skips >= 1``."""
+    check_choice(policy, NAN_POLICIES, f"{prefix}nan_policy")
+    require(max_skips >= 1, f"{prefix}nan_max_skips", "an integer >= 1 (skipped steps in a row before stopping)",
+            max_skips)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(data) if isinstance(data, tuple) else data}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str] = ()) -> list[str]:
+    """``"key: was X, got Y"`` for every setting that differs between two config dicts, except ``safe`` ones.
+
+    Keys are dotted (``data.batch_size``); an entry of ``safe`` ending in ``.*`` covers a whole section.
+    """
+    safe = set(safe)
+    a, b = _flatten(old), _flatten(new)
+
+    def is_safe(key: str) -> bool:
+        parts = key.split(".")
+        return key in safe or any(".".join(parts[:i]) + ".*" in safe for i in range(1, len(parts)))
+
+    return [f"{k}: was {a.get(k)!r}, got {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not is_safe(k)]
+
+
+def check_resume_settings(old: dict[str, Any], new: dict[str, Any], safe: Iterable[str], where: str) -> None:
+    """Refuse to resume ``where`` with settings that change the run (anything not in ``safe``).
+
+    Raises:
+        ConfigError: naming every changed setting, the ones that may change, and what to do instead.
+    """
+    safe = sorted(safe)
+    changed = changed_settings(old, new, safe)
+    if changed:
+        raise ConfigError(
+            f"--resume {where}: {'; '.join(changed)}; a resumed run must keep the settings it was started with "
+            f"(only {', '.join(safe)} may change); drop the override(s), or start a new run")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -189,5 +276,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a crash leaves the old file or none)."""
+    from trainer.runs import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), path)

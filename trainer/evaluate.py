@@ -19,6 +19,8 @@ Usage::
     python trainer/evaluate.py --checkpoint ckpt.pt --data ../shared/data/real_rgbt --limit 8
     # a randomly initialised checkpoint for a demo:
     python -m trainer.checkpoint --init --genotype paif --out /tmp/ckpt.pt
+    # the robustness card (threat models, corruptions, sensor faults, misregistration, patches; trainer/robustness_card.py):
+    python trainer/evaluate.py --suite card --checkpoint aat.pt --data DIR --reference no_aat.pt --out runs/card
 
 Writes into the run directory: ``report.json`` (config, versions, checkpoint metadata, numbers),
 ``report.md`` (tables with explanations), ``grid_<threat>.png`` (IR, VIS, fused, prediction, ground
@@ -44,20 +46,25 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from rgbt.color import rgb_to_y
-from rgbt.dataset import DataError, RGBTDataset
+from rgbt.dataset import RGBTDataset
 from robustness.masking import MaskingChecks, summarise as summarise_masking
 from robustness.threats import (
     THREAT_MODELS, ThreatError, WorstCase, build_threat, load_threats_yaml, resolve_threat,
 )
-from trainer.checkpoint import CheckpointError, load_model
-from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, save_config
+from trainer.card import evaluation_entry
+from trainer.checkpoint import CheckpointError, load_model, record_evaluation
+from trainer.config import ConfigError, config_to_dict, finite, load_config, parse_overrides, require, save_config
 from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
 from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
-from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc, versions
+from trainer.datacheck import check_datasets
+from trainer.errors import entry_point
+from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc, use_run_dir, versions
 
 log = logging.getLogger("trainer.evaluate")
 
 ALWAYS_LABELLED = "strong"  # the threat model every labelled report must include
+SUITES = ("report", "card")  # --suite: this report, or the robustness card of trainer/robustness_card.py
+
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -71,6 +78,14 @@ class MaskingConfig:
     transfer_threat: str = "sea-lite"  # threat model run on the surrogate
     queries: int = 100  # Square attack queries per image (one forward each)
     p_init: float = 0.3  # Square's initial window fraction
+
+    def __post_init__(self) -> None:
+        require(self.queries >= 1, "masking.queries", "an integer >= 1", self.queries)
+        require(finite(self.p_init) and 0 < self.p_init <= 1, "masking.p_init", "a fraction in (0, 1]", self.p_init)
+        try:
+            resolve_threat(self.transfer_threat)
+        except ThreatError as exc:
+            raise ValueError(f"masking.transfer_threat: {exc}") from exc
 
 
 @dataclass
@@ -99,6 +114,44 @@ class EvaluateConfig:
     miou_convention: str = "published"
     per_modality: list[str] = field(default_factory=lambda: ["paif"])  # also run these on IR only and VIS only
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    #: append this evaluation (threat models, mIoU / fusion metrics, report path) to the checkpoint's model card
+    #: (``python -m trainer.checkpoint info CKPT`` lists them); false leaves the checkpoint file untouched
+    record_in_checkpoint: bool = True
+    #: validate every image of the split before the (slow) attacks; cached, false or --skip-data-check skips it
+    data_check: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        for key in ("limit", "num_workers", "grid_samples", "steps", "num_threads"):
+            require(getattr(self, key) >= 0, key, "an integer >= 0", getattr(self, key))
+        require(self.miou_convention in MIOU_CONVENTIONS, "miou_convention", f"one of {MIOU_CONVENTIONS}",
+                self.miou_convention)
+        bad = [e for e in self.eps_sweep if not (finite(e) and 0 <= e <= 255)]
+        require(not bad, "eps_sweep", "values in 0..255 (units of 1/255)", bad)
+        require(not self.resize or (len(self.resize) == 2 and min(self.resize) >= 16), "resize",
+                "[] or [H, W] with both >= 16", list(self.resize))
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
+        evaluated = self.threat_names()
+        require(set(self.per_modality) <= set(evaluated), "per_modality",
+                f"names among the evaluated threats {evaluated}", list(self.per_modality))
+        if self.masking.enabled:
+            require(self.masking.threat in evaluated + [ALWAYS_LABELLED], "masking.threat",
+                    f"one of the evaluated threats {evaluated}", self.masking.threat)
+
+    def threat_names(self) -> list[str]:
+        """The threat names this config evaluates (YAML files read and checked; unknown names raise ValueError)."""
+        names: list[str] = []
+        for n in self.threats:
+            if n.endswith((".yaml", ".yml")):
+                names += [k for k in load_threats_yaml(n) if k not in THREAT_MODELS]
+            else:
+                resolve_threat(n)
+                names.append(n)
+        return list(dict.fromkeys(names))
 
 
 # ---------------------------------------------------------------------------------------- threat models
@@ -284,10 +337,7 @@ def _seg_summary(cm: ConfusionMatrix, miou_convention: str = "published") -> dic
 
 
 def _sweep_eps(cfg: EvaluateConfig) -> list[float]:
-    bad = [e for e in cfg.eps_sweep if not (isinstance(e, (int, float)) and 0 <= e <= 255)]
-    if bad:
-        raise ConfigError(f"eps_sweep: expected values in 0..255 (units of 1/255), got {bad}")
-    return sorted({float(e) for e in cfg.eps_sweep})
+    return sorted({float(e) for e in cfg.eps_sweep})  # range checked when the config was loaded
 
 
 class _Accumulator:
@@ -331,13 +381,6 @@ def _masking_checks(cfg: EvaluateConfig, threats: list[Threat], model: torch.nn.
     if mc.surrogate:
         surrogate, _ = load_model(mc.surrogate, map_location=device)
         surrogate.requires_grad_(False)
-    try:
-        resolve_threat(mc.transfer_threat)
-    except ThreatError as exc:
-        raise ConfigError(f"masking.transfer_threat: {exc}") from exc
-    if mc.queries < 1:
-        raise ConfigError(f"masking.queries: expected >= 1, got {mc.queries}")
-
     def transfer(m: torch.nn.Module) -> Callable:
         return build_threat(mc.transfer_threat, m, eps=th.eps, targets=list(first.targets))
 
@@ -397,9 +440,7 @@ class _Extra:
 # ------------------------------------------------------------------------------------------------- run
 def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     """Run the evaluation described by ``cfg`` and write the report files into ``run_dir``."""
-    t0 = time.time()
-    if cfg.miou_convention not in MIOU_CONVENTIONS:
-        raise ConfigError(f"miou_convention: expected one of {MIOU_CONVENTIONS}, got {cfg.miou_convention!r}")
+    t0 = time.time()  # settings were checked when the config was loaded (EvaluateConfig.__post_init__)
     seed_everything(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -413,6 +454,8 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     labelled = bool(dataset.has_labels)
     if cfg.limit > 0 and cfg.limit < len(dataset):
         dataset = Subset(dataset, range(cfg.limit))
+    if cfg.data_check:
+        check_datasets([dataset], progress=cfg.progress, opt_out="data_check=false or --skip-data-check skips it")
     n_images = len(dataset)
     if n_images == 0:
         raise ConfigError(f"data: expected at least one image in {cfg.data} split {cfg.split!r}, got none")
@@ -433,8 +476,6 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     extra = _Extra(threats, num_classes, labelled, checks is not None)
     sweep = _sweep_eps(cfg)
     if cfg.resize:
-        if len(cfg.resize) != 2 or min(cfg.resize) < 16:
-            raise ConfigError(f"resize: expected [H, W] with both >= 16 or [], got {cfg.resize}")
         notes.append(f"Images were resized to {cfg.resize[0]}×{cfg.resize[1]} (`resize`), not evaluated at their "
                      "native resolution: not comparable with full-resolution numbers.")
 
@@ -497,7 +538,19 @@ def evaluate(cfg: EvaluateConfig, run_dir: Path) -> dict[str, Any]:
     write_json(report, run_dir / "report.json")
     write_markdown(report, run_dir / "report.md")
     log.info("wrote %s and %s (%.1f s)", run_dir / "report.json", run_dir / "report.md", report["elapsed_s"])
-    return to_jsonable(report)
+    report = to_jsonable(report)
+    if cfg.record_in_checkpoint:
+        _record(cfg.checkpoint, report, run_dir / "report.json")
+    return report
+
+
+def _record(checkpoint: str, report: dict[str, Any], report_path: Path) -> None:
+    """Append the evaluation to the checkpoint's model card; a read-only or exported file only gets a warning."""
+    try:
+        record_evaluation(checkpoint, evaluation_entry(report, str(report_path)))
+        log.info("recorded this evaluation in the model card of %s", checkpoint)
+    except (CheckpointError, OSError) as exc:
+        log.warning("could not record the evaluation in %s (%s); the report is complete without it", checkpoint, exc)
 
 
 def _collect_grid(rows: list[dict[str, Any]], limit: int, th: Threat, batch: dict[str, Any], clean: Any,
@@ -598,6 +651,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     """Command line → (YAML path, flat overrides). Flags override YAML; trailing ``key=value`` override flags."""
     p = argparse.ArgumentParser(prog="python trainer/evaluate.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Usage::")[1])
+    p.add_argument("--suite", choices=SUITES, default="report",
+                   help="report: this evaluation (default); card: the robustness card (trainer/robustness_card.py, own flags)")
     p.add_argument("--config", default=None, help="YAML file of EvaluateConfig keys (e.g. configs/evaluate.yaml)")
     p.add_argument("--checkpoint", help="checkpoint .pt written by trainer.checkpoint")
     p.add_argument("--data", help="dataset root")
@@ -613,6 +668,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     p.add_argument("--steps", type=int, help="override every attack's step count (quick checks, not the protocol)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    p.add_argument("--skip-data-check", action="store_false", dest="data_check", default=None,
+                   help="do not validate every image of the split first (alias of data_check=false)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any EvaluateConfig key, e.g. grid_samples=2")
     args = p.parse_args(list(argv) if argv is not None else None)
     overrides = list(args.overrides)
@@ -622,30 +679,38 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
             args.eps_sweep = [float(e) for e in args.eps_sweep if "=" not in e]
         except ValueError as exc:
             raise ConfigError(f"--eps-sweep: expected numbers in units of 1/255, got {args.eps_sweep}") from exc
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "suite") and v is not None}
     flags.update(parse_overrides(overrides))
     return args.config, flags
 
 
+def _suite(argv: Sequence[str] | None) -> tuple[str, list[str]]:
+    """(suite, the other arguments): ``--suite card`` hands the command line to ``trainer/robustness_card.py``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", choices=SUITES, default="report")
+    known, rest = pre.parse_known_args(list(argv) if argv is not None else sys.argv[1:])
+    return known.suite, rest
+
+
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns a process exit code (0 ok, 2 bad input)."""
+    """Entry point; returns a process exit code (0 ok; 2 bad input or a file-system error, one line on stderr)."""
+    suite, rest = _suite(argv)
+    if suite == "card":
+        from trainer.robustness_card import main as card_main  # the card builds on this module
+
+        return card_main(rest)
     tune_malloc()
-    try:
-        yaml_path, overrides = parse_args(argv)
-        cfg = load_config(EvaluateConfig, yaml_path, overrides)
-        if not cfg.checkpoint or not cfg.data:
-            raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
-                              f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
-        run_dir = Path(cfg.out) if cfg.out else make_run_dir("runs", "evaluate")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(run_dir, filename="evaluate.log")
-        save_config(cfg, run_dir / "config.yaml")
-        log.info("evaluating %s on %s (%s) into %s", cfg.checkpoint, cfg.data, cfg.split, run_dir)
-        report = evaluate(cfg, run_dir)
-    except (ConfigError, CheckpointError, DataError, ThreatError, FileNotFoundError) as exc:
-        logging.getLogger("trainer.evaluate").error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    yaml_path, overrides = parse_args(argv)
+    cfg = load_config(EvaluateConfig, yaml_path, overrides)
+    if not cfg.checkpoint or not cfg.data:
+        raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
+                          f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+    run_dir = use_run_dir(cfg.out) if cfg.out else make_run_dir("runs", "evaluate")
+    setup_logging(run_dir, filename="evaluate.log")
+    save_config(cfg, run_dir / "config.yaml")
+    log.info("evaluating %s on %s (%s) into %s", cfg.checkpoint, cfg.data, cfg.split, run_dir)
+    report = evaluate(cfg, run_dir)
     _print_summary(report, run_dir)
     return 0
 

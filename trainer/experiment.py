@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.config import ConfigError, load_config, save_config
-from trainer.runs import setup_logging, tune_malloc
+from trainer.errors import entry_point
+from trainer.runs import setup_logging, tune_malloc, use_run_dir
 
 log = logging.getLogger("trainer.experiment")
 
@@ -781,7 +782,10 @@ def tiny_runs(cfg: ExperimentConfig, max_random: int = 2) -> ExperimentConfig:
     return cfg
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0; 1 when some jobs failed (listed); 2 with one line on stderr for bad settings or a file-system
+    error (the out folder is then marked FAILED)."""
     tune_malloc()
     p = argparse.ArgumentParser(prog="python -m trainer.experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML of ExperimentConfig keys")
@@ -794,14 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1,2] workers=2")
     args = p.parse_args(argv)
     overrides = (TINY if args.tiny else []) + list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    try:
-        cfg = load_config(ExperimentConfig, args.config, overrides)
-        if args.tiny:
-            cfg = tiny_runs(cfg)
-        jobs = plan(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    if args.tiny:
+        cfg = tiny_runs(cfg)
+    jobs = plan(cfg)
     if args.plan:
         for job in jobs:
             print(f"{job.key:32s} {job.label}")
@@ -809,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     if args.report:
         return report_only(cfg, jobs, out)
-    out.mkdir(parents=True, exist_ok=True)
+    use_run_dir(out)
     setup_logging(out, filename="experiment.log")
     save_config(cfg, out / "config.yaml")
     t0 = time.time()

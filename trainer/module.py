@@ -8,7 +8,12 @@ segmenter (``search_space.pipeline.FusionSegModel``) are trained jointly on the 
 * ``clean``: ``L(u)`` only (the paper's "w/o AAT");
 * ``at``:    plain adversarial training ``L(u) + λ·L(u + δ)``, fixed ε (``attack.at_eps``, 8/255);
 * ``aat``:   Reptile pretext initialisation over the attack tasks, then online adversarial training with
-  an ε drawn per batch by the adaptive sampler (``trainer.aat``).
+  an ε drawn per batch by the adaptive sampler (``trainer.aat``);
+* ``fusion``: the fusion net alone on (possibly unlabelled) pairs with the reference-free fusion loss, optionally
+  ``L(u) + λ·L(u + δ)`` against the label-free fusion attack (``attack.fusion_eps`` > 0: PGD maximising the
+  distance of the attacked fused image to the clean one); the segmenter never runs and keeps its initial
+  weights. Validation: the fusion loss, clean and attacked (``val/fusion_loss``, ``val/fusion_loss_adv``, lower is
+  better), and the nine fusion metrics of ``trainer.metrics`` (``val/fusion/<name>``).
 
 In ``L(u + δ)`` the fusion term still compares the fused image with the *clean* sources: fusion must
 undo the perturbation, not reproduce it.
@@ -39,23 +44,27 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
-from trainer.config import config_to_dict, finite, require
-from trainer.finite import ADVICE, NonFiniteError, check_loss, grad_norm, last_good_text, nonfinite_tensors
+from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_nan_policy,
+                            config_to_dict, finite, require)
+from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
+from search_space.pipeline import FusionOnly
 from trainer.losses import TaskLoss
-from trainer.metrics import ConfusionMatrix
-from trainer.robust_objective import TRAIN_ATTACK_MODE, robust_loss, task_objective
+from trainer.metrics import ConfusionMatrix, FusionMetrics
+from trainer.robust_objective import TRAIN_ATTACK_MODE, fusion_objective, robust_loss, task_objective
 
 __all__ = [
-    "MODES", "METRICS", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
+    "MODES", "METRICS", "FUSION_MONITORS", "DataConfig", "OptimConfig", "TrainAttackConfig", "ValConfig", "RetrainConfig",
     "check_channels", "EpochKeyedDataset", "StepBatchSampler", "StepDataLoader", "warmup_poly", "RetrainModule",
     "ResumeCheckpoint",
 ]
 
 log = logging.getLogger(__name__)
 
-MODES = ("aat", "at", "clean")
+MODES = ("aat", "at", "clean", "fusion")
 #: the validation metrics (higher is better); ``monitor`` picks one for best.pt
 METRICS = ("val/miou", "val/miou_adv", "val/pixel_acc", "val/pixel_acc_adv")
+#: the validation metrics of mode ``fusion`` (fusion loss, clean and attacked; lower is better)
+FUSION_MONITORS = ("val/fusion_loss", "val/fusion_loss_adv")
 ATTACK_KINDS = ("pgd", "fgsm")
 PRETEXT_EPOCH_OFFSET = 1_000_000  # augmentation keys of pretext batches never collide with training epochs
 
@@ -79,8 +88,23 @@ class DataConfig:
     num_workers: int = 0
     #: validate on the first N validation images only (0 = all)
     val_limit: int = 0
-    #: open and validate every training and validation file before training (lists all bad files at once)
+    #: open and validate every training and validation file before training (lists all bad files at once; cached
+    #: by file sizes and modification times, so a rerun is instant); false or --skip-data-check skips it
     check: bool = True
+    #: > 0: hold out this fraction of the train_split files for validation (val_split is then not read): a
+    #: deterministic choice by file-name hash (strategies.search.holdout_split) salted with holdout_seed; the two
+    #: name lists are written to split.json in the run folder (for folders without a val split, e.g. real pairs)
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.holdout_fraction < 1.0, "data.holdout_fraction", "a fraction in [0, 1) (0 = use val_split)",
+                self.holdout_fraction)
+        check_crop(self.crop, "data.crop")
+        require(self.batch_size >= 1 and self.val_batch_size >= 1, "data.batch_size and data.val_batch_size",
+                "integers >= 1", [self.batch_size, self.val_batch_size])
+        require(self.num_workers >= 0 and self.val_limit >= 0, "data.num_workers and data.val_limit",
+                "integers >= 0", [self.num_workers, self.val_limit])
 
 
 @dataclass
@@ -98,7 +122,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        require(finite(self.lr) and self.lr > 0, "optim.lr", "a number > 0 (e.g. 5e-4)", self.lr)
+        check_lr(self.lr, "optim.lr")
         require(finite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
                 self.weight_decay)
         require(all(0 <= b < 1 for b in self.betas), "optim.betas", "two numbers in [0, 1)", list(self.betas))
@@ -119,14 +143,16 @@ class TrainAttackConfig:
     adv_weight: float = 1.0
     #: ε of plain adversarial training (mode ``at``)
     at_eps: float = 8 / 255
+    #: ε of the label-free fusion attack in mode ``fusion`` (0 = fusion training without attacks)
+    fusion_eps: float = 0.0
     #: perturbed modalities
     targets: tuple[str, ...] = ("ir", "vis")
     #: "keep" attacks the model in training mode (BatchNorm statistics restored), "eval" in eval mode
     model_mode: str = TRAIN_ATTACK_MODE
 
     def __post_init__(self) -> None:
-        require(0 <= self.at_eps <= 1, "attack.at_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
-                self.at_eps)
+        check_budget(self.at_eps, "attack.at_eps")
+        check_budget(self.fusion_eps, "attack.fusion_eps")  # 0 = no attack
         require(finite(self.adv_weight) and self.adv_weight >= 0, "attack.adv_weight", "a number >= 0",
                 self.adv_weight)
 
@@ -145,11 +171,12 @@ class ValConfig:
     num_images: int = 4
     #: run validation every N training steps (0 = at the end of every epoch)
     every_n_steps: int = 0
+    #: mode ``fusion``: also compute the nine fusion metrics of the clean fused validation images
+    fusion_metrics: bool = True
 
     def __post_init__(self) -> None:
-        require(0 <= self.attack_eps <= 1, "val.attack_eps", "a budget in [0, 1] pixel units (8/255 = 0.0314)",
-                self.attack_eps)
-        require(0 <= self.attack_alpha <= 1, "val.attack_alpha", "a step size in [0, 1]", self.attack_alpha)
+        check_budget(self.attack_eps, "val.attack_eps")
+        check_budget(self.attack_alpha, "val.attack_alpha", "a step size")
         require(self.attack_steps >= 0, "val.attack_steps", "an integer >= 0", self.attack_steps)
         require(self.num_images >= 0 and self.every_n_steps >= 0, "val.num_images and val.every_n_steps",
                 "integers >= 0", [self.num_images, self.every_n_steps])
@@ -187,7 +214,8 @@ class RetrainConfig:
     inputs: str = "both"
     lambda_fusion: float = 0.1
     lambda_seg: float = 4.0
-    #: checkpoint selection metric for best.pt (higher is better)
+    #: checkpoint selection metric for best.pt (higher is better); mode ``fusion``: one of FUSION_MONITORS (lower is
+    #: better; a segmentation metric there becomes val/fusion_loss_adv with attack.fusion_eps > 0, else val/fusion_loss)
     monitor: str = "val/miou_adv"
     #: "auto", "cpu", "gpu"/"cuda"
     accelerator: str = "auto"
@@ -203,6 +231,10 @@ class RetrainConfig:
     run_name: str = "retrain"
     progress_bar: bool = True
     log_every_steps: int = 10
+    #: at a non-finite loss or gradient: "stop" with an error naming the step (default), or "skip" the step (no
+    #: weight update, counted in the log) and stop only after nan_max_skips skipped steps in a row
+    nan_policy: str = "stop"
+    nan_max_skips: int = 10
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
@@ -215,10 +247,14 @@ class RetrainConfig:
         require(self.stop_at_step >= 0, "stop_at_step", "an integer >= 0 (0 = off)", self.stop_at_step)
         if self.channels is not None:
             check_channels(self.channels, self.max_channels, "channels")
-        require(self.monitor in METRICS, "monitor", f"one of {list(METRICS)}", self.monitor)
+        if self.mode == "fusion" and self.monitor not in FUSION_MONITORS:
+            self.monitor = FUSION_MONITORS[1] if self.attack.fusion_eps > 0 else FUSION_MONITORS[0]
+        allowed = FUSION_MONITORS if self.mode == "fusion" else METRICS
+        require(self.monitor in allowed, "monitor", f"one of {list(allowed)}", self.monitor, f"mode {self.mode}")
         from search_space.pipeline import INPUTS
 
-        require(self.inputs in INPUTS, "inputs", f"one of {list(INPUTS)}", self.inputs)
+        check_choice(self.inputs, INPUTS, "inputs")
+        check_nan_policy(self.nan_policy, self.nan_max_skips)
         require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
         require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)
         if self.mode not in MODES:
@@ -234,13 +270,6 @@ class RetrainConfig:
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")
-
-
-def check_channels(channels: int, max_channels: int, key: str) -> None:
-    """The fusion width: even, in ``2 .. max_channels`` (a memory guard the user can raise)."""
-    require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
-    require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
-            f"set max_channels={channels} to train this wide a fusion net on purpose")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,8 +398,17 @@ class RetrainModule(pl.LightningModule):
         self.run_dir = Path(run_dir)
         self.train_set = EpochKeyedDataset(train_set)
         self.val_set = val_set
-        self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
-        self.objective = task_objective(self.task_loss)
+        self.fusion_only = cfg.mode == "fusion"
+        if self.fusion_only:  # the fusion loss alone (weight 1), labels ignored; the segmenter never runs
+            self.task_loss = TaskLoss(1.0, 0.0)
+            self.objective = fusion_objective(self.task_loss)
+            model.segmenter.requires_grad_(False)
+            #: what the loss, the attacks and validation run: the fusion half (FusionOnly shares the weights)
+            self.net: torch.nn.Module = FusionOnly(model)
+        else:
+            self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
+            self.objective = task_objective(self.task_loss)
+            self.net = model
         a = cfg.aat
         self.sampler = (AdaptiveEpsSampler(a.eps, a.prob_mode, a.temperature, a.momentum)
                         if cfg.mode == "aat" else None)
@@ -378,9 +416,16 @@ class RetrainModule(pl.LightningModule):
         self.best_score = -math.inf
         self.cm_clean = ConfusionMatrix(cfg.num_classes)
         self.cm_adv = ConfusionMatrix(cfg.num_classes)
+        self.fusion_val: dict[str, list[float]] = {"clean": [], "adv": []}
+        self.fusion_meter = FusionMetrics()
         #: the newest checkpoint written from finite weights (named when the training diverges)
         self.last_good: str | None = None
+        #: (step, metrics) of the latest validation, kept in the final last.pt
+        self.last_metrics: tuple[int, dict[str, float]] = (0, {})
         self._last_parts: dict[str, Tensor] = {}
+        self._loss_ok = True
+        #: nan_policy: stop at a non-finite loss / gradient norm, or skip such steps (counted)
+        self.guard = StepGuard(cfg.nan_policy, cfg.nan_max_skips)
         self._val_finite = torch.ones((), dtype=torch.bool)
 
     # -- sizes -----------------------------------------------------------------------------------------
@@ -407,7 +452,9 @@ class RetrainModule(pl.LightningModule):
         n = len(self.val_set) if not self.cfg.data.val_limit else min(self.cfg.data.val_limit, len(self.val_set))
         world = self.trainer.world_size if self._trainer is not None else 1
         indices = list(range(self.global_rank, n, world))  # strided shard; the matrices are summed
-        return DataLoader(self.val_set, batch_size=self.cfg.data.val_batch_size, sampler=indices,
+        # mode fusion validates one image at a time: unlabelled folders (real pairs) hold images of many sizes
+        batch = 1 if self.fusion_only else self.cfg.data.val_batch_size
+        return DataLoader(self.val_set, batch_size=batch, sampler=indices,
                           num_workers=self.cfg.data.num_workers, collate_fn=default_collate)
 
     # -- optimisation --------------------------------------------------------------------------------------
@@ -426,11 +473,12 @@ class RetrainModule(pl.LightningModule):
         from robustness.attacks import FGSM, PGD
 
         a = self.cfg.attack
-        common = dict(targets=tuple(a.targets), loss="seg", generator=generator, model_mode=a.model_mode)
+        loss = "fusion" if self.fusion_only else "seg"  # fusion: label-free, moves the fused image off the clean one
+        common = dict(targets=tuple(a.targets), loss=loss, generator=generator, model_mode=a.model_mode)
         if a.kind == "fgsm":
-            return FGSM(self.model, eps=eps, alpha=1.25 * eps, random_start=True, keep_best=False, **common)
+            return FGSM(self.net, eps=eps, alpha=1.25 * eps, random_start=True, keep_best=False, **common)
         # the last iterate, as in Madry et al.'s adversarial training (best-iterate selection is for evaluation)
-        return PGD(self.model, eps=eps, alpha=a.alpha_factor * eps / a.steps, steps=a.steps, random_start=True,
+        return PGD(self.net, eps=eps, alpha=a.alpha_factor * eps / a.steps, steps=a.steps, random_start=True,
                    keep_best=False, **common)
 
     def robust_loss(self, batch: dict[str, Any], eps: float | None, generator: torch.Generator | None = None
@@ -444,7 +492,7 @@ class RetrainModule(pl.LightningModule):
         """
         attack = None if eps is None else self.make_attack(eps, generator)
         adv_weight = self.cfg.attack.adv_weight if attack is not None else 0.0
-        out = robust_loss(self.model, self.objective, batch, attack, 1.0, adv_weight)
+        out = robust_loss(self.net, self.objective, batch, attack, 1.0, adv_weight)
         p = out.parts
         logs = {"loss_clean": p["clean"], "seg": p["clean_seg"], "fusion": p["clean_fusion"]}
         if attack is not None:
@@ -497,7 +545,7 @@ class RetrainModule(pl.LightningModule):
         self.model.train()
         with self.trainer.precision_plugin.forward_context():
             losses = pretext_initialise(self.model, cfg, objective, self._pretext_batch,
-                                        average=self._average_across_ranks, on_meta_iter=report)
+                                        average=self._average_across_ranks, on_meta_iter=report, guard=self.guard)
         if losses and self.sampler is not None:
             # the last meta-iteration's inner steps, task-major: task k owns steps k·n .. k·n + n - 1
             n = cfg.inner_steps
@@ -525,18 +573,22 @@ class RetrainModule(pl.LightningModule):
         eps, task = None, None
         if self.cfg.mode == "at":
             eps = self.cfg.attack.at_eps
+        elif self.fusion_only:
+            eps = self.cfg.attack.fusion_eps or None
         elif self.cfg.mode == "aat":
             task = self.sampler.sample(mix_seed(self.cfg.seed, "eps", step))  # same draw on every rank
             eps = self.sampler.eps[task]
         loss, logs = self.robust_loss(batch, eps, gen)
         where = f"training step {step}" + ("" if eps is None else f" (eps {eps * 255:.1f}/255)")
+        self._loss_ok = True
         if not _distributed():  # under DDP a NaN of one rank reaches every rank's gradients: the norm check stops all
-            check_loss(loss, logs, where, self.last_good)
+            self._loss_ok = self.guard.check(loss, logs, where, self.last_good)
         self._last_parts = {"loss": loss.detach(), **logs}
         bs = batch["ir"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, batch_size=bs)
+        if self._loss_ok:  # a skipped step (nan_policy=skip) logs no NaN
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+            for k, v in logs.items():
+                self.log(f"train/{k}", v, batch_size=bs)
         if eps is not None:
             self.log("train/eps_255", float(eps * 255), batch_size=bs)
         if task is not None:
@@ -550,22 +602,35 @@ class RetrainModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop at a non-finite gradient norm (before clipping and the step, so the weights stay finite).
 
-        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        With ``nan_policy=skip`` a step whose loss or gradient norm is not finite is skipped instead: every gradient
+        is dropped, so AdamW leaves every weight and moment unchanged (the LR schedule and the global step still
+        advance: the data order and ``--resume`` stay exact). Not checked under a gradient scaler (``16-mixed``),
+        which skips such steps itself.
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        check_loss(grad_norm(self.model.parameters()), self._last_parts, f"training step {self.global_step}",
-                   self.last_good, what="gradient norm")
+        ok = self._loss_ok and self.guard.check(grad_norm(self.model.parameters()), self._last_parts,
+                                                f"training step {self.global_step}", self.last_good,
+                                                what="gradient norm")
+        if ok:
+            self.guard.good_step()
+        else:
+            for p in self.model.parameters():
+                p.grad = None
 
     # -- validation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.cm_clean.reset()
         self.cm_adv.reset()
+        self.fusion_val = {"clean": [], "adv": []}
+        self.fusion_meter.reset()
         self._val_finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         from robustness.attacks import PGD
 
+        if self.fusion_only:
+            return self._fusion_validation_step(batch, batch_idx)
         ir, vis, label = batch["ir"], batch["vis"], batch["label"]
         out = self.model(ir, vis)
         v = self.cfg.val
@@ -586,6 +651,43 @@ class RetrainModule(pl.LightningModule):
         if batch_idx == 0 and self.global_rank == 0 and v.num_images > 0:
             self._log_pictures(batch, out, out_a, ir_a, vis_a)
 
+    def _fusion_validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mode ``fusion``: fusion loss of the clean and of the attacked input (label-free PGD of ``val``), both
+        against the clean sources, and the nine fusion metrics of the clean fused images."""
+        from robustness.attacks import PGD
+
+        ir, vis = batch["ir"], batch["vis"]
+        clean = {"ir": ir, "vis": vis}
+        out = self.net(ir, vis)
+        self.fusion_val["clean"] += self.task_loss(out, ir, vis, None, per_image=True)[0].tolist()
+        v = self.cfg.val
+        if v.attack_eps > 0:
+            attack = PGD(self.net, eps=v.attack_eps, alpha=v.attack_alpha, steps=max(1, v.attack_steps),
+                         random_start=True, loss="fusion", model_mode="eval",
+                         generator=self._generator("val", batch_idx, self.global_rank))
+            ir_a, vis_a = attack(ir, vis)
+            out_a = self.net(ir_a, vis_a)
+            self.fusion_val["adv"] += self.task_loss(out_a, clean["ir"], clean["vis"], None, per_image=True)[0].tolist()
+        if v.fusion_metrics:
+            from rgbt.color import rgb_to_y
+
+            self.fusion_meter.update(out.fused_y.float().clamp(0, 1), ir, rgb_to_y(vis))
+        self._val_finite &= torch.isfinite(out.fused_y).all()
+
+    def _fusion_metrics(self) -> dict[str, float]:
+        """Mode ``fusion``: mean validation fusion loss (clean, attacked) over all ranks, and the fusion metrics."""
+        sums = torch.tensor([sum(self.fusion_val["clean"]), len(self.fusion_val["clean"]),
+                             sum(self.fusion_val["adv"]), len(self.fusion_val["adv"])], dtype=torch.float64,
+                            device=self.device)
+        if _distributed():
+            dist.all_reduce(sums)
+        clean_sum, n_clean, adv_sum, n_adv = sums.tolist()
+        metrics = {FUSION_MONITORS[0]: clean_sum / max(n_clean, 1.0),
+                   FUSION_MONITORS[1]: adv_sum / n_adv if n_adv else clean_sum / max(n_clean, 1.0)}
+        if self.cfg.val.fusion_metrics and len(self.fusion_meter):  # rank 0's images under DDP
+            metrics.update({f"val/fusion/{k}": float(v) for k, v in self.fusion_meter.compute().items()})
+        return metrics
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
@@ -594,9 +696,17 @@ class RetrainModule(pl.LightningModule):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             self._val_finite = flag.bool()
         if not bool(self._val_finite):
-            raise NonFiniteError(f"non-finite logits in the validation at step {self.global_step}, so neither "
-                                 f"best.pt nor last.pt is written; "
+            raise NonFiniteError(f"non-finite {'fused images' if self.fusion_only else 'logits'} in the validation "
+                                 f"at step {self.global_step}, so neither best.pt nor last.pt is written; "
                                  f"{last_good_text(self.last_good)}; {ADVICE}")
+        if self.fusion_only:
+            metrics = self._fusion_metrics()
+            for k, val in metrics.items():
+                self.log(k, val, prog_bar=k in FUSION_MONITORS, sync_dist=False)
+            log.info("step %d: validation fusion loss %.4f clean, %.4f attacked", self.global_step,
+                     metrics[FUSION_MONITORS[0]], metrics[FUSION_MONITORS[1]])
+            self._keep_best(-metrics[self.cfg.monitor], metrics)  # lower loss = better
+            return
         metrics = {}
         for tag, cm in (("", self.cm_clean), ("_adv", self.cm_adv)):
             matrix = cm.matrix.to(self.device)
@@ -613,7 +723,11 @@ class RetrainModule(pl.LightningModule):
         log.info("step %d: clean mIoU %.4f, attacked mIoU %.4f (%s)", self.global_step, metrics["val/miou"],
                  metrics["val/miou_adv"], attack)
         assert set(metrics) == set(METRICS), sorted(metrics)
-        score = metrics[self.cfg.monitor]  # checked against METRICS when the config was loaded
+        self._keep_best(metrics[self.cfg.monitor], metrics)  # monitor checked against METRICS at config load
+
+    def _keep_best(self, score: float, metrics: dict[str, float]) -> None:
+        """best.pt when ``score`` (higher is better) beats the best so far; last.pt always."""
+        self.last_metrics = (int(self.global_step), dict(metrics))
         if not math.isnan(score) and score > self.best_score:
             self.best_score = score
             self.write_checkpoint("best.pt", metrics)
@@ -645,27 +759,45 @@ class RetrainModule(pl.LightningModule):
         exp.add_image("val/ir_vis_fused_visadv_fusedadv_gt_pred_predadv", grid, self.global_step)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
-    def write_checkpoint(self, name: str, metrics: dict[str, float] | None = None) -> Path | None:
-        """Rank 0 writes ``run_dir/name`` in the PAIF checkpoint format (``trainer.checkpoint``)."""
+    def write_checkpoint(self, name: str, metrics: dict[str, float] | None = None,
+                         metrics_step: int | None = None) -> Path | None:
+        """Rank 0 writes ``run_dir/name`` in the PAIF checkpoint format (``trainer.checkpoint``); ``metrics`` are
+        the validation numbers of step ``metrics_step`` (default: the current step)."""
         if self.global_rank != 0:
             return None
         state = {"global_step": int(self.global_step), "epoch": int(self.current_epoch), "mode": self.cfg.mode,
-                 "metrics": dict(metrics or {}), "best_score": float(self.best_score)}
+                 "metrics": dict(metrics or {}),  # best_score in the monitor's units (mode fusion: the loss)
+                 "metrics_step": int(self.global_step if metrics_step is None else metrics_step),
+                 "best_score": float(-self.best_score if self.fusion_only else self.best_score)}
         if self.sampler is not None:
             state["aat_probabilities"] = self.sampler.probabilities().tolist()
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
         try:
             path = save_checkpoint(self.run_dir / name, model, self.genotype,
                                    {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
-                                   config_to_dict(self.cfg), state)
+                                   config_to_dict(self.cfg), state, card={"data": self.data_card()})
         except NonFiniteError as exc:
             raise NonFiniteError(f"{exc} at step {self.global_step}; {last_good_text(self.last_good)}; "
                                  f"{ADVICE}") from exc
         self.last_good = str(path)
         return path
 
+    def data_card(self) -> dict[str, Any]:
+        """The model card's ``data`` section: where the training and validation images came from."""
+        d = self.cfg.data
+        card: dict[str, Any] = {"root": d.root, "train_split": d.train_split, "train_images": len(self.train_set),
+                                "labels_used": not self.fusion_only}
+        if d.holdout_fraction > 0:
+            card.update(val=f"{len(self.val_set) if self.val_set is not None else 0} held-out files of "
+                            f"{d.train_split} (fraction {d.holdout_fraction}, seed {d.holdout_seed}; names in "
+                            "split.json of the run folder)")
+        elif d.val_split:
+            card.update(val_split=d.val_split, val_images=len(self.val_set) if self.val_set is not None else 0)
+        return card
+
     def on_train_end(self) -> None:
-        self.write_checkpoint("last.pt")
+        step, metrics = self.last_metrics
+        self.write_checkpoint("last.pt", metrics, metrics_step=step)  # keeps the last validation's numbers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["paif"] = {
@@ -674,6 +806,7 @@ class RetrainModule(pl.LightningModule):
             "pretext_done": bool(self.pretext_done),
             "best_score": float(self.best_score),
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "nan_guard": self.guard.state_dict(),
             "config": config_to_dict(self.cfg),
         }
 
@@ -684,6 +817,7 @@ class RetrainModule(pl.LightningModule):
         self.best_score = float(paif.get("best_score", -math.inf))
         if self.sampler is not None and paif.get("sampler") is not None:
             self.sampler.load_state_dict(paif["sampler"])
+        self.guard.load_state_dict(paif.get("nan_guard") or {})
 
 
 class ResumeCheckpoint(pl.Callback):

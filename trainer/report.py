@@ -27,7 +27,7 @@ from trainer.runs import atomic_write_text  # noqa: E402
 
 __all__ = [
     "METRIC_HELP", "FUSION_METRIC_HELP", "to_jsonable", "write_json", "write_markdown", "render_markdown",
-    "save_grid", "grid_figure", "save_curves", "GridRow", "DELTA_COLUMNS",
+    "save_grid", "grid_figure", "save_curves", "save_radar", "GridRow", "DELTA_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,54 @@ def save_curves(
     if percent:
         ax.set_ylim(bottom=0)
     ax.legend(title="threat model")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_radar(
+    path: str | Path,
+    axes: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    title: str = "",
+    rmax: float = 100.0,
+    clean: Mapping[str, float] | None = None,
+) -> Path:
+    """A radar (spider) chart: one spoke per entry of ``axes``, one closed polygon per series.
+
+    Args:
+        series: name -> one value per axis, on a 0..``rmax`` scale (e.g. mIoU in %); further out is better.
+        clean: name -> a value drawn as a dashed circle in the series' colour (e.g. the clean mIoU).
+    """
+    if len(axes) < 3:
+        raise ValueError(f"save_radar: expected at least 3 axes, got {len(axes)}")
+    for name, vals in series.items():
+        if len(vals) != len(axes):
+            raise ValueError(f"save_radar: series {name!r}: expected {len(axes)} values, got {len(vals)}")
+    angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False)
+    fig, ax = plt.subplots(figsize=(6.4, 6.0), subplot_kw={"projection": "polar"})
+    ax.set_theta_offset(np.pi / 2)
+    ax.set_theta_direction(-1)
+    ring = np.linspace(0, 2 * np.pi, 200)
+    for i, (name, vals) in enumerate(series.items()):
+        color = f"C{i}"
+        closed = np.append(np.asarray(vals, dtype=float), vals[0])
+        ax.plot(np.append(angles, angles[0]), closed, color=color, marker="o", label=name)
+        ax.fill(np.append(angles, angles[0]), closed, color=color, alpha=0.15)
+        if clean and name in clean:
+            ax.plot(ring, np.full_like(ring, clean[name]), color=color, linestyle="--", linewidth=0.9,
+                    label=f"{name}: clean ({clean[name]:.1f})")
+    ax.set_xticks(angles)
+    ax.set_xticklabels(axes, fontsize=8)
+    ax.set_ylim(0, rmax)
+    ax.set_rlabel_position(0)
+    ax.tick_params(axis="y", labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=10, pad=24)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.12), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,21 @@ Commands::
     python trainer/retrain.py --genotype out.json            # AAT (default): Reptile pretext + adaptive eps
     python trainer/retrain.py --genotype paif mode=at        # plain adversarial training, eps 8/255
     python trainer/retrain.py --genotype paif --no-aat       # no attacks (the paper's "w/o AAT")
+    python trainer/retrain.py --genotype paif mode=fusion data.root=../shared/data/real_rgbt \
+        data.holdout_fraction=0.2 data.crop=[96,128]          # fusion net only, unlabelled pairs, 20 % held out
+    python trainer/retrain.py --genotype paif mode=fusion attack.fusion_eps=0.0314 ...  # + label-free fusion attack
     python trainer/retrain.py --genotype paif --config configs/retrain.yaml epochs=20 data.crop=[96,128]
     python trainer/retrain.py --resume runs/retrain-aat-20250101-120000  # continue exactly where it stopped
+                                              # (settings that change the run are refused: RESUME_SAFE)
     python trainer/retrain.py --genotype paif devices=2 accelerator=cpu  # DDP (gloo on CPU, nccl on GPU)
 
 Every run writes into ``runs/<run_name>-<time>/``: ``config.yaml`` (resolved), ``genotype.json``,
 ``run.log``, TensorBoard logs in ``tb/`` (losses, clean and attacked validation mIoU, AAT probabilities,
 sample pictures), ``best.pt`` / ``last.pt`` (PAIF checkpoint format, ``trainer.checkpoint.load_model``)
-and ``resume.ckpt`` (the full training state for ``--resume``). It prints a JSON summary at the end.
+and ``resume.ckpt`` (the full training state for ``--resume``). It prints a JSON summary at the end. Before
+training, every training and validation file is validated once (cached; ``--skip-data-check`` skips it). Bad input,
+bad data, a diverged run or a file-system error end with one line ``error: ...`` and exit code 2; the run folder is
+then marked ``FAILED`` (``trainer.errors``).
 """
 from __future__ import annotations
 
@@ -24,27 +31,33 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rgbt.io import DataError
 from search_space.genotype import GenotypeError
-from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, resolve_genotype
-from trainer.config import ConfigError, load_config, parse_overrides, save_config
-from trainer.finite import NonFiniteError
-from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule, check_channels
-from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc
+from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoint, read_torch_file, resolve_genotype
+from trainer.config import (check_channels, check_resume_settings, config_to_dict, load_config, parse_overrides,
+                            save_config)
+from trainer.datacheck import check_datasets
+from trainer.errors import PaifError, entry_point, track_run_dir
+from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
+from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc
 
 log = logging.getLogger("trainer.retrain")
 
 RESUME_FILE = "resume.ckpt"
+#: settings a resumed run may change: how it is watched, logged and stopped, not what it computes (num_threads
+#: changes floating-point summation order, so a resumed run is then close to, not bit-identical with, an
+#: uninterrupted one); every other setting is refused (trainer.config.check_resume_settings)
+RESUME_SAFE = ("stop_at_step", "save_every_steps", "progress_bar", "log_every_steps", "num_threads", "runs_root",
+               "run_name", "max_channels", "nan_policy", "nan_max_skips", "data.check", "data.num_workers",
+               "val.num_images", "genotype", "init_from", "pretrained")
 _RUN_DIR_ENV = "PAIF_RETRAIN_RUN_DIR"  # DDP: the child processes Lightning launches reuse rank 0's folder
 
 
-class RetrainError(ValueError):
+class RetrainError(PaifError, ValueError):
     """Bad input to the retrain entry point (genotype, checkpoint, config)."""
 
 
@@ -56,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (default: configs/retrain.yaml values are the dataclass defaults)")
     p.add_argument("--resume", help="run folder or resume.ckpt to continue exactly")
     p.add_argument("--no-aat", action="store_true", help="train without attacks (alias of mode=clean)")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="do not validate every data file before training (alias of data.check=false)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 data.batch_size=2")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
 
 def _resume_paths(resume: str) -> tuple[Path, Path]:
@@ -95,6 +110,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         if overrides.get("mode", "clean") != "clean":
             raise RetrainError(f"--no-aat means mode=clean, got also mode={overrides['mode']}; drop one of them")
         overrides["mode"] = "clean"
+    if args.skip_data_check:
+        overrides["data.check"] = False
     if "mode" in overrides and overrides["mode"] not in MODES:
         raise RetrainError(f"mode: expected one of {MODES}, got {overrides['mode']!r}")
     resume_ckpt = run_dir = None
@@ -102,11 +119,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
     config_path = args.config
     if args.resume:
         resume_ckpt, run_dir = _resume_paths(args.resume)
-        try:
-            stored = torch.load(resume_ckpt, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, corrupted, or not a torch file
-            raise RetrainError(f"--resume {resume_ckpt}: expected a resume.ckpt written by trainer/retrain.py, "
-                               f"got an unreadable file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+        stored = read_torch_file(resume_ckpt, "a resume.ckpt written by trainer/retrain.py")
         stored = stored.get("paif") if isinstance(stored, dict) else None
         if stored is None:
             raise RetrainError(f"--resume {resume_ckpt}: expected a checkpoint written by trainer/retrain.py "
@@ -132,6 +145,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         if stored.get("mode") != cfg.mode:
             raise RetrainError(f"mode does not match the resumed checkpoint {resume_ckpt}: expected "
                                f"{stored.get('mode')!r}, got {cfg.mode!r}")
+        if stored.get("config") is not None:
+            check_resume_settings(stored["config"], config_to_dict(cfg), RESUME_SAFE, str(run_dir))
     if cfg.init_from:
         meta = load_checkpoint(cfg.init_from)
         _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
@@ -150,32 +165,42 @@ def _genotype_spec(text: str) -> Any:
 
 # ----------------------------------------------------------------------------------------------- setup
 def build_datasets(cfg: RetrainConfig) -> tuple[Any, Any]:
-    from rgbt.dataset import RGBTDataset
+    """(train, val) datasets; labels are required except in mode ``fusion``.
+
+    With ``data.holdout_fraction`` > 0 both come from ``data.train_split``: a deterministic held-out part
+    (``strategies.search.holdout_split``, salted with ``data.holdout_seed``) validates, the rest trains.
+    """
+    from rgbt.dataset import RGBTDataset, RGBTSubset
 
     d = cfg.data
-    train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=True)
-    val = RGBTDataset(d.root, d.val_split, require_labels=True) if d.val_split else None
+    labels = cfg.mode != "fusion"
+    train = RGBTDataset(d.root, d.train_split, crop=d.crop, flip=d.flip, seed=cfg.seed, require_labels=labels)
+    if d.holdout_fraction > 0:
+        train_idx, held_idx = holdout_indices(train.names, d.holdout_fraction, d.holdout_seed)
+        return RGBTSubset(train, train_idx), RGBTSubset(RGBTDataset(d.root, d.train_split, require_labels=labels),
+                                                        held_idx)
+    val = RGBTDataset(d.root, d.val_split, require_labels=labels) if d.val_split else None
     return train, val
 
 
-def check_datasets(*datasets: Any) -> None:
-    """Open and validate every file of ``datasets`` (``RGBTDataset.check``) before training.
+def holdout_indices(names: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of ``names``: the search's file-name-hash split with salt ``holdout-<seed>``."""
+    from strategies.search import holdout_split
 
-    Raises:
-        DataError: one error listing the bad files of every split at once (truncated images, label values
-            outside the classes, size mismatches, ...); ``data.check=false`` skips the check.
-    """
-    problems, counts = [], []
-    for ds in datasets:
-        if ds is None:
-            continue
-        try:
-            counts.append(f"{ds.check()} {ds.split}")
-        except DataError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise DataError("\n".join(problems) + "\nfix or remove these files (data.check=false skips this check)")
-    log.info("data check: %s samples read and valid", " + ".join(counts))
+    try:
+        return holdout_split(names, fraction, salt=f"holdout-{seed}")
+    except ValueError as exc:
+        raise RetrainError(f"data.holdout_fraction={fraction}: {exc}") from exc
+
+
+def write_split(run_dir: Path, cfg: RetrainConfig, train_set: Any, val_set: Any) -> None:
+    """``split.json``: the file names of the training and held-out parts (mode of the split, fraction, seed)."""
+
+    d = cfg.data
+    split = {"root": d.root, "split": d.train_split, "holdout_fraction": d.holdout_fraction,
+             "holdout_seed": d.holdout_seed, "salt": f"holdout-{d.holdout_seed}", "train": list(train_set.names),
+             "held_out": list(val_set.names) if val_set is not None else []}
+    atomic_write_text(json.dumps(split, indent=2) + "\n", run_dir / "split.json")
 
 
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
@@ -233,9 +258,9 @@ def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per
 
 def _run_dir(cfg: RetrainConfig, resume_dir: Path | None) -> Path:
     if resume_dir is not None:
-        return resume_dir
+        return track_run_dir(resume_dir, created=False)
     if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(_RUN_DIR_ENV):
-        return Path(os.environ[_RUN_DIR_ENV])
+        return track_run_dir(os.environ[_RUN_DIR_ENV], created=False)
     return make_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}")
 
 
@@ -247,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     train_set, val_set = build_datasets(cfg)
     if cfg.data.check and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP children: rank 0 checked already
-        check_datasets(train_set, val_set)
+        check_datasets([train_set, val_set], progress=cfg.progress_bar)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
     model = build_network(cfg, genotype)
     if cfg.compile:
@@ -258,7 +283,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup_logging(run_dir, filename=f"run.rank{os.environ['LOCAL_RANK']}.log" if child else "run.log")
     if not child:
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "genotype.json").write_text(json.dumps(genotype_to_dict(genotype), indent=2) + "\n")
+        atomic_write_text(json.dumps(genotype_to_dict(genotype), indent=2) + "\n", run_dir / "genotype.json")
+        if cfg.data.holdout_fraction > 0:
+            write_split(run_dir, cfg, train_set, val_set)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
 
     module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
@@ -278,19 +305,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "run_dir": str(run_dir), "mode": cfg.mode, "global_step": int(trainer.global_step),
         "total_steps": total, "best": str(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None,
         "last": str(run_dir / "last.pt"), "resume": str(run_dir / RESUME_FILE),
-        "best_score": module.best_score if module.best_score > float("-inf") else None,
+        # in the monitor's own units (mode fusion keeps the negated loss internally: higher is better there)
+        "best_score": (None if module.best_score == float("-inf")
+                       else -module.best_score if cfg.mode == "fusion" else module.best_score),
         "monitor": cfg.monitor, "rank": int(trainer.global_rank),
     }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
+    """Exit code 0, or 2 with one line on stderr for bad input, bad data, divergence or a file-system error."""
     tune_malloc()
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (RetrainError, ConfigError, GenotypeError, CheckpointError, DataError, NonFiniteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = run(parse_args(argv))
     if summary["rank"] == 0:
         print(json.dumps(summary, indent=2))
     return 0

@@ -37,6 +37,7 @@ __all__ = [
     "RobustLoss",
     "TRAIN_ATTACK_MODE",
     "task_objective",
+    "fusion_objective",
     "convex_weights",
     "attack_state_guard",
     "robust_loss",
@@ -79,6 +80,16 @@ def task_objective(task_loss: Callable[..., Any]) -> Objective:
         return task_loss(out, batch["ir"], batch["vis"], batch.get("label"))
 
     objective.__qualname__ = f"task_objective({task_loss!r})"
+    return objective
+
+
+def fusion_objective(task_loss: Callable[..., Any]) -> Objective:
+    """Like :func:`task_objective`, but labels are never used (fusion-only training on unlabelled pairs)."""
+
+    def objective(out: Any, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return task_loss(out, batch["ir"], batch["vis"], None)
+
+    objective.__qualname__ = f"fusion_objective({task_loss!r})"
     return objective
 
 

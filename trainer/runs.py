@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions",
-           "tune_malloc", "MALLOC_ENV"]
+from trainer.errors import track_run_dir
+
+__all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
+           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ _VERSION_PACKAGES = (
 def make_run_dir(root: str | Path, name: str) -> Path:
     """Create and return ``root/<name>-YYYYmmdd-HHMMSS`` (a numeric suffix is added if it already exists).
 
+    Inside an entry point (:func:`trainer.errors.entry_point`) the folder is marked ``FAILED`` (or removed while it
+    holds only start-up files) when the command fails.
+
     Args:
         root: parent directory, created if missing.
         name: a short run name; characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``.
@@ -49,10 +54,22 @@ def make_run_dir(root: str | Path, name: str) -> Path:
         candidate = root / (f"{safe}-{stamp}" if i == 0 else f"{safe}-{stamp}-{i}")
         try:
             candidate.mkdir()
-            return candidate
+            return track_run_dir(candidate, created=True)
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a run directory under {root}: expected a free name, got 1000 clashes")
+
+
+def use_run_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed (with its parents) and register it as the command's run folder.
+
+    For a folder the user names (``--out``, ``run_dir=``, ``--resume``): a failed command marks it ``FAILED``; one
+    it created and left without results is removed (:func:`trainer.errors.track_run_dir`).
+    """
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    return track_run_dir(path, created=created)
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:
@@ -161,13 +178,29 @@ def _atomic_write(path: Path, write: Any) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        failed = _os_error_of(exc)
+        if failed is not None:  # name the file: a write error (ENOSPC, EFBIG) carries no path of its own
+            raise OSError(failed.errno, failed.strerror, str(path)) from exc
         raise
     return path
+
+
+def _os_error_of(exc: BaseException) -> OSError | None:
+    """The file-system error behind ``exc``: itself, or the ``OSError`` a ``torch.save`` ``RuntimeError`` hides.
+
+    ``torch.save`` into a file object reports a failed write (full disk, size limit) as
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``; the ``OSError`` is its context.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError) and exc.__context__.errno is not None:
+        return exc.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -180,7 +213,11 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write UTF-8 text atomically (temporary file + ``os.replace``)."""
-    data = text.encode("utf-8")
+    return atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
+    """Write bytes atomically (temporary file in the same folder + ``os.replace``): never a half-written file."""
     return _atomic_write(Path(path), lambda f: f.write(data))
 
 

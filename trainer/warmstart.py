@@ -39,7 +39,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError, load_config
+from trainer.config import check_channels, check_crop, check_lr, finite, load_config, require
+from trainer.errors import entry_point
+from trainer.finite import NonFiniteError
 
 __all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
            "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start", "main"]
@@ -84,6 +86,10 @@ class WarmStartConfig:
     cache: str = "runs/cache"
     num_threads: int = 0  # torch CPU threads (0 = default)
     progress_bar: bool = True
+    #: validate every training and held-out file first (cached; false or --skip-data-check skips it)
+    data_check: bool = True
+    #: refuse a fusion width above this (a memory guard; raise it on purpose)
+    max_channels: int = 1024
     seg: SegPretrainConfig = field(default_factory=SegPretrainConfig)
     fusion: FusionWarmConfig = field(default_factory=FusionWarmConfig)
 
@@ -98,6 +104,14 @@ class WarmStartConfig:
                 raise ValueError(f"{name}: expected >= 1, got {value}")
         if self.fusion.steps < 0:
             raise ValueError(f"fusion.steps: expected >= 0, got {self.fusion.steps}")
+        check_lr(self.seg.lr, "seg.lr")
+        check_lr(self.fusion.lr, "fusion.lr")
+        require(finite(self.seg.weight_decay) and self.seg.weight_decay >= 0, "seg.weight_decay", "a number >= 0",
+                self.seg.weight_decay)
+        require(self.seg.warmup_steps >= 0, "seg.warmup_steps", "an integer >= 0", self.seg.warmup_steps)
+        check_crop(self.fusion.crop or None, "fusion.crop")
+        if self.channels is not None:
+            check_channels(self.channels, self.max_channels, "channels")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -155,7 +169,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, stage: str, lr_key: str) -> float:
     """One optimiser step on ``loss``; a non-finite loss stops the stage with an error naming the LR key."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: non-finite loss at step {step}; lower {lr_key}")
+        raise NonFiniteError(f"{stage}: non-finite loss {loss.item()} at step {step}; lower {lr_key}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -265,6 +279,11 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
     cache.mkdir(parents=True, exist_ok=True)
     seg_train = RGBTDataset(cfg.data, cfg.train_split, flip=True, seed=cfg.seed, require_labels=True)
     val = RGBTDataset(cfg.data, cfg.val_split, require_labels=True) if cfg.val_split else None
+    if cfg.data_check:
+        from trainer.datacheck import check_datasets
+
+        check_datasets([seg_train, val], progress=cfg.progress_bar,
+                       opt_out="data_check=false or --skip-data-check skips this check")
     fingerprint = data_fingerprint(seg_train)
     seg_key = _key(RECIPE_VERSION, fingerprint, cfg.segmenter, cfg.num_classes, cfg.seed, dataclasses.asdict(cfg.seg),
                    data_fingerprint(val) if val is not None else None)
@@ -272,7 +291,11 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
     if not (seg_dir / "pretrain.json").is_file():
         log.info("pretraining the segmenter -> %s", seg_dir)
         tmp = _atomic_dir(seg_dir)
-        pretrain_segmenter(cfg, seg_train, val, tmp)
+        try:
+            pretrain_segmenter(cfg, seg_train, val, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed stage leaves nothing half-written behind
+            raise
         shutil.rmtree(seg_dir, ignore_errors=True)
         os.replace(tmp, seg_dir)
     else:
@@ -301,8 +324,15 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
         fusion, losses = warm_fusion(cfg, genotype, fusion_train)
         model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir))
         model.fusion.load_state_dict(fusion.state_dict())
+        card = {"training": {"mode": "warmstart",
+                             "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
+                                        "up on the fusion loss alone (python -m trainer.warmstart)",
+                             "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr,
+                                        "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr, "seed": cfg.seed}},
+                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),
+                         "fingerprint": fingerprint}}
         save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
-                        {"warmstart": dataclasses.asdict(cfg)})
+                        {"warmstart": dataclasses.asdict(cfg)}, card=card)
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
                 "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
                 "fusion_loss_first_last": [losses[0], losses[-1]] if losses else None,
@@ -315,8 +345,10 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
     return json.loads(info_path.read_text())
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    from trainer.runs import setup_logging, tune_malloc
+    """Exit code 0, or 2 with one line on stderr (bad settings or data, divergence, a file-system error)."""
+    from trainer.runs import atomic_write_text, setup_logging, tune_malloc
 
     tune_malloc()
 
@@ -326,18 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--genotype", help="genotype name or JSON file (= genotype=...)")
     p.add_argument("--cache", help="cache folder (= cache=...)")
     p.add_argument("--json", help="also write the summary (start checkpoint, segmenter folder) to this file")
+    p.add_argument("--skip-data-check", action="store_true", help="alias of data_check=false")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
     for key in ("data", "genotype", "cache"):
         if getattr(args, key):
             overrides.append(f"{key}={getattr(args, key)}")
+    if args.skip_data_check:
+        overrides.append("data_check=false")
     setup_logging(None)
-    try:
-        cfg = load_config(WarmStartConfig, args.config, overrides)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(WarmStartConfig, args.config, overrides)
     info = warm_start(cfg)
     seg = info["segmenter"]
     miou = seg.get("val", {}).get("miou")
@@ -345,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                           "segmenter_val_miou": miou}, indent=2)
     print(summary)
     if args.json:
-        Path(args.json).write_text(summary + "\n")
+        atomic_write_text(summary + "\n", args.json)
     return 0
 
 

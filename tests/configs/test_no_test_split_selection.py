@@ -23,9 +23,12 @@ import yaml
 
 from strategies.search import TEST_SPLITS
 from trainer.evaluate import EvaluateConfig
+from trainer.robustness_card import CardConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-EVALUATION_FIELDS = {f.name for f in dataclasses.fields(EvaluateConfig)}
+#: the keys of each evaluation config (an evaluation names the split it evaluates; the card's patches train on
+#: ``patches.train_split``, which is checked like any training split)
+EVALUATION_CONFIGS = [{f.name for f in dataclasses.fields(c)} for c in (EvaluateConfig, CardConfig)]
 
 
 def shipped_configs() -> list[Path]:
@@ -56,7 +59,7 @@ def _names_test(value: Any) -> bool:
 def split_violations(config: dict[str, Any]) -> list[str]:
     """``"key=value"`` for every training / selection split key of ``config`` that names a test split."""
     is_nni = "trialCommand" in config
-    is_evaluation = not is_nni and set(config) <= EVALUATION_FIELDS and "split" in config
+    is_evaluation = not is_nni and "split" in config and any(set(config) <= fields for fields in EVALUATION_CONFIGS)
     items = list(_walk(config))
     if is_nni:
         items = list(_command_overrides(str(config["trialCommand"])))

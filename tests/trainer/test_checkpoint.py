@@ -108,7 +108,8 @@ def test_missing_file(tmp_path):
 def test_not_a_torch_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch file"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt is not a checkpoint: expected a \.pt file written by "
+                                              r"save_checkpoint, got 24 bytes that are not a torch\.save file"):
         load_checkpoint(bad)
 
 
@@ -191,7 +192,7 @@ def test_cli_init_and_info(tmp_path, capsys):
     assert main(["--info", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"] == first["tensors"]
     assert main(["--info", str(tmp_path / "none.pt")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err  # errors go to stderr (trainer.errors.entry_point)
 
 
 def test_init_checkpoint_is_seeded(tmp_path):

@@ -1,0 +1,211 @@
+"""The decomposition on the fused C++ kernels (search_space/csrc/guided_decompose.cpp, search_space/cpp_ext.py):
+forward and gradients against the brute-force guided-filter oracle, gradcheck in float64, the PAIF_NO_CPP
+fallback, a build failure that falls back with one warning, and a whole ``paif`` model with and without it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from search_space import cpp_ext
+from search_space import decompose as dec
+from search_space.decompose import GuidedDecomposition, decompose_fused, guidance_from_features, guided_filter_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """The compiled module; every test here is skipped, with the reason, when it cannot be built."""
+    if cpp_ext.disabled():
+        pytest.skip("PAIF_NO_CPP is set: the C++ decomposition kernel is turned off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ext = cpp_ext.load_extension()
+    if ext is None:
+        pytest.skip(f"the C++ decomposition kernel could not be built here: {cpp_ext.failure()}")
+    return ext
+
+
+def _oracle(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps, radius: int) -> torch.Tensor:
+    """The published decomposition written out: brute-force guided filters, then the unfolded 4C->C conv."""
+    guide = guidance_from_features(x)
+    lows = [guided_filter_reference(guide, x, e, radius) for e in eps]
+    maps = torch.cat([*lows, *(x - low for low in lows)], 1)
+    return F.conv2d(maps, weight.reshape(weight.shape[0], -1, 1, 1), bias)
+
+
+def _inputs(shape: tuple[int, ...], c_out: int, n_eps: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(c_out, 2 * n_eps * shape[1], generator=g, dtype=dtype).requires_grad_(True)
+    bias = torch.randn(c_out, generator=g, dtype=dtype).requires_grad_(True)
+    return x, weight, bias
+
+
+# odd sizes, images smaller than the 9x9 window (1 to 3 pixels), tall images (the running column sum is
+# recomputed every 32 rows), batch 2, one and two eps, radius 4 and 2
+CASES = [((1, 3, 7, 9), 4), ((2, 3, 5, 4), 4), ((1, 2, 3, 2), 4), ((1, 4, 1, 11), 4), ((1, 2, 70, 9), 4),
+         ((2, 5, 13, 17), 2)]
+
+
+@pytest.mark.parametrize("shape,radius", CASES)
+@pytest.mark.parametrize("eps", [(1e-2, 1e-3), (1e-2,)])
+def test_cpp_matches_brute_force_oracle_float64(shape: tuple[int, ...], radius: int, eps: tuple[float, ...]) -> None:
+    x, weight, bias = _inputs(shape, 3, len(eps), torch.float64, seed=sum(shape))
+    out = decompose_fused(x, weight, bias, eps, radius, backend="cpp")
+    expected = _oracle(x, weight, bias, eps, radius)
+    torch.testing.assert_close(out, expected, atol=1e-11, rtol=0)
+    w = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad((out * w).sum(), (x, weight, bias)),
+                         torch.autograd.grad((expected * w).sum(), (x, weight, bias))):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 34, 13), (2, 3, 6, 5)])
+def test_cpp_float32_radius4_path_matches_float64_oracle(shape: tuple[int, ...]) -> None:
+    """float32 with r = 4 runs the compiled-in-radius kernels (a different instantiation from float64's)."""
+    x64, w64, b64 = _inputs(shape, 4, 2, torch.float64, seed=5)
+    x32, w32, b32 = (t.detach().float().requires_grad_(True) for t in (x64, w64, b64))
+    out = decompose_fused(x32, w32, b32, (1e-3, 1e-4), 4, backend="cpp")
+    expected = _oracle(x64, w64, b64, (1e-3, 1e-4), 4)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    w = torch.randn_like(expected)
+    got = torch.autograd.grad((out * w.float()).sum(), (x32, w32, b32))
+    want = torch.autograd.grad((expected * w).sum(), (x64, w64, b64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=2e-3, rtol=2e-3)
+
+
+def test_cpp_equals_torch_path_float32() -> None:
+    torch.manual_seed(3)
+    mod = GuidedDecomposition(6)
+    x = torch.randn(2, 6, 33, 41)
+    args = (mod.reduce.weight, mod.reduce.bias, mod.eps, mod.radius)
+    torch.testing.assert_close(decompose_fused(x, *args, backend="cpp"), decompose_fused(x, *args, backend="torch"),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_cpp_gradcheck_float64() -> None:
+    x, weight, bias = _inputs((2, 3, 7, 9), 3, 2, torch.float64, seed=11)
+    assert torch.autograd.gradcheck(lambda *a: decompose_fused(*a, (1e-2, 1e-3), 4, backend="cpp"), (x, weight, bias))
+    x1, w1, _ = _inputs((1, 2, 10, 6), 2, 1, torch.float64, seed=12)
+    assert torch.autograd.gradcheck(lambda p, wt: decompose_fused(p, wt, None, (1e-2,), 2, backend="cpp"), (x1, w1))
+
+
+def test_cpp_partial_gradients() -> None:
+    """Only x (an attack) or only the weights asked for: the same numbers as the full backward."""
+    x, weight, bias = _inputs((1, 3, 9, 11), 2, 2, torch.float64, seed=13)
+    full = torch.autograd.grad(decompose_fused(x, weight, bias, backend="cpp").sum(), (x, weight, bias))
+    (gx,) = torch.autograd.grad(decompose_fused(x, weight.detach(), bias.detach(), backend="cpp").sum(), (x,))
+    gw, gb = torch.autograd.grad(decompose_fused(x.detach(), weight, bias, backend="cpp").sum(), (weight, bias))
+    for a, b in zip(full, (gx, gw, gb)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_module_uses_cpp_by_default_and_no_cpp_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    mod = GuidedDecomposition(5)
+    x = torch.randn(1, 5, 12, 14, requires_grad=True)
+    calls = []
+    real_apply = dec._DecompositionCppFn.apply
+    monkeypatch.setattr(dec._DecompositionCppFn, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    with_cpp = mod(x)
+    g_cpp = torch.autograd.grad(with_cpp.square().sum(), (x, mod.reduce.weight))
+    assert calls == [1]
+    monkeypatch.setenv("PAIF_NO_CPP", "1")
+    assert not dec.cpp_usable(x)
+    without = mod(x)
+    g_torch = torch.autograd.grad(without.square().sum(), (x, mod.reduce.weight))
+    assert calls == [1]
+    torch.testing.assert_close(with_cpp, without, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_cpp, g_torch):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="backend 'cpp'.*PAIF_NO_CPP"):
+        decompose_fused(x, mod.reduce.weight, mod.reduce.bias, backend="cpp")
+
+
+def test_paif_model_forward_backward_same_with_and_without_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search_space.pipeline import build_model
+    from trainer.checkpoint import resolve_genotype
+
+    torch.manual_seed(0)
+    model = build_model(resolve_genotype("paif", channels=8), segmenter="b0").train()
+    g = torch.Generator().manual_seed(1)
+    ir, vis = torch.rand(2, 1, 32, 40, generator=g), torch.rand(2, 3, 32, 40, generator=g)
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)  # SegFormer's dropout draws the same masks in both runs
+        irg, visg = ir.clone().requires_grad_(True), vis.clone().requires_grad_(True)
+        out = model(irg, visg)
+        (out.logits.square().mean() + out.fused_y.mean()).backward()
+        grads = [p.grad for p in model.fusion.parameters()] + [irg.grad, visg.grad]
+        return [t.detach() for t in out], grads
+
+    outs_cpp, grads_cpp = run()
+    monkeypatch.setenv("PAIF_NO_CPP", "1")
+    outs_torch, grads_torch = run()
+    for a, b in zip(outs_cpp, outs_torch):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads_cpp, grads_torch):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_cpp_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="expected backend"):
+        decompose_fused(torch.zeros(1, 2, 4, 4), torch.zeros(2, 8), None, backend="fast")
+    with pytest.raises(ValueError, match="backend 'cpp' needs a CPU float tensor"):
+        decompose_fused(torch.zeros(1, 2, 4, 4, dtype=torch.float16), torch.zeros(2, 8, dtype=torch.float16), None,
+                        backend="cpp")
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error deliberately broken source\n")
+    monkeypatch.setattr(cpp_ext, "SOURCE", broken)
+    monkeypatch.setattr(cpp_ext, "_state", {})
+    monkeypatch.setenv("PAIF_EXT_DIR", str(tmp_path / "ext"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cpp_ext.load_extension() is None
+        assert cpp_ext.load_extension() is None
+        x, weight = torch.randn(1, 2, 6, 7, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+        out = decompose_fused(x, weight, None, (1e-2, 1e-3), 4)  # auto: the PyTorch path
+    built = [w for w in caught if issubclass(w.category, RuntimeWarning) and "could not be built" in str(w.message)]
+    assert len(built) == 1 and "deliberately broken" in cpp_ext.failure()
+    torch.testing.assert_close(out, _oracle(x, weight, None, (1e-2, 1e-3), 4), atol=1e-11, rtol=0)
+
+
+_BUILD_AND_RUN = """
+import sys, torch
+from search_space import cpp_ext
+from search_space.decompose import decompose_fused
+assert cpp_ext.load_extension() is not None, cpp_ext.failure()
+torch.manual_seed(0)
+x = torch.randn(1, 3, 9, 8, dtype=torch.float64)
+out = decompose_fused(x, torch.randn(3, 12, dtype=torch.float64), None, backend="cpp")
+print(repr(out.sum().item()))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_building_at_once(tmp_path: Path) -> None:
+    """Two fresh processes build into an empty cache at the same time: one builds, the other waits for it (the
+    flock), both load the same module and compute the same numbers."""
+    env = {**os.environ, "PAIF_EXT_DIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("PAIF_NO_CPP", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+    assert results[0][0] == results[1][0]
+    builds = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert len(builds) == 1 and len(list(builds[0].glob("*.so"))) == 1 and not (builds[0] / "lock").exists()
