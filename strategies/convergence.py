@@ -160,6 +160,9 @@ def plot_alpha(history: Sequence[Mapping[str, Any]], path: str | Path, title: st
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110, squeeze=False)
     epochs = [int(h["epoch"]) for h in history]
     warm = [e for e, h in zip(epochs, history) if not h.get("arch", True)]
+    all_ops = list(dict.fromkeys(op for label in labels for op in history[-1]["probabilities"][label]))
+    cmap = plt.get_cmap("tab20")
+    colour = {op: cmap(i % 20) for i, op in enumerate(all_ops)}  # one colour per op in every panel
     for ax, label in zip(axes.flat, labels):
         ops = list(history[-1]["probabilities"][label])
         final = history[-1]["probabilities"][label]
@@ -167,7 +170,7 @@ def plot_alpha(history: Sequence[Mapping[str, Any]], path: str | Path, title: st
         for op in ops:
             ys = [h["probabilities"][label][op] for h in history]
             ax.plot(epochs, ys, linestyle="--" if op in set(light) else "-", linewidth=1.6 if op in top3 else 0.8,
-                    alpha=1.0 if op in top3 else 0.45, label=op if op in top3 else None)
+                    alpha=1.0 if op in top3 else 0.45, label=op if op in top3 else None, color=colour[op])
         ax.axhline(1.0 / len(ops), color="k", linestyle=":", linewidth=0.8)
         if warm:
             ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.9", zorder=0)
