@@ -38,6 +38,7 @@ from nni.nas.oneshot.pytorch.differentiable import DartsLightningModule
 from nni.nas.strategy import DARTS
 
 from strategies.search_module import RobustSearchModule
+from trainer.errors import os_error_at
 from trainer.runs import atomic_write_text
 
 __all__ = [
@@ -84,6 +85,16 @@ class DartsSettings:
 #: the per-epoch metric that ranks epoch checkpoints: ``nni_metric(result)["default"]`` of the epoch (the mean
 #: held-out adversarial loss of its architecture steps), logged by :class:`SearchRecorder`
 SELECT_METRIC = "search/epoch_select"
+
+
+class _NamedModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose failed writes (full disk, size limit) name the checkpoint file."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as exc:
+            raise os_error_at(exc, filepath) from exc
 
 
 class _OrderedDartsModule(DartsLightningModule):
@@ -315,7 +326,7 @@ def run_darts(
     supernet = strategy.mutate_model(space)
     model = wrap(supernet)
     recorder = SearchRecorder(run_dir, config, extra)
-    checkpoint = pl.callbacks.ModelCheckpoint(
+    checkpoint = _NamedModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
         monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, save_last=True, every_n_epochs=1,
         save_on_train_epoch_end=True,

@@ -185,7 +185,7 @@ def _atomic_write(path: Path, write: Any) -> Path:
             pass
         failed = _os_error_of(exc)
         if failed is not None:  # name the file: a write error (ENOSPC, EFBIG) carries no path of its own
-            raise OSError(failed.errno, failed.strerror, str(path)) from exc
+            raise OSError(failed.errno, failed.strerror, failed.filename or str(path)) from exc
         raise
     return path
 
