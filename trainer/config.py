@@ -17,7 +17,7 @@ from trainer.errors import PaifError
 
 __all__ = ["ConfigError", "load_config", "parse_overrides", "config_to_dict", "save_config", "from_dict", "require",
            "finite", "check_lr", "check_budget", "check_choice", "check_channels", "NAN_POLICIES", "check_nan_policy",
-           "check_crop", "changed_settings", "check_resume_settings"]
+           "check_crop", "check_memory_limit", "changed_settings", "check_resume_settings"]
 
 T = TypeVar("T")
 
@@ -66,6 +66,12 @@ def check_channels(channels: int, max_channels: int, key: str) -> None:
     require(channels >= 2 and channels % 2 == 0, key, "an even integer >= 2", channels)
     require(channels <= max_channels, key, f"at most max_channels={max_channels}", channels,
             f"set max_channels={channels} to train this wide a fusion net on purpose")
+
+
+def check_memory_limit(value: float | None, key: str = "max_memory_gb") -> None:
+    """The training-memory bound: null (90 % of this machine's RAM, or of the GPU's memory) or a number of GB > 0."""
+    require(value is None or (finite(value) and value > 0), key,
+            "null (90% of this machine's RAM, or of the GPU's memory) or a number of GB > 0", value)
 
 
 def check_crop(crop: Any, key: str) -> None:
