@@ -26,7 +26,8 @@ the ``keep_checkpoints`` best epochs by the epoch's held-out adversarial loss), 
 carries ``history`` (probabilities per epoch), ``convergence`` (argmax last changed, stable epochs, final entropy
 and top probability per slot, share of parameter-light ops) and ``cost`` (CPU minutes).
 
-Settings are checked when the config is loaded; every training and held-out file is validated before the search
+Settings are checked when the config is loaded, and a search whose estimated memory (``trainer.memory``) exceeds
+``max_memory_gb`` is refused before anything is built; every training and held-out file is validated before the search
 (cached; ``--skip-data-check`` skips it). ``--resume`` refuses settings that change the run (only those in
 ``RESUME_SAFE`` may change, e.g. ``epochs`` to search longer). Bad input, bad data, a diverged search or a file-system
 error end with one line ``error: ...`` and exit code 2 (``trainer.errors``).
@@ -55,14 +56,16 @@ from strategies.search_module import RobustSearchModule  # noqa: E402
 from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.checkpoint import read_torch_file  # noqa: E402
 from trainer.config import (ConfigError, check_budget, check_channels, check_choice, check_crop, check_lr,  # noqa: E402
-                            check_nan_policy, check_resume_settings, config_to_dict, finite, load_config, require,
-                            save_config)
+                            check_memory_limit, check_nan_policy, check_resume_settings, config_to_dict, finite,
+                            load_config, require, save_config)
 from trainer.errors import entry_point  # noqa: E402
+from trainer.memory import (MemoryEstimate, check_memory, estimate_search_memory, first_image_size,  # noqa: E402
+                            size_label, step_graphs)
 from trainer.runs import (atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc,  # noqa: E402
                           use_run_dir, versions)
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "RESUME_SAFE", "holdout_split", "run_search",
-           "prepare_data", "check_search_data", "main"]
+           "prepare_data", "check_search_data", "check_search_memory", "main"]
 
 log = logging.getLogger("strategies.search")
 
@@ -73,7 +76,7 @@ TEST_SPLITS = ("test", "test_day", "test_night")
 #: optimisers have no schedule, so more epochs continue the same search), what is logged and kept, and the final
 #: selection metric (computed once, after the search)
 RESUME_SAFE = ("epochs", "progress_bar", "threads", "run_dir", "run_root", "log_every_n_steps", "keep_checkpoints",
-               "nan_policy", "nan_max_skips", "max_channels", "data.check", "data.num_workers",
+               "nan_policy", "nan_max_skips", "max_channels", "max_memory_gb", "data.check", "data.num_workers",
                "data.generate_synthetic", "selection.*")
 
 
@@ -199,6 +202,9 @@ class SearchConfig:
     keep_checkpoints: int = 1
     #: refuse a search width above this (a memory guard; raise it on purpose)
     max_channels: int = 1024
+    #: refuse a search whose estimated memory (supernet parameters, activations of every candidate op, optimizer
+    #: state: trainer.memory) is above this many GB; null = 90% of this machine's RAM, or of the GPU's memory on a GPU
+    max_memory_gb: float | None = None
     #: at a non-finite loss or gradient: "stop" (default) or "skip" the step, stopping after nan_max_skips in a row
     nan_policy: str = "stop"
     nan_max_skips: int = 10
@@ -228,6 +234,7 @@ class SearchConfig:
         require(self.keep_checkpoints >= -1, "keep_checkpoints",
                 "an integer >= -1 (best epochs kept beside last.ckpt; 0 = none, -1 = all)", self.keep_checkpoints)
         check_channels(self.space.channels, self.max_channels, "space.channels")
+        check_memory_limit(self.max_memory_gb)
         check_budget(self.attack.eps, "attack.eps")
         if self.attack.alpha is not None:
             check_budget(self.attack.alpha, "attack.alpha", "a step size")
@@ -303,6 +310,39 @@ def check_search_data(cfg: DataConfig, progress: bool = True) -> None:
     bases, _ = search_datasets(cfg, (0, 1))
     splits = bases if cfg.val_split != cfg.train_split else bases[:1]
     check_datasets(splits, progress=progress)
+
+
+def search_size(cfg: DataConfig) -> tuple[int, int] | None:
+    """(height, width) of a training sample: ``crop``, else the first training image's (its header only), or the size
+    the synthetic set would be generated at; None when the training split cannot be read (the data check reports it)."""
+    if cfg.crop is not None:
+        return int(cfg.crop[0]), int(cfg.crop[1])
+    if not Path(cfg.root).exists() and cfg.generate_synthetic:
+        return int(cfg.synthetic_size[0]), int(cfg.synthetic_size[1])
+    return first_image_size(cfg.root, cfg.train_split, cfg.layout)
+
+
+def check_search_memory(cfg: SearchConfig) -> MemoryEstimate:
+    """Refuse a search whose estimated memory (``trainer.memory``: the supernet runs every candidate op) exceeds
+    ``max_memory_gb``; called when the config is loaded, before any data or model is built.
+
+    Raises:
+        MemoryLimitError: naming the estimate's parts, the batch, crop and channels, and what to change.
+    """
+    from search_space.cells import DEFAULT_RULES
+    from search_space.ops import DEFAULT_CANDIDATES
+
+    s = cfg.space
+    graphs = max(step_graphs(1.0 - w, w > 0) for w in (cfg.w, cfg.w_arch))  # clean and attacked passes of a step
+    size = search_size(cfg.data)
+    estimate = estimate_search_memory(s.channels, s.steps, s.candidates or DEFAULT_CANDIDATES,
+                                      s.rules or DEFAULT_RULES, cfg.data.batch_size, *(size or (0, 0)),
+                                      segmenter=s.segmenter.lower().removeprefix("mit-"), num_classes=s.num_classes,
+                                      graphs=graphs)
+    check_memory(estimate, cfg.max_memory_gb, "space.channels", gpu=_accelerator(cfg.device) == "gpu",
+                 size_label=size_label(cfg.data.crop, size))
+    log.debug("estimated search memory %s", estimate.describe())
+    return estimate
 
 
 def selection_loader(cfg: DataConfig, seed: int) -> Any:
@@ -473,9 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     resume = None
     if args.resume:
         cfg, resume = _resume_config(Path(args.resume), args.config, overrides)
+        check_search_memory(cfg)
         run_dir = use_run_dir(args.resume)
     else:
         cfg = load_config(SearchConfig, args.config or "configs/search.yaml", overrides)
+        check_search_memory(cfg)
         run_dir = use_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "search")
         cfg.run_dir = str(run_dir)
     setup_logging(run_dir, filename="search.log")

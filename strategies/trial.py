@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 import nni  # noqa: E402
 
 from strategies.darts import nni_metric, under_nni  # noqa: E402
-from strategies.search import SearchConfig, run_search  # noqa: E402
+from strategies.search import SearchConfig, check_search_memory, run_search  # noqa: E402
 from trainer.config import load_config, parse_overrides, save_config  # noqa: E402
 from trainer.errors import entry_point  # noqa: E402
 from trainer.runs import make_run_dir, setup_logging, tune_malloc, use_run_dir  # noqa: E402
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**parse_overrides(args.overrides), **parameters_to_overrides(params)}
     output = os.environ.get("NNI_OUTPUT_DIR")
     cfg = load_config(SearchConfig, args.config, overrides)
+    check_search_memory(cfg)  # a search that cannot fit fails before its run folder exists
     if output:
         run_dir = use_run_dir(Path(output) / "search")
     else:

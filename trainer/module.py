@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initialise
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
-from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_nan_policy,
-                            config_to_dict, finite, require)
+from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_memory_limit,
+                            check_nan_policy, config_to_dict, finite, require)
 from search_space.pipeline import FusionOnly
 from trainer.errors import os_error_at
 from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
@@ -204,6 +204,9 @@ class RetrainConfig:
     channels: int | None = None
     #: refuse fusion widths above this (a typo such as 100000 would try to allocate ~160 GB); raise it on purpose
     max_channels: int = 1024
+    #: refuse a run whose estimated training memory (parameters, activations, optimizer state: trainer.memory) is
+    #: above this many GB; null = 90% of this machine's RAM, or of the GPU's memory when training on a GPU
+    max_memory_gb: float | None = None
     segmenter: str = "b0"
     num_classes: int = 9
     #: pretrained SegFormer weights (local directory or cached hub id)
@@ -248,6 +251,7 @@ class RetrainConfig:
         require(self.stop_at_step >= 0, "stop_at_step", "an integer >= 0 (0 = off)", self.stop_at_step)
         if self.channels is not None:
             check_channels(self.channels, self.max_channels, "channels")
+        check_memory_limit(self.max_memory_gb)
         if self.mode == "fusion" and self.monitor not in FUSION_MONITORS:
             self.monitor = FUSION_MONITORS[1] if self.attack.fusion_eps > 0 else FUSION_MONITORS[0]
         allowed = FUSION_MONITORS if self.mode == "fusion" else METRICS

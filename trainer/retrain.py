@@ -21,6 +21,7 @@ Every run writes into ``runs/<run_name>-<time>/``: ``config.yaml`` (resolved), `
 ``run.log``, TensorBoard logs in ``tb/`` (losses, clean and attacked validation mIoU, AAT probabilities,
 sample pictures), ``best.pt`` / ``last.pt`` (PAIF checkpoint format, ``trainer.checkpoint.load_model``)
 and ``resume.ckpt`` (the full training state for ``--resume``). It prints a JSON summary at the end. Before
+anything is built, a run whose estimated memory (``trainer.memory``) exceeds ``max_memory_gb`` is refused; before
 training, every training and validation file is validated once (cached; ``--skip-data-check`` skips it). Bad input,
 bad data, a diverged run or a file-system error end with one line ``error: ...`` and exit code 2; the run folder is
 then marked ``FAILED`` (``trainer.errors``).
@@ -42,6 +43,8 @@ from trainer.config import (check_channels, check_resume_settings, config_to_dic
                             save_config)
 from trainer.datacheck import check_datasets
 from trainer.errors import PaifError, entry_point, track_run_dir
+from trainer.memory import (MemoryEstimate, check_memory, estimate_training_memory, first_image_size, size_label,
+                            step_graphs)
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
 from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc
 
@@ -52,8 +55,8 @@ RESUME_FILE = "resume.ckpt"
 #: changes floating-point summation order, so a resumed run is then close to, not bit-identical with, an
 #: uninterrupted one); every other setting is refused (trainer.config.check_resume_settings)
 RESUME_SAFE = ("stop_at_step", "save_every_steps", "progress_bar", "log_every_steps", "num_threads", "runs_root",
-               "run_name", "max_channels", "nan_policy", "nan_max_skips", "data.check", "data.num_workers",
-               "val.num_images", "genotype", "init_from", "pretrained")
+               "run_name", "max_channels", "max_memory_gb", "nan_policy", "nan_max_skips", "data.check",
+               "data.num_workers", "val.num_images", "genotype", "init_from", "pretrained")
 _RUN_DIR_ENV = "PAIF_RETRAIN_RUN_DIR"  # DDP: the child processes Lightning launches reuse rank 0's folder
 
 
@@ -140,6 +143,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         check_channels(genotype.channels, cfg.max_channels, f"genotype {cfg.genotype!r}: channels")
     except ValueError as exc:
         raise RetrainError(str(exc)) from exc
+    check_training_memory(cfg, genotype)
     if stored is not None:
         _check_same_genotype(genotype, stored["genotype"], f"the resumed checkpoint {resume_ckpt}")
         if stored.get("mode") != cfg.mode:
@@ -152,6 +156,38 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         meta = load_checkpoint(cfg.init_from)
         _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
     return cfg, genotype, resume_ckpt, run_dir
+
+
+def train_size(cfg: RetrainConfig) -> tuple[int, int] | None:
+    """(height, width) of a training sample: ``data.crop``, else the first training image's (its header only); None
+    when the training split cannot be read (the data error then comes from :func:`build_datasets`, before any model)."""
+    if cfg.data.crop is not None:
+        return int(cfg.data.crop[0]), int(cfg.data.crop[1])
+    return first_image_size(cfg.data.root, cfg.data.train_split)
+
+
+def training_graphs(cfg: RetrainConfig) -> int:
+    """Forward passes a training step keeps at once: the clean one, and the attacked one in modes at / aat (and in
+    mode fusion with ``attack.fusion_eps`` > 0)."""
+    attacked = cfg.mode in ("at", "aat") or (cfg.mode == "fusion" and cfg.attack.fusion_eps > 0)
+    return step_graphs(1.0, attacked)
+
+
+def check_training_memory(cfg: RetrainConfig, genotype: Any) -> MemoryEstimate:
+    """Refuse a run whose estimated memory (``trainer.memory``) exceeds ``max_memory_gb``; nothing big is allocated.
+
+    Raises:
+        MemoryLimitError: naming the estimate's parts, the batch, crop and channels, and what to change.
+    """
+    size = train_size(cfg)
+    gpu = _accelerator(cfg) == "gpu"
+    estimate = estimate_training_memory(
+        genotype, cfg.data.batch_size, *(size or (0, 0)), segmenter=None if cfg.mode == "fusion" else cfg.segmenter,
+        num_classes=cfg.num_classes, inputs=cfg.inputs, graphs=training_graphs(cfg),
+        processes=1 if gpu else cfg.devices)  # DDP on CPU: one process per device, all in this machine's RAM
+    check_memory(estimate, cfg.max_memory_gb, "channels", gpu=gpu, size_label=size_label(cfg.data.crop, size))
+    log.debug("estimated training memory %s", estimate.describe())
+    return estimate
 
 
 def _genotype_spec(text: str) -> Any:
