@@ -23,9 +23,10 @@ DARTS supernet, ``strategies/search.py``) return a :class:`MemoryEstimate` for o
 
 Not counted: the batch itself, the gradient buffers of the backward pass (they grow while the saved tensors are
 freed), kernels' temporary workspace, allocator fragmentation, the CUDA context, the attack's own passes (each freed
-before the next), validation (no graph kept). So the real peak is somewhat higher: 2-24 % above the estimate for real
-CPU training steps at 96x128-128x160, 16-64 channels (``bench/memory_estimate.py``). Mixed precision (``bf16-mixed``)
-keeps about half of the activations in 16 bits.
+before the next), validation (no graph kept). So the real peak is higher: in real CPU training steps at 96x128 to
+128x160, 16-64 channels (``bench/memory_estimate.py``) 2-24 % above the estimate with the C++ decomposition kernels
+and 23-35 % above it with the pure-PyTorch decomposition (CUDA's path). Mixed precision (``bf16-mixed``) keeps about
+half of the activations in 16 bits.
 
 The bound: ``max_memory_gb`` in the retrain and search configs (None = :func:`default_memory_limit`, 90 % of this
 machine's RAM, or of the GPU's memory when training on a GPU); :func:`check_memory` refuses beyond it.
