@@ -137,6 +137,19 @@ def case_retrain_resume_batch(repo: Path, work: Path, data: Path) -> dict[str, A
     return run(repo, [str(repo / "trainer/retrain.py"), "--resume", str(run_dir), "data.batch_size=1"], work)
 
 
+def case_retrain_wide(repo: Path, work: Path, data: Path) -> dict[str, Any]:
+    genotype = work / "wide.json"
+    genotype.write_text(json.dumps({"version": 1, "ir": ["dense_k3_d1", "dilconv_k3_d2"], "vis": ["dense_k3_d1"] * 2,
+                                    "fused": ["eca_k3", "residual_k7_d1"], "rule": "spatial_attention",
+                                    "channels": 100000}))
+    tiny = [a for a in RETRAIN_TINY[2:] if a != "channels=8"]  # the genotype's own width
+    runs = work / "runs_wide"
+    res = run(repo, [str(repo / "trainer/retrain.py"), "--genotype", str(genotype), *tiny, "max_channels=100000",
+                     f"data.root={data}", f"runs_root={runs}"], work)
+    res["disk"] = listing(runs)
+    return res
+
+
 def case_search_bad_label(repo: Path, work: Path, data: Path) -> dict[str, Any]:
     bad = work / "bad_data"
     shutil.copytree(data, bad)
@@ -176,6 +189,15 @@ def case_search_wide(repo: Path, work: Path, data: Path) -> dict[str, Any]:
     run_dir = work / "search_wide"
     return run(repo, [str(repo / "strategies/search.py"), "--config", str(repo / "configs/search.yaml"),
                       f"data.root={data}", *SEARCH_TINY, "space.channels=100000", f"run_dir={run_dir}"], work)
+
+
+def case_search_wide_raised(repo: Path, work: Path, data: Path) -> dict[str, Any]:
+    run_dir = work / "search_wide_raised"
+    res = run(repo, [str(repo / "strategies/search.py"), "--config", str(repo / "configs/search.yaml"),
+                     f"data.root={data}", *SEARCH_TINY, "space.channels=100000", "max_channels=100000",
+                     f"run_dir={run_dir}"], work)
+    res["disk"] = "run folder created" if run_dir.exists() else "no run folder"
+    return res
 
 
 def case_search_efbig(repo: Path, work: Path, data: Path) -> dict[str, Any]:
@@ -258,10 +280,12 @@ CASES: dict[str, Callable[[Path, Path, Path], dict[str, Any]]] = {
     "retrain: optim.lr=1e30 (NaN)": case_retrain_nan,
     "retrain: optim.lr=1e30 nan_policy=skip nan_max_skips=2": case_retrain_nan_skip,
     "retrain: --resume with data.batch_size changed": case_retrain_resume_batch,
+    "retrain: genotype channels=100000 max_channels=100000": case_retrain_wide,
     "search: label value 12 in the val split": case_search_bad_label,
     "search: checkpoints after 3 epochs": case_search_checkpoints,
     "search: lr=-1": case_search_bad_lr,
     "search: space.channels=100000": case_search_wide,
+    "search: space.channels=100000 max_channels=100000": case_search_wide_raised,
     "search: file size limit 2 MB (EFBIG)": case_search_efbig,
     "evaluate: 4 KB of random bytes as --checkpoint": case_evaluate_random_bytes,
     "evaluate: --out under a regular file": case_evaluate_under_file,
