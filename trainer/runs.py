@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions",
-           "tune_malloc", "MALLOC_ENV"]
+           "tune_malloc", "MALLOC_ENV", "launch_rank", "launcher_job_id"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,48 @@ def make_run_dir(root: str | Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a run directory under {root}: expected a free name, got 1000 clashes")
+
+
+def _cluster_environment() -> Any:
+    """The Lightning cluster environment that manages this process (torchrun, SLURM, LSF, MPI), or None.
+
+    The same detection order as ``pytorch_lightning``'s accelerator connector, so a rank computed here
+    before the ``Trainer`` exists is the one Lightning will use.
+    """
+    from lightning_fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env.detect():
+            return env()
+    return None
+
+
+def launch_rank(devices: int) -> int:
+    """This process's global rank as its launcher set it, before Lightning starts (0 when not distributed).
+
+    torchrun: ``RANK``; SLURM (srun): ``SLURM_PROCID``; LSF / MPI: theirs; otherwise Lightning's own
+    variables: ``NODE_RANK * devices + LOCAL_RANK`` (``devices`` = processes per node).
+    """
+    env = _cluster_environment()
+    if env is not None:
+        return int(env.global_rank())
+    return int(os.environ.get("NODE_RANK", "0")) * int(devices) + int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launcher_job_id() -> str | None:
+    """The id that every process of one distributed launch shares, or None.
+
+    SLURM: ``SLURM_JOB_ID``; torchrun: ``TORCHELASTIC_RUN_ID`` (its ``--rdzv-id``; ``--standalone`` draws
+    one; a static ``--master-addr`` launch leaves it at ``none``, which counts as no id).
+    """
+    if _cluster_environment() is None:
+        return None
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID"):
+        value = os.environ.get(key, "").strip()
+        if value and value.lower() != "none":
+            return re.sub(r"[^A-Za-z0-9._-]+", "_", value)
+    return None
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:
