@@ -46,7 +46,8 @@ from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoin
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
 from trainer.finite import NonFiniteError
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule, check_channels
-from trainer.runs import launch_rank, launcher_job_id, make_run_dir, seed_everything, setup_logging, tune_malloc
+from trainer.runs import (SharedRunDirError, launch_rank, launcher_job_id, seed_everything, setup_logging,
+                         shared_run_dir, tune_malloc)
 
 log = logging.getLogger("trainer.retrain")
 
@@ -244,25 +245,18 @@ def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per
 
 
 def _run_dir(cfg: RetrainConfig, resume_dir: Path | None, rank: int) -> Path:
-    """The run folder, the same one for every rank of a distributed run.
-
-    ``--resume`` folder > ``run_dir`` > the folder of the process that launched this one (Lightning's
-    launcher on one node) > ``runs_root/<run_name>-<mode>-<job id>`` under torchrun / SLURM > a new
-    time-stamped folder (one process, or rank 0 of Lightning's launcher).
-    """
+    """The run folder, the same one for every rank of a distributed run: the ``--resume`` folder, else
+    ``run_dir``, else :func:`trainer.runs.shared_run_dir` (Lightning's children, torchrun / SLURM job id,
+    or a new time-stamped folder)."""
     if resume_dir is not None:
         return resume_dir
     if cfg.run_dir:
         return Path(cfg.run_dir)
-    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(_RUN_DIR_ENV):
-        return Path(os.environ[_RUN_DIR_ENV])
-    world = cfg.devices * cfg.num_nodes
-    job = launcher_job_id() if world > 1 else None
-    if job is not None:
-        return Path(cfg.runs_root) / f"{cfg.run_name}-{cfg.mode}-{job}"
-    if cfg.num_nodes > 1 or rank != 0:
-        raise RetrainError(_no_shared_run_dir(cfg))
-    return make_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}")
+    try:
+        return shared_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}", cfg.devices * cfg.num_nodes, rank,
+                              _RUN_DIR_ENV)
+    except SharedRunDirError as exc:
+        raise RetrainError(str(exc)) from exc
 
 
 def _no_shared_run_dir(cfg: RetrainConfig) -> str:

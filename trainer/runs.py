@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions",
-           "tune_malloc", "MALLOC_ENV", "launch_rank", "launcher_job_id"]
+           "tune_malloc", "MALLOC_ENV", "launch_rank", "launcher_job_id", "shared_run_dir", "SharedRunDirError"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,35 @@ def launcher_job_id() -> str | None:
         if value and value.lower() != "none":
             return re.sub(r"[^A-Za-z0-9._-]+", "_", value)
     return None
+
+
+class SharedRunDirError(ValueError):
+    """The processes of a distributed run have no way to agree on one run folder."""
+
+
+def shared_run_dir(root: str | Path, name: str, world: int, rank: int, env_key: str) -> Path:
+    """The run folder that every process of one (possibly distributed) run uses; created by rank 0 only.
+
+    * a process that Lightning launched on this node (``LOCAL_RANK`` > 0) takes its parent's folder from the
+      environment variable ``env_key`` (the caller sets it before ``trainer.fit`` launches the children);
+    * under torchrun / SLURM with ``world`` > 1: ``root/<name>-<launcher job id>`` (:func:`launcher_job_id`);
+    * otherwise rank 0 makes ``root/<name>-<time>`` (:func:`make_run_dir`).
+
+    Raises:
+        SharedRunDirError: a rank > 0 with none of these (pass an explicit run folder instead).
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(env_key):
+        return Path(os.environ[env_key])
+    job = launcher_job_id() if world > 1 else None
+    if job is not None:
+        path = Path(root) / f"{name}-{job}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if rank != 0:
+        raise SharedRunDirError(
+            f"run_dir: expected one folder that all {world} processes share, got none and no launcher job id "
+            "(SLURM_JOB_ID, torchrun --rdzv-id); pass run_dir=<folder on a shared filesystem>, the same on every node")
+    return make_run_dir(root, name)
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:
