@@ -71,6 +71,7 @@ class DartsSettings:
     log_every_n_steps: int = 10
     max_train_batches: int | None = None  # DARTS iterations per epoch (None: the whole training split)
     accelerator: str = "cpu"
+    devices: int = 1  # > 1: data-parallel supernet (Lightning DDP: gloo on CPU, nccl on GPU)
     precision: str = "32-true"
     deterministic: bool = False
     seed: int = 0
@@ -216,8 +217,10 @@ class SearchRecorder(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         result = self.result(trainer, pl_module)
-        atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         self.last_result = result
+        if not trainer.is_global_zero:  # DDP: every rank holds the same α; rank 0 writes and reports
+            return
+        atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         log.info("epoch %d/%s: %s; architecture %s", result["epoch"], result["epochs"],
                  ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if k.endswith("loss")),
                  result["architecture"])
@@ -290,10 +293,16 @@ def run_darts(
         dirpath=run_dir / "checkpoints", filename="epoch{epoch:03d}", auto_insert_metric_name=False,
         save_last=True, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True,
     )
+    parallel: Any = "auto"
+    if settings.devices > 1:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        parallel = DDPStrategy(process_group_backend="gloo" if settings.accelerator == "cpu" else "nccl")
     trainer = Trainer(
         max_epochs=settings.epochs,
         accelerator=settings.accelerator,
-        devices=1,
+        devices=settings.devices,
+        strategy=parallel,
         precision=settings.precision,
         deterministic=settings.deterministic,
         logger=pl.loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version=""),

@@ -11,6 +11,13 @@ Commands::
     python strategies/search.py --config configs/search.yaml w_arch=1 attack.name=fgsm epochs=2
     python strategies/search.py --resume runs/search/search-<time> [epochs=20]   # continue (last.ckpt)
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
+    python strategies/search.py --config configs/search.yaml devices=2       # one supernet, 2 GPUs (DDP)
+    torchrun --nproc-per-node 4 strategies/search.py devices=4 run_dir=runs/search/ddp4   # or through torchrun
+
+With ``devices`` > 1 the supernet is data-parallel (Lightning DDP under NNI's one-shot DARTS: gloo on
+CPU, nccl on GPU): every process draws its own share of each epoch's images, gradients of the weights and of
+the architecture parameters α are averaged, so all ranks hold the same α and weights. The effective batch is
+``devices × data.batch_size``. Rank 0 writes the run folder; other ranks log to ``search.rank<r>.log``.
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
 label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
@@ -23,6 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +48,8 @@ from strategies.search_module import RobustSearchModule  # noqa: E402
 from strategies.selection import SelectionConfig, heldout_adv_loss  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, save_config  # noqa: E402
 from trainer.finite import NonFiniteError  # noqa: E402
-from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc, versions  # noqa: E402
+from trainer.runs import (SharedRunDirError, atomic_write_text, launch_rank, seed_everything,  # noqa: E402
+                         setup_logging, shared_run_dir, tune_malloc, versions)
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_split", "run_search", "prepare_data",
            "main"]
@@ -48,6 +57,7 @@ __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "holdout_
 log = logging.getLogger("strategies.search")
 
 DEFAULT_SYNTHETIC = "data/synthetic"
+RUN_DIR_ENV = "PAIF_SEARCH_RUN_DIR"  # DDP: the processes Lightning launches reuse rank 0's run folder
 #: split names reserved for the final evaluation: never used to train or select an architecture
 TEST_SPLITS = ("test", "test_day", "test_night")
 
@@ -138,6 +148,7 @@ class SearchConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | gpu
+    devices: int = 1  # > 1: the supernet data-parallel over this many processes (DDP); set run_dir too
     precision: str = "32-true"  # or bf16-mixed on GPUs
     threads: int | None = None  # torch CPU threads (None: torch default)
     run_root: str = "runs/search"
@@ -151,6 +162,9 @@ class SearchConfig:
                 raise ValueError(f"{name}: expected a weight in [0, 1], got {value}")
         if self.epochs < 1:
             raise ValueError(f"epochs: expected >= 1, got {self.epochs}")
+        if not isinstance(self.devices, int) or self.devices < 1:
+            raise ValueError(f"devices: expected an integer >= 1 (processes of one data-parallel search), got "
+                             f"{self.devices!r}")
         if self.device not in ("auto", "cpu", "gpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or gpu, got {self.device!r}")
 
@@ -253,7 +267,8 @@ def darts_settings(cfg: SearchConfig) -> DartsSettings:
     return DartsSettings(
         epochs=cfg.epochs, arch_lr=cfg.arch_lr, grad_clip=cfg.grad_clip, warmup_epochs=cfg.warmup_epochs,
         log_every_n_steps=cfg.log_every_n_steps, max_train_batches=cfg.max_train_batches,
-        accelerator=_accelerator(cfg.device), precision=cfg.precision, deterministic=cfg.deterministic,
+        accelerator=_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision,
+        deterministic=cfg.deterministic,
         seed=cfg.seed, progress_bar=cfg.progress_bar,
     )
 
@@ -287,12 +302,19 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
              cfg.w, cfg.w_arch, cfg.attack, len(train_loader), len(val_loader), run_dir)
     result = run_darts(space, module, train_loader, val_loader, run_dir, darts_settings(cfg), config_to_dict(cfg),
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
+    if _global_rank() != 0:  # DDP: the weights are rank 0's too; it alone scores and writes the result
+        return result
     result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
                                            cfg.selection, has_labels)
     atomic_write_text(json.dumps(result, indent=2) + "\n", run_dir / RESULT_NAME)
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")
     return result
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,18 +336,24 @@ def main(argv: list[str] | None = None) -> int:
                               list(args.overrides) + [f"run_dir={run_dir}"])
         else:
             cfg = load_config(SearchConfig, args.config or "configs/search.yaml", args.overrides)
-            run_dir = Path(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "search")
+            run_dir = (Path(cfg.run_dir) if cfg.run_dir else
+                       shared_run_dir(cfg.run_root, "search", cfg.devices, launch_rank(cfg.devices), RUN_DIR_ENV))
             cfg.run_dir = str(run_dir)
-    except ConfigError as exc:
+    except (ConfigError, SharedRunDirError) as exc:
         parser.error(str(exc))
-    setup_logging(run_dir, filename="search.log")
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
+    rank = launch_rank(cfg.devices)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # the processes Lightning starts for devices > 1 write here too
+    setup_logging(run_dir, filename="search.log" if rank == 0 else f"search.rank{rank}.log")
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
     try:
         result = run_search(cfg, run_dir, resume=resume)
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     print(json.dumps({"run_dir": str(run_dir), "result": str(run_dir / RESULT_NAME),
                       "architecture": result["architecture"]}, indent=2))
     return 0
