@@ -237,6 +237,9 @@ def create(config: str | Path, port: int | None = None, timeout: float | None = 
     port = port or free_port()
     workdir = _working_directory(config)
     settings = _load_config(config)
+    if (settings.get("trainingService") or {}).get("platform") == "remote" and not settings.get("nniManagerIp"):
+        raise ValueError(f"{config}: nniManagerIp: expected this machine's IP address as the remote workers see it "
+                         "(they dial ws://<nniManagerIp>:<port>), got none")
     hosts = bind_hosts(settings)
     cmd = [_nnictl(), "create", "--config", str(config), "--port", str(port), "--foreground"]
     proc = subprocess.Popen(cmd, env=localhost_env(hosts=hosts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -310,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--experiment-dir", required=True)
     args = parser.parse_args(argv)
     if args.command == "create":
-        rc, summary = create(args.config, args.port, args.timeout, fetch=not args.no_fetch,
-                             ssh_options=args.ssh_option)
+        try:
+            rc, summary = create(args.config, args.port, args.timeout, fetch=not args.no_fetch,
+                                 ssh_options=args.ssh_option)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         summary = experiment_summary(args.experiment_dir)
         summary["problems"] = _problems(summary)

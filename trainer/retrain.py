@@ -46,8 +46,8 @@ from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoin
 from trainer.config import ConfigError, load_config, parse_overrides, save_config
 from trainer.finite import NonFiniteError
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule, check_channels
-from trainer.runs import (SharedRunDirError, launch_rank, launcher_job_id, seed_everything, setup_logging,
-                         shared_run_dir, tune_malloc)
+from trainer.runs import (SharedRunDirError, launch_rank, launcher_job_id, no_shared_run_dir, seed_everything,
+                         setup_logging, shared_run_dir, tune_malloc)
 
 log = logging.getLogger("trainer.retrain")
 
@@ -260,9 +260,7 @@ def _run_dir(cfg: RetrainConfig, resume_dir: Path | None, rank: int) -> Path:
 
 
 def _no_shared_run_dir(cfg: RetrainConfig) -> str:
-    return (f"run_dir: expected one folder that all {cfg.devices * cfg.num_nodes} processes share "
-            f"(num_nodes={cfg.num_nodes}), got none and no launcher job id (SLURM_JOB_ID, torchrun --rdzv-id); "
-            "pass run_dir=<folder on a shared filesystem>, the same on every node")
+    return no_shared_run_dir(cfg.devices * cfg.num_nodes, f" (num_nodes={cfg.num_nodes})")
 
 
 # ----------------------------------------------------------------------------------------------- main

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 __all__ = ["make_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text", "versions",
-           "tune_malloc", "MALLOC_ENV", "launch_rank", "launcher_job_id", "shared_run_dir", "SharedRunDirError"]
+           "tune_malloc", "MALLOC_ENV", "launch_rank", "launcher_job_id", "shared_run_dir", "no_shared_run_dir",
+           "SharedRunDirError"]
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,14 @@ def shared_run_dir(root: str | Path, name: str, world: int, rank: int, env_key: 
         path.mkdir(parents=True, exist_ok=True)
         return path
     if rank != 0:
-        raise SharedRunDirError(
-            f"run_dir: expected one folder that all {world} processes share, got none and no launcher job id "
-            "(SLURM_JOB_ID, torchrun --rdzv-id); pass run_dir=<folder on a shared filesystem>, the same on every node")
+        raise SharedRunDirError(no_shared_run_dir(world))
     return make_run_dir(root, name)
+
+
+def no_shared_run_dir(world: int, note: str = "") -> str:
+    """The error message of a distributed run whose processes cannot agree on a run folder."""
+    return (f"run_dir: expected one folder that all {world} processes share{note}, got none and no launcher job id "
+            "(SLURM_JOB_ID, torchrun --rdzv-id); pass run_dir=<folder on a shared filesystem>, the same on every node")
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:

@@ -202,6 +202,19 @@ def test_machine_list_errors_name_the_field():
         machines({"trainingService": {"platform": "remote", "machineList": [{"host": "a", "user": "u", "port": 0}]}})
 
 
+def test_remote_config_without_manager_ip_fails_before_nnictl(tmp_path, capsys):
+    from strategies import nni_local
+
+    config = yaml.safe_load((REPO / "configs" / "search_remote.yml").read_text())
+    del config["nniManagerIp"]
+    config["experimentWorkingDirectory"] = str(tmp_path / "exps")
+    path = tmp_path / "remote.yml"
+    path.write_text(yaml.safe_dump(config))
+    assert nni_local.main(["create", "--config", str(path)]) == 2
+    assert "nniManagerIp: expected this machine's IP address as the remote workers see it" in capsys.readouterr().err
+    assert not (tmp_path / "exps").exists()
+
+
 def test_worker_python_runs_this_interpreter_pinned(tmp_path):
     out = write_worker_python(tmp_path / "wp")
     probe = ("import json, os, sys; print(json.dumps({'exe': sys.executable, 'node': os.environ['NODE_OPTIONS'], "
