@@ -35,6 +35,8 @@ trial's ``search/`` folder is copied back over SSH from the host that ran it int
 from __future__ import annotations
 
 import argparse
+import atexit
+import copy
 import json
 import logging
 import os
@@ -48,7 +50,7 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -62,6 +64,7 @@ __all__ = [
     "install_hook",
     "uninstall_hook",
     "bind_hosts",
+    "resolve_key_files",
     "free_port",
     "listening_sockets",
     "listening_addresses",
@@ -124,14 +127,43 @@ def localhost_env(base: dict[str, str] | None = None, hosts: Sequence[str] = (BI
 
 
 # ----------------------------------------------------------------------------------- the plain-nnictl hook
-def apply_hook(argv0: str | None = None) -> bool:
+def apply_hook(argv0: str | None = None, argv: list[str] | None = None) -> bool:
     """Run by the ``.pth`` hook at interpreter start-up: in an ``nnictl`` process, apply :func:`localhost_env` to
-    ``os.environ`` (before NNI reads it). Returns whether it did."""
-    name = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")).name
+    ``os.environ`` (before NNI reads it). Returns whether it did.
+
+    For ``nnictl create --config C`` the config decides where the manager listens (:func:`bind_hosts`: a remote
+    sweep's ``nniManagerIp`` too), and a remote config whose SSH keys lie under ``~`` is swapped in ``argv`` (default
+    ``sys.argv``, edited in place) for a copy with the user's home spelled out (:func:`resolve_key_files`; removed
+    when nnictl exits).
+    """
+    args = sys.argv if argv is None else argv
+    name = Path(argv0 if argv0 is not None else (args[0] if args else "")).name
     if name not in ("nnictl", "nnictl.exe") or os.environ.get(HOOK_ENV, "1") == "0":
         return False
-    os.environ.update(localhost_env())
+    where = _create_config_arg(args)
+    settings = None
+    if where is not None:
+        try:
+            settings = _load_config(Path(args[where]))
+        except (OSError, ValueError, yaml.YAMLError):
+            settings = None  # nnictl itself reports a config it cannot read
+    os.environ.update(localhost_env(hosts=bind_hosts(settings) if settings is not None else (BIND_HOST,)))
+    if settings is not None:
+        resolved = resolve_key_files(Path(args[where]), settings, os.environ)
+        if resolved is not None:
+            args[where] = str(resolved)
+            atexit.register(resolved.unlink, missing_ok=True)
     return True
+
+
+def _create_config_arg(argv: Sequence[str]) -> int | None:
+    """The index in ``argv`` of the config path of ``nnictl create --config PATH`` (or ``-c PATH``), else None."""
+    if len(argv) < 2 or argv[1] != "create":
+        return None
+    for i, arg in enumerate(argv[2:-1], start=2):
+        if arg in ("--config", "-c"):
+            return i + 1
+    return None
 
 
 def hook_line() -> str:
@@ -162,10 +194,15 @@ def uninstall_hook(site: str | Path | None = None) -> bool:
     return False
 
 
+def _platform(config: dict[str, Any]) -> str | None:
+    service = config.get("trainingService")
+    return service.get("platform") if isinstance(service, dict) else None
+
+
 def bind_hosts(config: dict[str, Any]) -> list[str]:
     """Where the manager of ``config`` listens: 127.0.0.1, plus ``nniManagerIp`` for a remote sweep."""
     hosts = [BIND_HOST]
-    platform = (config.get("trainingService") or {}).get("platform")
+    platform = _platform(config)
     ip = str(config.get("nniManagerIp") or "").strip()
     if platform == "remote" and ip and not _is_loopback(ip) and ip != "localhost":
         hosts.append(ip)
@@ -238,6 +275,38 @@ def _working_directory(config_path: Path, home: str | None = None) -> Path:
         raw = home + raw[1:]
     path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (config_path.parent / path).resolve()
+
+
+def resolve_key_files(config_path: Path, config: dict[str, Any], env: Mapping[str, str]) -> Path | None:
+    """A copy of a remote config with the SSH keys of its machine list under the user's home, or None if not needed.
+
+    nnictl runs with ``HOME`` = NNI's home (:func:`nni_home`, ``runs/``), so NNI would read ``sshKeyFile:
+    ~/.ssh/id_ed25519`` (or its default ``~/.ssh/id_rsa`` when neither key nor password is given) from there. When
+    ``env`` redirects ``HOME`` and a machine's key starts with ``~/``, the copy ``.<name>.paif-<pid>.yml`` is written
+    beside ``config_path`` (relative paths in it keep their meaning) with ``~`` replaced by the user's home
+    (``PAIF_USER_HOME``); the caller removes it when nnictl is done.
+    """
+    user_home = env.get(USER_HOME_ENV)
+    if _platform(config) != "remote" or not user_home or env.get("HOME") == user_home:
+        return None
+    config = copy.deepcopy(config)
+    machines = config["trainingService"].get("machineList")
+    changed = False
+    for machine in machines if isinstance(machines, list) else []:
+        if not isinstance(machine, dict) or machine.get("password") is not None:
+            continue
+        key = str(machine.get("sshKeyFile", "~/.ssh/id_rsa"))
+        if key == "~" or key.startswith("~/"):
+            machine["sshKeyFile"] = user_home + key[1:]
+            changed = True
+    if not changed:
+        return None
+    resolved = config_path.with_name(f".{config_path.stem}.paif-{os.getpid()}.yml")
+    tmp = resolved.with_name(resolved.name + ".tmp")
+    tmp.write_text(f"# {config_path} with the SSH keys under {user_home} (strategies.nni_local.resolve_key_files)\n"
+                   + yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, resolved)
+    return resolved
 
 
 def _final_manager_status(log_file: Path) -> str | None:
@@ -327,63 +396,69 @@ def create(config: str | Path, port: int | None = None, timeout: float | None = 
         raise FileNotFoundError(f"--config {config}: expected an NNI experiment YAML, got no such file")
     port = port or free_port()
     settings = _load_config(config)
-    if (settings.get("trainingService") or {}).get("platform") == "remote" and not settings.get("nniManagerIp"):
+    if _platform(settings) == "remote" and not settings.get("nniManagerIp"):
         raise ValueError(f"{config}: nniManagerIp: expected this machine's IP address as the remote workers see it "
                          "(they dial ws://<nniManagerIp>:<port>), got none")
     hosts = bind_hosts(settings)
     env = localhost_env(hosts=hosts)
     workdir = _working_directory(config, env.get("HOME"))
-    cmd = [_nnictl(), "create", "--config", str(config), "--port", str(port), "--foreground"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    exp_id: list[str] = []
-    listen: set[str] = set()
-    stop = threading.Event()
+    nni_config = resolve_key_files(config, settings, env) or config  # nnictl's HOME is runs/: keys spelled out
+    try:
+        cmd = [_nnictl(), "create", "--config", str(nni_config), "--port", str(port), "--foreground"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        exp_id: list[str] = []
+        listen: set[str] = set()
+        stop = threading.Event()
 
-    def watch_port() -> None:  # sample the manager's listening addresses while it runs
-        while not stop.is_set():
-            listen.update(listening_addresses(port))
-            stop.wait(0.5)
+        def watch_port() -> None:  # sample the manager's listening addresses while it runs
+            while not stop.is_set():
+                listen.update(listening_addresses(port))
+                stop.wait(0.5)
 
-    watcher = threading.Thread(target=watch_port, daemon=True)
-    watcher.start()
-    start = time.monotonic()
-    timed_out = False
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        m = re.search(r"Experiment ID: (\w+)", _ANSI.sub("", line))
-        if m:
-            exp_id.append(m.group(1))
-        if timeout and time.monotonic() - start > timeout:
-            timed_out = True
-            break
-    if timed_out:
-        _stop_experiment(exp_id, port)
-        proc.kill()
-    rc = proc.wait()
-    stop.set()
-    watcher.join(timeout=2)
-    if not exp_id:
-        return (rc or 1), {"status": None, "trials": [], "problems": [f"nnictl exited {rc} before an experiment id"]}
-    fetch_problems: list[str] = []
-    if fetch and (settings.get("trainingService") or {}).get("platform") == "remote":
-        from strategies.nni_remote import fetch_outputs  # the remote helpers build on this module
+        watcher = threading.Thread(target=watch_port, daemon=True)
+        watcher.start()
+        start = time.monotonic()
+        timed_out = False
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            m = re.search(r"Experiment ID: (\w+)", _ANSI.sub("", line))
+            if m:
+                exp_id.append(m.group(1))
+            if timeout and time.monotonic() - start > timeout:
+                timed_out = True
+                break
+        if timed_out:
+            _stop_experiment(exp_id, port)
+            proc.kill()
+        rc = proc.wait()
+        stop.set()
+        watcher.join(timeout=2)
+        if not exp_id:
+            return (rc or 1), {"status": None, "trials": [],
+                               "problems": [f"nnictl exited {rc} before an experiment id"]}
+        fetch_problems: list[str] = []
+        if fetch and _platform(settings) == "remote":
+            from strategies.nni_remote import fetch_outputs  # the remote helpers build on this module
 
-        fetch_problems = fetch_outputs(workdir / exp_id[0], settings, ssh_options)
-    summary = experiment_summary(workdir / exp_id[0])
-    summary["port"] = port
-    summary["bind"] = hosts
-    summary["listen"] = sorted(listen)
-    summary["nnictl_exit_code"] = rc
-    problems = fetch_problems + _problems(summary)
-    if timed_out:
-        problems.append(f"timeout: the experiment ran longer than {timeout} s and was stopped")
-    summary["problems"] = problems
-    (workdir / exp_id[0] / "paif_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return (1 if problems else 0), summary
+            fetch_problems = fetch_outputs(workdir / exp_id[0], settings, ssh_options)
+        summary = experiment_summary(workdir / exp_id[0])
+        summary["port"] = port
+        summary["bind"] = hosts
+        summary["listen"] = sorted(listen)
+        summary["nnictl_exit_code"] = rc
+        problems = fetch_problems + _problems(summary)
+        if timed_out:
+            problems.append(f"timeout: the experiment ran longer than {timeout} s and was stopped")
+        summary["problems"] = problems
+        (workdir / exp_id[0] / "paif_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return (1 if problems else 0), summary
+    finally:
+        if nni_config != config:
+            nni_config.unlink(missing_ok=True)
 
 
 def _stop_experiment(exp_id: list[str], port: int) -> None:

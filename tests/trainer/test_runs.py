@@ -223,3 +223,38 @@ def test_shared_run_dir_is_the_same_for_every_rank(no_launcher, tmp_path):
     for rank in (1, 0):  # every rank of the job names the same folder, whoever comes first
         assert shared_run_dir(tmp_path, "search", world=2, rank=rank, env_key="PAIF_TEST_RUN_DIR") == \
             tmp_path / "search-77"
+
+
+def test_only_rank_0_settles_a_shared_run_folder(no_launcher, tmp_path):
+    """A failed rank 0 marks the shared folder FAILED; a rank > 0 neither marks, clears nor removes it."""
+    from trainer.errors import PaifError, entry_point
+    from trainer.runs import shared_run_dir, use_run_dir
+
+    @entry_point
+    def command(folder: Path, rank: int, fail: bool) -> int:
+        run_dir = use_run_dir(folder, rank)
+        (run_dir / f"rank{rank}.pt").write_text("weights")  # a result: the folder is kept
+        if fail:
+            raise PaifError(f"rank {rank} diverged")
+        return 0
+
+    shared = tmp_path / "shared"
+    assert command(shared, 0, True) == 2
+    assert (shared / "FAILED").read_text() == "rank 0 diverged\n"
+    assert command(shared, 1, False) == 0  # ends normally after rank 0 failed: the mark stays
+    assert (shared / "FAILED").read_text() == "rank 0 diverged\n"
+    assert command(shared, 0, False) == 0  # a successful rank 0 (--resume) clears it
+    assert not (shared / "FAILED").exists()
+
+    fresh = tmp_path / "fresh"
+    assert command(fresh, 1, True) == 2  # rank 1 created the folder and failed: rank 0 settles it, not rank 1
+    assert fresh.is_dir() and not (fresh / "FAILED").exists()
+
+    @entry_point
+    def child(parent: Path) -> int:  # a process Lightning started on this node, in its parent's folder
+        shared_run_dir(tmp_path, "search", world=2, rank=1, env_key="PAIF_TEST_RUN_DIR")
+        raise PaifError("child failed")
+
+    no_launcher.setenv("PAIF_TEST_RUN_DIR", str(fresh))
+    no_launcher.setenv("LOCAL_RANK", "1")
+    assert child(fresh) == 2 and not (fresh / "FAILED").exists()
