@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from rgbt.color import KB, KR
-from trainer.errors import PaifError
+from trainer.errors import PaifError, os_error_at
 
 __all__ = [
     "DataError",
@@ -180,7 +180,5 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.write_bytes(data)
-    except OSError as exc:
-        if exc.errno is not None and exc.filename is None:  # a failed write (full disk, size limit): name the file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+    except OSError as exc:  # a failed write (full disk, size limit): name the file
+        raise os_error_at(exc, path) from exc

@@ -49,6 +49,7 @@ from nni.nas.strategy import DARTS, GumbelDARTS
 
 from strategies.convergence import argmax_of, last_change_epoch, light_share, plot_alpha, stable_for, summary_stats
 from strategies.search_module import RobustSearchModule
+from trainer.errors import os_error_at
 from trainer.runs import atomic_write_text
 
 __all__ = [
@@ -126,6 +127,16 @@ def _guard_step(module: Any, optimizer: Any) -> None:
     if guard is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         guard(params, architecture=bool(getattr(optimizer, "is_arch_optimizer", False)))
+
+
+class _NamedModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose failed writes (full disk, size limit) name the checkpoint file."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as exc:
+            raise os_error_at(exc, filepath) from exc
 
 
 class _OrderedDartsModule(DartsLightningModule):
@@ -526,12 +537,12 @@ def run_darts(
     # metric entered the top k, which would leave a stale resume point
     checkpoints = []
     if settings.keep_checkpoints != 0:
-        checkpoints.append(pl.callbacks.ModelCheckpoint(
+        checkpoints.append(_NamedModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
             monitor=SELECT_METRIC, mode="min", save_top_k=settings.keep_checkpoints, every_n_epochs=1,
             save_on_train_epoch_end=True,
         ))
-    checkpoints.append(pl.callbacks.ModelCheckpoint(
+    checkpoints.append(_NamedModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename=LAST_NAME, monitor=None, save_top_k=1, every_n_epochs=1,
         save_on_train_epoch_end=True, enable_version_counter=False,
     ))

@@ -225,7 +225,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:  # a setting's own check: its message names the key ("optim.lr: expected ...")
+        raise ConfigError(str(exc)) from exc
+    except TypeError as exc:
         raise ConfigError(f"invalid {cls.__name__} config: {exc}") from exc
 
 

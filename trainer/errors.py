@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 __all__ = ["PaifError", "EXIT_USER_ERROR", "FAILED_FILE", "entry_point", "track_run_dir", "describe_error",
-           "describe_os_error", "settle_run_dir"]
+           "describe_os_error", "settle_run_dir", "os_error_at"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ def describe_os_error(exc: OSError) -> str:
     if code == errno.EEXIST and exc.filename is not None and os.path.isfile(exc.filename):
         hint = "it is a file where a folder is expected; choose another path"  # mkdir(parents=True) below a file
     return f"{what}{where}{name}" + (f"; {hint}" if hint else "")
+
+
+def os_error_at(exc: BaseException, path: str | Path) -> BaseException:
+    """``exc`` with ``path`` as its file name when it is an OS error without one (a failed ``write``: ENOSPC, EFBIG).
+
+    Use as ``raise os_error_at(exc, path) from exc``; any other exception is returned unchanged.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+        return type(exc)(exc.errno, exc.strerror, str(path))
+    return exc
 
 
 _WORKER_TRACEBACK = re.compile(r"Original Traceback \(most recent call last\):", re.M)

@@ -46,8 +46,9 @@ from trainer.aat import AATConfig, AdaptiveEpsSampler, mix_seed, pretext_initial
 from trainer.checkpoint import genotype_to_dict, save_checkpoint
 from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_nan_policy,
                             config_to_dict, finite, require)
-from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from search_space.pipeline import FusionOnly
+from trainer.errors import os_error_at
+from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import TaskLoss
 from trainer.metrics import ConfusionMatrix, FusionMetrics
 from trainer.robust_objective import TRAIN_ATTACK_MODE, fusion_objective, robust_loss, task_objective
@@ -859,7 +860,11 @@ class ResumeCheckpoint(pl.Callback):
             raise NonFiniteError(f"refusing to write {self.path} at step {step}: {len(bad)} tensors hold NaN or "
                                  f"inf ({', '.join(bad[:4])}); {last_good_text(last_good)}; {ADVICE}")
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        try:
+            trainer.save_checkpoint(tmp)
+        except OSError as exc:  # a full disk or a size limit: no partial file left, the error names the file
+            tmp.unlink(missing_ok=True)
+            raise os_error_at(exc, self.path) from exc
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             log.info("saved resumable state at step %d to %s", step, self.path)

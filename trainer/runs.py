@@ -70,8 +70,9 @@ class RunInUseError(PaifError):
 _HELD_LOCKS: dict[Path, Any] = {}
 
 
-def lock_run_dir(path: str | Path) -> Path:
-    """Hold an exclusive lock on the run folder ``path`` until this process ends; return the lock file.
+def lock_run_dir(path: str | Path) -> Path | None:
+    """Hold an exclusive lock on the run folder ``path`` until this process ends; return the lock file (None when
+    the folder's parent cannot be made: :func:`use_run_dir`, called next, reports that).
 
     The lock file ``.<name>.lock`` lies beside the folder (so taking it neither creates nor marks the folder) and
     holds the owner's pid; the kernel drops the ``flock`` when the process dies, so a killed run never blocks its
@@ -83,7 +84,10 @@ def lock_run_dir(path: str | Path) -> Path:
     path = Path(path).resolve()
     if path in _HELD_LOCKS:
         return Path(_HELD_LOCKS[path].name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
     lock = path.parent / f".{path.name}.lock"
     fh = open(lock, "a+")
     try:
@@ -305,7 +309,7 @@ def _atomic_write(path: Path, write: Any) -> Path:
             pass
         failed = _os_error_of(exc)
         if failed is not None:  # name the file: a write error (ENOSPC, EFBIG) carries no path of its own
-            raise OSError(failed.errno, failed.strerror, str(path)) from exc
+            raise OSError(failed.errno, failed.strerror, failed.filename or str(path)) from exc
         raise
     return path
 
