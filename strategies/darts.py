@@ -91,6 +91,7 @@ class DartsSettings:
     log_every_n_steps: int = 10
     max_train_batches: int | None = None  # DARTS iterations per epoch (None: the whole training split)
     accelerator: str = "cpu"
+    devices: int = 1  # > 1: data-parallel supernet (Lightning DDP: gloo on CPU, nccl on GPU)
     precision: str = "32-true"
     deterministic: bool = False
     seed: int = 0
@@ -428,9 +429,14 @@ class SearchRecorder(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer, pl_module)
         result = self.result(trainer, pl_module)
-        atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         self.last_result = result
-        pl_module.log(SELECT_METRIC, nni_metric(result)["default"], on_step=False, on_epoch=True)
+        # every rank logs the selection metric (the best-k checkpoint callback monitors it on each rank); under DDP
+        # its mean over the ranks, so that they agree on which epochs to keep
+        pl_module.log(SELECT_METRIC, nni_metric(result)["default"], on_step=False, on_epoch=True,
+                      sync_dist=trainer.world_size > 1)
+        if not trainer.is_global_zero:  # DDP: every rank holds the same α; rank 0 writes and reports
+            return
+        atomic_write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", self.run_dir / RESULT_NAME)
         plot_alpha(self.history, self.run_dir / PLOT_NAME, light=self.light_ops,
                    title=f"architecture probabilities, epochs 1-{result['epoch']} (shaded: weight warm-up, "
                          "dashed: parameter-light ops)")
@@ -540,10 +546,16 @@ def run_darts(
         dirpath=run_dir / "checkpoints", filename=LAST_NAME, monitor=None, save_top_k=1, every_n_epochs=1,
         save_on_train_epoch_end=True, enable_version_counter=False,
     ))
+    parallel: Any = "auto"
+    if settings.devices > 1:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        parallel = DDPStrategy(process_group_backend="gloo" if settings.accelerator == "cpu" else "nccl")
     trainer = Trainer(
         max_epochs=settings.epochs,
         accelerator=settings.accelerator,
-        devices=1,
+        devices=settings.devices,
+        strategy=parallel,
         precision=settings.precision,
         deterministic=settings.deterministic,
         logger=pl.loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version=""),

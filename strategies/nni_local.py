@@ -26,10 +26,17 @@ switches the hook off for one call; ``uninstall-hook`` removes it. Commands::
     python -m strategies.nni_local create --config search.yml [--port 8080] [--timeout 3600]
     python -m strategies.nni_local check --experiment-dir runs/nni-experiments/<id>
     python -m strategies.nni_local install-hook | uninstall-hook | hook-status
+
+On NNI's ``remote`` training service (``configs/search_remote.yml``) the manager also listens on the
+config's ``nniManagerIp`` (the address the workers dial; no other interface), and after the run each
+trial's ``search/`` folder is copied back over SSH from the host that ran it into
+``<experiment dir>/trials/<trial>/search/`` (:mod:`strategies.nni_remote`).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import copy
 import json
 import logging
 import os
@@ -43,7 +50,7 @@ import sysconfig
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -56,7 +63,10 @@ __all__ = [
     "hook_line",
     "install_hook",
     "uninstall_hook",
+    "bind_hosts",
+    "resolve_key_files",
     "free_port",
+    "listening_sockets",
     "listening_addresses",
     "experiment_summary",
     "create",
@@ -69,6 +79,7 @@ PRELOAD = Path(__file__).with_name("localhost_preload.js")
 BIND_HOST = "127.0.0.1"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STATUS_CHANGE = re.compile(r"Change NNIManager status from: (\w+) to: (\w+)")
+_REMOTE_DIR = re.compile(r"^([^/:\\]+):(.+)$")  # a remote trial's log path: "<host>:<path on that host>"
 
 
 NNI_HOME_ENV = "PAIF_NNI_HOME"
@@ -90,18 +101,19 @@ def nni_home(environ: dict[str, str] | None = None) -> Path | None:
     return root / "runs"
 
 
-def localhost_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def localhost_env(base: dict[str, str] | None = None, hosts: Sequence[str] = (BIND_HOST,)) -> dict[str, str]:
     """``base`` (default: os.environ) plus the Node preload in NODE_OPTIONS, this Python first on PATH and NNI's
     home redirected to :func:`nni_home` (the user's ``HOME`` kept in ``PAIF_USER_HOME`` for the trials).
 
-    Idempotent: applying it to its own result changes nothing.
+    ``hosts``: the addresses Node servers may listen on (the first one is used, the others mirror it;
+    :func:`bind_hosts`). Idempotent: applying it to its own result changes nothing.
     """
     env = dict(os.environ if base is None else base)
     preload = f'"{PRELOAD}"' if " " in str(PRELOAD) else str(PRELOAD)
     require = f"--require {preload}"
     if require not in env.get("NODE_OPTIONS", ""):
         env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} {require}".strip()
-    env["PAIF_BIND_HOST"] = BIND_HOST
+    env["PAIF_BIND_HOST"] = ",".join(hosts)
     bindir = str(Path(sys.executable).parent)
     if env.get("PATH", "").split(os.pathsep)[0] != bindir:
         env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
@@ -115,14 +127,43 @@ def localhost_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------- the plain-nnictl hook
-def apply_hook(argv0: str | None = None) -> bool:
+def apply_hook(argv0: str | None = None, argv: list[str] | None = None) -> bool:
     """Run by the ``.pth`` hook at interpreter start-up: in an ``nnictl`` process, apply :func:`localhost_env` to
-    ``os.environ`` (before NNI reads it). Returns whether it did."""
-    name = Path(argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")).name
+    ``os.environ`` (before NNI reads it). Returns whether it did.
+
+    For ``nnictl create --config C`` the config decides where the manager listens (:func:`bind_hosts`: a remote
+    sweep's ``nniManagerIp`` too), and a remote config whose SSH keys lie under ``~`` is swapped in ``argv`` (default
+    ``sys.argv``, edited in place) for a copy with the user's home spelled out (:func:`resolve_key_files`; removed
+    when nnictl exits).
+    """
+    args = sys.argv if argv is None else argv
+    name = Path(argv0 if argv0 is not None else (args[0] if args else "")).name
     if name not in ("nnictl", "nnictl.exe") or os.environ.get(HOOK_ENV, "1") == "0":
         return False
-    os.environ.update(localhost_env())
+    where = _create_config_arg(args)
+    settings = None
+    if where is not None:
+        try:
+            settings = _load_config(Path(args[where]))
+        except (OSError, ValueError, yaml.YAMLError):
+            settings = None  # nnictl itself reports a config it cannot read
+    os.environ.update(localhost_env(hosts=bind_hosts(settings) if settings is not None else (BIND_HOST,)))
+    if settings is not None:
+        resolved = resolve_key_files(Path(args[where]), settings, os.environ)
+        if resolved is not None:
+            args[where] = str(resolved)
+            atexit.register(resolved.unlink, missing_ok=True)
     return True
+
+
+def _create_config_arg(argv: Sequence[str]) -> int | None:
+    """The index in ``argv`` of the config path of ``nnictl create --config PATH`` (or ``-c PATH``), else None."""
+    if len(argv) < 2 or argv[1] != "create":
+        return None
+    for i, arg in enumerate(argv[2:-1], start=2):
+        if arg in ("--config", "-c"):
+            return i + 1
+    return None
 
 
 def hook_line() -> str:
@@ -153,6 +194,21 @@ def uninstall_hook(site: str | Path | None = None) -> bool:
     return False
 
 
+def _platform(config: dict[str, Any]) -> str | None:
+    service = config.get("trainingService")
+    return service.get("platform") if isinstance(service, dict) else None
+
+
+def bind_hosts(config: dict[str, Any]) -> list[str]:
+    """Where the manager of ``config`` listens: 127.0.0.1, plus ``nniManagerIp`` for a remote sweep."""
+    hosts = [BIND_HOST]
+    platform = _platform(config)
+    ip = str(config.get("nniManagerIp") or "").strip()
+    if platform == "remote" and ip and not _is_loopback(ip) and ip != "localhost":
+        hosts.append(ip)
+    return hosts
+
+
 def free_port(host: str = BIND_HOST) -> int:
     """A currently free TCP port on ``host`` (NNI also needs port+1 free for some platforms)."""
     for _ in range(50):
@@ -175,9 +231,12 @@ def _decode_address(hex_addr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
 
 
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses with a TCP socket in LISTEN state on ``port`` (from /proc/net/tcp and tcp6)."""
-    found = set()
+def listening_sockets() -> list[tuple[str, int, int]]:
+    """Every TCP socket in LISTEN state as ``(local address, port, inode)`` (from /proc/net/tcp and tcp6).
+
+    The inode names the socket in ``/proc/<pid>/fd`` (``socket:[inode]``), i.e. which process listens.
+    """
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -186,23 +245,68 @@ def listening_addresses(port: int) -> set[str]:
         for line in lines:
             fields = line.split()
             addr, _, hex_port = fields[1].partition(":")
-            if fields[3] == "0A" and int(hex_port, 16) == port:
-                found.add(_decode_address(addr))
+            if fields[3] == "0A":
+                found.append((_decode_address(addr), int(hex_port, 16), int(fields[9])))
     return found
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket in LISTEN state on ``port`` (from /proc/net/tcp and tcp6)."""
+    return {addr for addr, p, _inode in listening_sockets() if p == port}
 
 
 def _is_loopback(addr: str) -> bool:
     return addr.startswith("127.") or addr == "::1"
 
 
+def _load_config(config_path: Path) -> dict[str, Any]:
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected an NNI experiment config (a YAML mapping), "
+                         f"got {type(config).__name__}")
+    return config
+
+
 def _working_directory(config_path: Path, home: str | None = None) -> Path:
     """The experiments folder of a config; ``~`` is ``home`` (the HOME nnictl runs with), default the user's."""
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = _load_config(config_path)
     raw = str(config.get("experimentWorkingDirectory", "~/nni-experiments"))
     if home and (raw == "~" or raw.startswith("~/")):
         raw = home + raw[1:]
     path = Path(os.path.expanduser(raw))
     return path if path.is_absolute() else (config_path.parent / path).resolve()
+
+
+def resolve_key_files(config_path: Path, config: dict[str, Any], env: Mapping[str, str]) -> Path | None:
+    """A copy of a remote config with the SSH keys of its machine list under the user's home, or None if not needed.
+
+    nnictl runs with ``HOME`` = NNI's home (:func:`nni_home`, ``runs/``), so NNI would read ``sshKeyFile:
+    ~/.ssh/id_ed25519`` (or its default ``~/.ssh/id_rsa`` when neither key nor password is given) from there. When
+    ``env`` redirects ``HOME`` and a machine's key starts with ``~/``, the copy ``.<name>.paif-<pid>.yml`` is written
+    beside ``config_path`` (relative paths in it keep their meaning) with ``~`` replaced by the user's home
+    (``PAIF_USER_HOME``); the caller removes it when nnictl is done.
+    """
+    user_home = env.get(USER_HOME_ENV)
+    if _platform(config) != "remote" or not user_home or env.get("HOME") == user_home:
+        return None
+    config = copy.deepcopy(config)
+    machines = config["trainingService"].get("machineList")
+    changed = False
+    for machine in machines if isinstance(machines, list) else []:
+        if not isinstance(machine, dict) or machine.get("password") is not None:
+            continue
+        key = str(machine.get("sshKeyFile", "~/.ssh/id_rsa"))
+        if key == "~" or key.startswith("~/"):
+            machine["sshKeyFile"] = user_home + key[1:]
+            changed = True
+    if not changed:
+        return None
+    resolved = config_path.with_name(f".{config_path.stem}.paif-{os.getpid()}.yml")
+    tmp = resolved.with_name(resolved.name + ".tmp")
+    tmp.write_text(f"# {config_path} with the SSH keys under {user_home} (strategies.nni_local.resolve_key_files)\n"
+                   + yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, resolved)
+    return resolved
 
 
 def _final_manager_status(log_file: Path) -> str | None:
@@ -240,6 +344,10 @@ def experiment_summary(exp_dir: str | Path) -> dict[str, Any]:
         finally:
             con.close()
     for t in trials.values():
+        remote = _REMOTE_DIR.match(t.get("dir", ""))
+        if remote:  # ran on another host: its outputs come back to trials/<id>/ (strategies.nni_remote)
+            t["remote_dir"] = t["dir"]
+            t["dir"] = str(exp_dir / "trials" / t["id"])
         result = Path(t.get("dir", "")) / "search" / "search_result.json"
         t["result"] = str(result) if result.is_file() else None
     status = _final_manager_status(exp_dir / "log" / "nnimanager.log")
@@ -260,10 +368,11 @@ def _problems(summary: dict[str, Any]) -> list[str]:
             problems.append(f"trial {t['id']}: expected search/search_result.json in {t.get('dir')}, got none")
     listen = summary.get("listen")
     if listen is not None:
+        allowed = summary.get("bind") or [BIND_HOST]
         if not listen:
             problems.append("manager: never saw its port listening")
-        elif not all(_is_loopback(a) for a in listen):
-            problems.append(f"manager: expected to listen on 127.0.0.1 only, got {sorted(listen)}")
+        elif not set(listen) <= set(allowed):
+            problems.append(f"manager: expected to listen on {', '.join(allowed)} only, got {sorted(listen)}")
     return problems
 
 
@@ -276,59 +385,80 @@ def _nnictl() -> str:
 
 
 def create(config: str | Path, port: int | None = None, timeout: float | None = None,
-           echo: bool = True) -> tuple[int, dict[str, Any]]:
-    """``nnictl create --config CONFIG --port PORT --foreground`` pinned to localhost; (exit code, summary)."""
+           echo: bool = True, fetch: bool = True, ssh_options: Sequence[str] = ()) -> tuple[int, dict[str, Any]]:
+    """``nnictl create --config CONFIG --port PORT --foreground`` pinned to localhost; (exit code, summary).
+
+    ``fetch`` (remote platform): copy every trial's ``search/`` back over SSH, with extra ``ssh -o``
+    ``ssh_options`` (e.g. ``UserKnownHostsFile=...``); see :func:`strategies.nni_remote.fetch_outputs`.
+    """
     config = Path(config).resolve()
     if not config.is_file():
         raise FileNotFoundError(f"--config {config}: expected an NNI experiment YAML, got no such file")
     port = port or free_port()
-    env = localhost_env()
+    settings = _load_config(config)
+    if _platform(settings) == "remote" and not settings.get("nniManagerIp"):
+        raise ValueError(f"{config}: nniManagerIp: expected this machine's IP address as the remote workers see it "
+                         "(they dial ws://<nniManagerIp>:<port>), got none")
+    hosts = bind_hosts(settings)
+    env = localhost_env(hosts=hosts)
     workdir = _working_directory(config, env.get("HOME"))
-    cmd = [_nnictl(), "create", "--config", str(config), "--port", str(port), "--foreground"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    exp_id: list[str] = []
-    listen: set[str] = set()
-    stop = threading.Event()
+    nni_config = resolve_key_files(config, settings, env) or config  # nnictl's HOME is runs/: keys spelled out
+    try:
+        cmd = [_nnictl(), "create", "--config", str(nni_config), "--port", str(port), "--foreground"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        exp_id: list[str] = []
+        listen: set[str] = set()
+        stop = threading.Event()
 
-    def watch_port() -> None:  # sample the manager's listening addresses while it runs
-        while not stop.is_set():
-            listen.update(listening_addresses(port))
-            stop.wait(0.5)
+        def watch_port() -> None:  # sample the manager's listening addresses while it runs
+            while not stop.is_set():
+                listen.update(listening_addresses(port))
+                stop.wait(0.5)
 
-    watcher = threading.Thread(target=watch_port, daemon=True)
-    watcher.start()
-    start = time.monotonic()
-    timed_out = False
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        m = re.search(r"Experiment ID: (\w+)", _ANSI.sub("", line))
-        if m:
-            exp_id.append(m.group(1))
-        if timeout and time.monotonic() - start > timeout:
-            timed_out = True
-            break
-    if timed_out:
-        _stop_experiment(exp_id, port)
-        proc.kill()
-    rc = proc.wait()
-    stop.set()
-    watcher.join(timeout=2)
-    if not exp_id:
-        return (rc or 1), {"status": None, "trials": [], "problems": [f"nnictl exited {rc} before an experiment id"]}
-    summary = experiment_summary(workdir / exp_id[0])
-    summary["port"] = port
-    summary["listen"] = sorted(listen)
-    summary["nnictl_exit_code"] = rc
-    problems = _problems(summary)
-    if timed_out:
-        problems.append(f"timeout: the experiment ran longer than {timeout} s and was stopped")
-    summary["problems"] = problems
-    (workdir / exp_id[0] / "paif_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return (1 if problems else 0), summary
+        watcher = threading.Thread(target=watch_port, daemon=True)
+        watcher.start()
+        start = time.monotonic()
+        timed_out = False
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            m = re.search(r"Experiment ID: (\w+)", _ANSI.sub("", line))
+            if m:
+                exp_id.append(m.group(1))
+            if timeout and time.monotonic() - start > timeout:
+                timed_out = True
+                break
+        if timed_out:
+            _stop_experiment(exp_id, port)
+            proc.kill()
+        rc = proc.wait()
+        stop.set()
+        watcher.join(timeout=2)
+        if not exp_id:
+            return (rc or 1), {"status": None, "trials": [],
+                               "problems": [f"nnictl exited {rc} before an experiment id"]}
+        fetch_problems: list[str] = []
+        if fetch and _platform(settings) == "remote":
+            from strategies.nni_remote import fetch_outputs  # the remote helpers build on this module
+
+            fetch_problems = fetch_outputs(workdir / exp_id[0], settings, ssh_options)
+        summary = experiment_summary(workdir / exp_id[0])
+        summary["port"] = port
+        summary["bind"] = hosts
+        summary["listen"] = sorted(listen)
+        summary["nnictl_exit_code"] = rc
+        problems = fetch_problems + _problems(summary)
+        if timed_out:
+            problems.append(f"timeout: the experiment ran longer than {timeout} s and was stopped")
+        summary["problems"] = problems
+        (workdir / exp_id[0] / "paif_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return (1 if problems else 0), summary
+    finally:
+        if nni_config != config:
+            nni_config.unlink(missing_ok=True)
 
 
 def _stop_experiment(exp_id: list[str], port: int) -> None:
@@ -343,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", required=True, help="NNI experiment YAML (e.g. search.yml)")
     c.add_argument("--port", type=int, default=None, help="manager port (default: a free one)")
     c.add_argument("--timeout", type=float, default=None, help="stop the experiment after this many seconds")
+    c.add_argument("--no-fetch", action="store_true", help="remote platform: leave the trial outputs on the hosts")
+    c.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="remote platform: extra `ssh -o` option for fetching the outputs (repeatable)")
     k = sub.add_parser("check", help="summarise a finished experiment directory")
     k.add_argument("--experiment-dir", required=True)
     for name, text in (("install-hook", "make the plain `nnictl` of this environment bind 127.0.0.1 and keep its "
@@ -354,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("install-hook", "uninstall-hook", "hook-status"):
         return _hook_command(args.command, args.site)
     if args.command == "create":
-        rc, summary = create(args.config, args.port, args.timeout)
+        try:
+            rc, summary = create(args.config, args.port, args.timeout, fetch=not args.no_fetch,
+                                 ssh_options=args.ssh_option)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         summary = experiment_summary(args.experiment_dir)
         summary["problems"] = _problems(summary)

@@ -12,11 +12,18 @@ Commands::
     python strategies/search.py --resume runs/search/search-<time> [epochs=20]   # continue (last.ckpt)
     python -m strategies.nni_local create --config search.yml                # the same under nnictl
     python strategies/search.py --config configs/search_converge.yaml init_from=<segformer dir or start .pt>
+    python strategies/search.py --config configs/search.yaml devices=2       # one supernet, 2 GPUs (DDP)
+    torchrun --nproc-per-node 4 strategies/search.py devices=4 run_dir=runs/search/ddp4   # or through torchrun
 
 The converging regime (``configs/search_converge.yaml``, README "Search quality"): weight warm-up epochs
 without architecture steps, hundreds of architecture steps at an ``arch_lr`` that moves α by whole units, the
 segmenter started from the warm start of retraining (``init_from``), optional Gumbel sampling
 (``strategy=gumbel``) and DARTS+ early stopping on argmax stability (``stop_when_stable``).
+
+With ``devices`` > 1 the supernet is data-parallel (Lightning DDP under NNI's one-shot DARTS: gloo on
+CPU, nccl on GPU): every process draws its own share of each epoch's images, gradients of the weights and of
+the architecture parameters α are averaged, so all ranks hold the same α and weights. The effective batch is
+``devices × data.batch_size``. Rank 0 writes the run folder; other ranks log to ``search.rank<r>.log``.
 
 A run directory holds ``config.yaml`` (resolved), ``search.log``, ``search_result.json`` (probabilities per
 label, argmax architecture, config; rewritten every epoch; at the end also ``selection``, the held-out adversarial
@@ -38,6 +45,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,8 +69,8 @@ from trainer.config import (ConfigError, check_budget, check_channels, check_cho
 from trainer.errors import entry_point  # noqa: E402
 from trainer.memory import (MemoryEstimate, check_memory, estimate_search_memory, first_image_size,  # noqa: E402
                             size_label, step_graphs)
-from trainer.runs import (atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc,  # noqa: E402
-                          use_run_dir, versions)
+from trainer.runs import (atomic_write_text, launch_rank, seed_everything, setup_logging,  # noqa: E402
+                          shared_run_dir, tune_malloc, use_run_dir, versions)
 
 __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "RESUME_SAFE", "holdout_split", "run_search",
            "prepare_data", "check_search_data", "check_search_memory", "main"]
@@ -70,6 +78,7 @@ __all__ = ["DataConfig", "SpaceConfig", "SearchConfig", "TEST_SPLITS", "RESUME_S
 log = logging.getLogger("strategies.search")
 
 DEFAULT_SYNTHETIC = "data/synthetic"
+RUN_DIR_ENV = "PAIF_SEARCH_RUN_DIR"  # DDP: the processes Lightning launches reuse rank 0's run folder
 #: split names reserved for the final evaluation: never used to train or select an architecture
 TEST_SPLITS = ("test", "test_day", "test_night")
 #: settings a resumed search may change (the rest change what it computes and are refused): its length (the
@@ -192,6 +201,7 @@ class SearchConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"  # auto | cpu | gpu
+    devices: int = 1  # > 1: the supernet data-parallel over this many processes (DDP); set run_dir too
     precision: str = "32-true"  # or bf16-mixed on GPUs
     threads: int | None = None  # torch CPU threads (None: torch default)
     run_root: str = "runs/search"
@@ -214,6 +224,8 @@ class SearchConfig:
             value = getattr(self, name)
             require(finite(value) and 0.0 <= value <= 1.0, name, "a weight in [0, 1]", value)
         require(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        require(isinstance(self.devices, int) and not isinstance(self.devices, bool) and self.devices >= 1, "devices",
+                "an integer >= 1 (processes of one data-parallel search)", self.devices)
         check_choice(self.device, ("auto", "cpu", "gpu", "cuda"), "device")
         check_lr(self.lr, "lr")
         require(finite(self.arch_lr) and self.arch_lr >= 0, "arch_lr", "a number >= 0 (0 freezes the architecture)",
@@ -335,12 +347,12 @@ def check_search_memory(cfg: SearchConfig) -> MemoryEstimate:
     s = cfg.space
     graphs = max(step_graphs(1.0 - w, w > 0) for w in (cfg.w, cfg.w_arch))  # clean and attacked passes of a step
     size = search_size(cfg.data)
+    gpu = _accelerator(cfg.device) == "gpu"
     estimate = estimate_search_memory(s.channels, s.steps, s.candidates or DEFAULT_CANDIDATES,
                                       s.rules or DEFAULT_RULES, cfg.data.batch_size, *(size or (0, 0)),
                                       segmenter=s.segmenter.lower().removeprefix("mit-"), num_classes=s.num_classes,
-                                      graphs=graphs)
-    check_memory(estimate, cfg.max_memory_gb, "space.channels", gpu=_accelerator(cfg.device) == "gpu",
-                 size_label=size_label(cfg.data.crop, size))
+                                      graphs=graphs, processes=1 if gpu else cfg.devices)  # CPU DDP: all in this RAM
+    check_memory(estimate, cfg.max_memory_gb, "space.channels", gpu=gpu, size_label=size_label(cfg.data.crop, size))
     log.debug("estimated search memory %s", estimate.describe())
     return estimate
 
@@ -431,8 +443,9 @@ def darts_settings(cfg: SearchConfig) -> DartsSettings:
     return DartsSettings(
         epochs=cfg.epochs, arch_lr=cfg.arch_lr, grad_clip=cfg.grad_clip, warmup_epochs=cfg.warmup_epochs,
         log_every_n_steps=cfg.log_every_n_steps, max_train_batches=cfg.max_train_batches,
-        accelerator=_accelerator(cfg.device), precision=cfg.precision, deterministic=cfg.deterministic,
-        seed=cfg.seed, progress_bar=cfg.progress_bar, keep_checkpoints=cfg.keep_checkpoints, strategy=cfg.strategy,
+        accelerator=_accelerator(cfg.device), devices=cfg.devices, precision=cfg.precision,
+        deterministic=cfg.deterministic, seed=cfg.seed, progress_bar=cfg.progress_bar,
+        keep_checkpoints=cfg.keep_checkpoints, strategy=cfg.strategy,
         gumbel_temperature=tuple(cfg.gumbel_temperature), stop_when_stable=cfg.stop_when_stable,
         light_ops=tuple(light_ops(cfg.space.candidates or DEFAULT_CANDIDATES, cfg.space.channels)),
     )
@@ -470,6 +483,8 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
              cfg.w, cfg.w_arch, cfg.attack, len(train_loader), len(val_loader), run_dir)
     result = run_darts(space, module, train_loader, val_loader, run_dir, darts_settings(cfg), config_to_dict(cfg),
                        wrap=wrap, resume=resume, callbacks=callbacks, extra=extra)
+    if _global_rank() != 0:  # DDP: the weights are rank 0's too; it alone scores and writes the result
+        return result
     result["selection"] = heldout_adv_loss(module.model, selection_loader(cfg.data, cfg.selection.seed),
                                            cfg.selection, has_labels)
     # CPU minutes (all threads): everything this process did (data, model, loop, selection metric) plus the
@@ -480,6 +495,11 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: str | Path | None
     genotype = write_genotype(result, run_dir)
     log.info("search done: %s%s", result["architecture"], f" -> {genotype}" if genotype else "")
     return result
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _resume_config(run_dir: Path, config: str | None, overrides: Sequence[str]) -> tuple[SearchConfig, Path]:
@@ -514,16 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         cfg, resume = _resume_config(Path(args.resume), args.config, overrides)
         check_search_memory(cfg)
-        run_dir = use_run_dir(args.resume)
+        rank = launch_rank(cfg.devices)
+        run_dir = use_run_dir(args.resume, rank)
     else:
         cfg = load_config(SearchConfig, args.config or "configs/search.yaml", overrides)
         check_search_memory(cfg)
-        run_dir = use_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "search")
+        rank = launch_rank(cfg.devices)  # rank 0 alone registers the folder (marked FAILED if the search fails)
+        run_dir = (use_run_dir(cfg.run_dir, rank) if cfg.run_dir else
+                   shared_run_dir(cfg.run_root, "search", cfg.devices, rank, RUN_DIR_ENV))
         cfg.run_dir = str(run_dir)
-    setup_logging(run_dir, filename="search.log")
-    save_config(cfg, run_dir / "config.yaml")
-    atomic_write_text(json.dumps(versions(), indent=2) + "\n", run_dir / "versions.json")
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # the processes Lightning starts for devices > 1 write here too
+    setup_logging(run_dir, filename="search.log" if rank == 0 else f"search.rank{rank}.log")
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_text(json.dumps(versions(), indent=2) + "\n", run_dir / "versions.json")
     result = run_search(cfg, run_dir, resume=resume)
+    if rank != 0:
+        return 0
     print(json.dumps({"run_dir": str(run_dir), "result": str(run_dir / RESULT_NAME),
                       "architecture": result["architecture"]}, indent=2))
     return 0

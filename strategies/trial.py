@@ -17,6 +17,11 @@ results every epoch and the final result at the end, whose ``default`` is the se
 adversarial task loss without ``w_arch``, :mod:`strategies.selection`), comparable across trials. Any failure exits
 non-zero, so NNI marks the trial FAILED: bad settings or data, a diverged search or a file-system error with one line
 ``error: ...`` in ``trial.log`` and exit code 2, the run folder marked ``FAILED`` (``trainer.errors``).
+
+With ``devices=N`` in the trial command (and ``trialGpuNumber: N`` in the experiment), one trial trains its
+supernet data-parallel over N GPUs (:mod:`strategies.search`): the processes Lightning starts take the tuner's
+parameters from rank 0 (environment variable ``PAIF_TRIAL_PARAMETERS``) and only rank 0 reports to NNI (and
+marks the run folder ``FAILED``).
 """
 from __future__ import annotations
 
@@ -34,14 +39,16 @@ if __package__ in (None, ""):
 import nni  # noqa: E402
 
 from strategies.darts import nni_metric, under_nni  # noqa: E402
-from strategies.search import SearchConfig, check_search_memory, run_search  # noqa: E402
+from strategies.search import RUN_DIR_ENV, SearchConfig, check_search_memory, run_search  # noqa: E402
 from trainer.config import load_config, parse_overrides, save_config  # noqa: E402
 from trainer.errors import entry_point  # noqa: E402
-from trainer.runs import make_run_dir, setup_logging, tune_malloc, use_run_dir  # noqa: E402
+from trainer.runs import launch_rank, setup_logging, shared_run_dir, tune_malloc, use_run_dir  # noqa: E402
 
 __all__ = ["PARAMETER_KEYS", "parameters_to_overrides", "main"]
 
 log = logging.getLogger("strategies.trial")
+
+PARAMETERS_ENV = "PAIF_TRIAL_PARAMETERS"  # rank 0's tuner parameters, for the DDP processes Lightning starts
 
 #: NNI search-space names -> SearchConfig keys.
 PARAMETER_KEYS = {"w": "w", "w_arch": "w_arch", "eps": "attack.eps", "attack_steps": "attack.steps", "seed": "seed"}
@@ -60,18 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied before the tuner's parameters")
     args = parser.parse_args(argv)
 
-    params = nni.get_next_parameter() if under_nni() else {}
+    child = os.environ.get("LOCAL_RANK", "0") != "0" and PARAMETERS_ENV in os.environ
+    if child:  # a DDP process Lightning started: the tuner answered rank 0 already
+        params = json.loads(os.environ[PARAMETERS_ENV])
+    else:
+        params = nni.get_next_parameter() if under_nni() else {}
+        os.environ[PARAMETERS_ENV] = json.dumps(params)
     overrides = {**parse_overrides(args.overrides), **parameters_to_overrides(params)}
     output = os.environ.get("NNI_OUTPUT_DIR")
     cfg = load_config(SearchConfig, args.config, overrides)
     check_search_memory(cfg)  # a search that cannot fit fails before its run folder exists
+    rank = launch_rank(cfg.devices)  # rank 0 alone registers the folder (marked FAILED if the trial fails)
     if output:
-        run_dir = use_run_dir(Path(output) / "search")
+        run_dir = use_run_dir(Path(output) / "search", rank)
     else:
-        run_dir = use_run_dir(cfg.run_dir) if cfg.run_dir else make_run_dir(cfg.run_root, "trial")
+        run_dir = (use_run_dir(cfg.run_dir, rank) if cfg.run_dir else
+                   shared_run_dir(cfg.run_root, "trial", cfg.devices, rank, RUN_DIR_ENV))
+    os.environ[RUN_DIR_ENV] = str(run_dir)
     cfg.run_dir = str(run_dir)
     cfg.progress_bar = False  # trial.log is a file: no live progress bar
-    setup_logging(run_dir, filename="search.log")
+    setup_logging(run_dir, filename="search.log" if rank == 0 else f"search.rank{rank}.log")
+    if rank != 0:  # a data-parallel partner of rank 0: trains, reports nothing
+        run_search(cfg, run_dir)
+        return 0
     save_config(cfg, run_dir / "config.yaml")
     log.info("trial parameters %s -> overrides %s", params, overrides)
     result = run_search(cfg, run_dir)

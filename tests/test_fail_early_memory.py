@@ -155,7 +155,7 @@ def _peak_rss_gb() -> float:
 
 
 def test_too_wide_genotype_is_refused_before_anything_is_built(wide_genotype, tmp_path, monkeypatch, capsys):
-    _forbid_building(monkeypatch, retrain, "build_datasets", "build_network", "make_run_dir")
+    _forbid_building(monkeypatch, retrain, "build_datasets", "build_network", "shared_run_dir", "use_run_dir")
     peak = _peak_rss_gb()
     rc = retrain.main(["--genotype", str(wide_genotype), f"max_channels={WIDE}", "data.crop=[128,160]",
                        f"data.root={tmp_path / 'no_data'}", f"runs_root={tmp_path / 'runs'}", "max_memory_gb=50"])
@@ -190,7 +190,7 @@ def test_without_a_crop_the_first_training_image_sets_the_size(tmp_path):
 
 
 def test_too_wide_search_is_refused_before_a_run_folder(tmp_path, monkeypatch, capsys):
-    _forbid_building(monkeypatch, search, "run_search", "make_run_dir", "use_run_dir")
+    _forbid_building(monkeypatch, search, "run_search", "shared_run_dir", "use_run_dir")
     rc = search.main(["--config", "configs/search.yaml", f"space.channels={WIDE}", f"max_channels={WIDE}",
                       f"data.root={tmp_path / 'no_data'}", "data.generate_synthetic=false",
                       f"run_root={tmp_path / 'runs'}", "max_memory_gb=50"])
@@ -211,3 +211,12 @@ def test_without_data_the_wide_genotype_is_refused_on_its_parameters(wide_genoty
         retrain.resolve_inputs(args)
     cfg, genotype, _, _ = retrain.resolve_inputs(retrain.parse_args(["--genotype", "paif", f"data.root={tmp_path}"]))
     assert retrain.train_size(cfg) is None and genotype.channels == 32  # no data: the data error comes later
+
+
+def test_cpu_data_parallel_counts_every_process():
+    base = ["data.crop=[32,40]", "space.channels=4", "device=cpu", "max_memory_gb=100000"]
+    one = search.check_search_memory(load_config(search.SearchConfig, "configs/search.yaml", base))
+    two = search.check_search_memory(load_config(search.SearchConfig, "configs/search.yaml", base + ["devices=2"]))
+    assert (one.processes, two.processes) == (1, 2) and two.total_bytes == 2 * one.total_bytes
+    cfg = load_config(RetrainConfig, None, ["data.crop=[32,40]", "accelerator=cpu", "devices=3"])
+    assert retrain.check_training_memory(cfg, GENOTYPES["paif"]).processes == 3

@@ -242,8 +242,8 @@ def estimate_training_memory(genotype: Any, batch: int, height: int, width: int,
 
 
 def estimate_search_memory(channels: int, steps: int, candidates: Sequence[str], rules: Sequence[str], batch: int,
-                           height: int, width: int, *, segmenter: str = "b0", num_classes: int = 9, graphs: int = 1
-                           ) -> MemoryEstimate:
+                           height: int, width: int, *, segmenter: str = "b0", num_classes: int = 9, graphs: int = 1,
+                           processes: int = 1) -> MemoryEstimate:
     """Memory of one search step: the DARTS supernet of :class:`search_space.fusion_space.FusionSpace` (every
     candidate op runs and keeps its activations) + SegFormer, at ``batch`` × ``height`` × ``width``."""
     from search_space.fusion_space import FusionSpace
@@ -258,7 +258,7 @@ def estimate_search_memory(channels: int, steps: int, candidates: Sequence[str],
 
     key = ("supernet", steps, tuple(candidates), tuple(rules))
     return _estimate(supernet, key, lambda: FusionSegModel(supernet(channels), build_segmenter(segmenter, num_classes)),
-                     channels, batch, height, width, segmenter, num_classes, "both", graphs, 1)
+                     channels, batch, height, width, segmenter, num_classes, "both", graphs, processes)
 
 
 def step_graphs(clean_weight: float, attacked: bool) -> int:

@@ -223,8 +223,10 @@ class RetrainConfig:
     monitor: str = "val/miou_adv"
     #: "auto", "cpu", "gpu"/"cuda"
     accelerator: str = "auto"
-    #: devices per node; > 1 trains with DDP (gloo on CPU, nccl on GPU)
+    #: devices (processes) per node; devices x num_nodes > 1 trains with DDP (gloo on CPU, nccl on GPU)
     devices: int = 1
+    #: machines taking part (launched by torchrun, srun or Lightning's NODE_RANK/MASTER_ADDR variables)
+    num_nodes: int = 1
     #: "auto" = bf16-mixed on CUDA, 32-true on CPU; or any Lightning precision string
     precision: str = "auto"
     #: torch.compile the model (GPU)
@@ -233,6 +235,9 @@ class RetrainConfig:
     num_threads: int = 0
     runs_root: str = "runs"
     run_name: str = "retrain"
+    #: the run folder itself (default: runs_root/<run_name>-<mode>-<time>); with several nodes every node must
+    #: name the same folder on a shared filesystem (default there: runs_root/<run_name>-<mode>-<launcher job id>)
+    run_dir: str | None = None
     progress_bar: bool = True
     log_every_steps: int = 10
     #: at a non-finite loss or gradient: "stop" with an error naming the step (default), or "skip" the step (no
@@ -272,6 +277,7 @@ class RetrainConfig:
             from robustness.threats import resolve_threat
 
             resolve_threat(self.val.threat)  # ThreatError (a ValueError) names the known threats
+        require(self.num_nodes >= 1, "num_nodes", "an integer >= 1", self.num_nodes)
         if self.data.batch_size < 1 or self.devices < 1 or self.save_every_steps < 1:
             raise ValueError("expected data.batch_size, devices and save_every_steps >= 1, got "
                              f"{self.data.batch_size}, {self.devices}, {self.save_every_steps}")

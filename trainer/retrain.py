@@ -17,6 +17,16 @@ Commands::
                                               # (settings that change the run are refused: RESUME_SAFE)
     python trainer/retrain.py --genotype paif devices=2 accelerator=cpu  # DDP (gloo on CPU, nccl on GPU)
 
+Several machines (``devices`` = processes per node, ``num_nodes`` = machines; one process per device, and
+every node must see the same run folder, i.e. a shared filesystem)::
+
+    torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --master-addr HOST0 --master-port 29500 \
+        trainer/retrain.py --genotype out.json devices=4 num_nodes=2 run_dir=/shared/runs/retrain-1
+    srun python trainer/retrain.py --genotype out.json devices=4 num_nodes=2   # in an sbatch script with
+        # --nodes=2 --ntasks-per-node=4 (one task per device); the folder is runs/retrain-<mode>-$SLURM_JOB_ID
+    NODE_RANK=R MASTER_ADDR=HOST0 MASTER_PORT=29500 python trainer/retrain.py ... devices=4 num_nodes=2 \
+        run_dir=/shared/runs/retrain-1          # Lightning's own launcher: one command per node
+
 Every run writes into ``runs/<run_name>-<time>/``: ``config.yaml`` (resolved), ``genotype.json``,
 ``run.log``, TensorBoard logs in ``tb/`` (losses, clean and attacked validation mIoU, AAT probabilities,
 sample pictures), ``best.pt`` / ``last.pt`` (PAIF checkpoint format, ``trainer.checkpoint.load_model``)
@@ -42,11 +52,12 @@ from trainer.checkpoint import CheckpointError, genotype_to_dict, load_checkpoin
 from trainer.config import (check_channels, check_resume_settings, config_to_dict, load_config, parse_overrides,
                             save_config)
 from trainer.datacheck import check_datasets
-from trainer.errors import PaifError, entry_point, track_run_dir
+from trainer.errors import PaifError, entry_point
 from trainer.memory import (MemoryEstimate, check_memory, estimate_training_memory, first_image_size, size_label,
                             step_graphs)
 from trainer.module import MODES, ResumeCheckpoint, RetrainConfig, RetrainModule
-from trainer.runs import atomic_write_text, make_run_dir, seed_everything, setup_logging, tune_malloc
+from trainer.runs import (SharedRunDirError, atomic_write_text, launch_rank, launcher_job_id, no_shared_run_dir,
+                          seed_everything, setup_logging, shared_run_dir, tune_malloc, use_run_dir)
 
 log = logging.getLogger("trainer.retrain")
 
@@ -152,6 +163,8 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
         if stored.get("config") is not None:
             check_resume_settings(stored["config"], config_to_dict(cfg), RESUME_SAFE, str(run_dir),
                                   config_to_dict(type(cfg)()))
+    if cfg.num_nodes > 1 and resume_ckpt is None and not cfg.run_dir and launcher_job_id() is None:
+        raise RetrainError(_no_shared_run_dir(cfg))  # every node stops here, none waits for the others
     if cfg.init_from:
         meta = load_checkpoint(cfg.init_from)
         _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
@@ -272,7 +285,7 @@ def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per
     acc = _accelerator(cfg)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if acc == "gpu" else "32-true")
     strategy: Any = "auto"
-    if cfg.devices > 1:
+    if cfg.devices * cfg.num_nodes > 1:
         strategy = DDPStrategy(process_group_backend="gloo" if acc == "cpu" else "nccl")
     deterministic: Any = cfg.deterministic and (True if acc == "cpu" else "warn")
     max_steps = min(cfg.stop_at_step, total_steps) if cfg.stop_at_step > 0 else total_steps
@@ -280,7 +293,7 @@ def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per
     if cfg.val.every_n_steps > 0:
         val_kwargs = {"val_check_interval": cfg.val.every_n_steps, "check_val_every_n_epoch": None}
     return pl.Trainer(
-        accelerator=acc, devices=cfg.devices, strategy=strategy, precision=precision,
+        accelerator=acc, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy, precision=precision,
         # max_steps ends the run; max_epochs only bounds it (one spare: a run resumed from a checkpoint
         # written at an epoch's last batch replays that epoch index with the next epoch's batches)
         max_steps=max_steps, max_epochs=-(-total_steps // steps_per_epoch) + 1, deterministic=deterministic or None,
@@ -293,12 +306,24 @@ def build_trainer(cfg: RetrainConfig, run_dir: Path, total_steps: int, steps_per
     )
 
 
-def _run_dir(cfg: RetrainConfig, resume_dir: Path | None) -> Path:
+def _run_dir(cfg: RetrainConfig, resume_dir: Path | None, rank: int) -> Path:
+    """The run folder, the same one for every rank of a distributed run: the ``--resume`` folder, else
+    ``run_dir``, else :func:`trainer.runs.shared_run_dir` (Lightning's children, torchrun / SLURM job id,
+    or a new time-stamped folder). Rank 0 alone registers it, so a failed run is marked ``FAILED`` once
+    (:func:`trainer.runs.use_run_dir`)."""
     if resume_dir is not None:
-        return track_run_dir(resume_dir, created=False)
-    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(_RUN_DIR_ENV):
-        return track_run_dir(os.environ[_RUN_DIR_ENV], created=False)
-    return make_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}")
+        return use_run_dir(resume_dir, rank)
+    if cfg.run_dir:
+        return use_run_dir(cfg.run_dir, rank)
+    try:
+        return shared_run_dir(cfg.runs_root, f"{cfg.run_name}-{cfg.mode}", cfg.devices * cfg.num_nodes, rank,
+                              _RUN_DIR_ENV)
+    except SharedRunDirError as exc:
+        raise RetrainError(str(exc)) from exc
+
+
+def _no_shared_run_dir(cfg: RetrainConfig) -> str:
+    return no_shared_run_dir(cfg.devices * cfg.num_nodes, f" (num_nodes={cfg.num_nodes})")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -315,9 +340,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.compile:
         model = torch.compile(model)  # type: ignore[assignment]
 
-    child = os.environ.get("LOCAL_RANK", "0") != "0"
-    run_dir = _run_dir(cfg, resume_dir)
-    setup_logging(run_dir, filename=f"run.rank{os.environ['LOCAL_RANK']}.log" if child else "run.log")
+    rank = launch_rank(cfg.devices)
+    child = rank != 0
+    run_dir = _run_dir(cfg, resume_dir, rank)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, filename=f"run.rank{rank}.log" if child else "run.log")
     if not child:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_text(json.dumps(genotype_to_dict(genotype), indent=2) + "\n", run_dir / "genotype.json")
@@ -328,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     module = RetrainModule(model, genotype, cfg, run_dir, train_set, val_set)
     if resume_ckpt is not None:
         module.last_good = f"{resume_ckpt} (--resume)"
-    world = cfg.devices
+    world = cfg.devices * cfg.num_nodes
     total = module.total_steps(world)
     log.info("retrain mode=%s genotype=%s: %d steps (%d per epoch), run folder %s%s", cfg.mode,
              _genotype_key(genotype), total, module.batches_per_epoch(world), run_dir,

@@ -26,7 +26,8 @@ import torch
 from trainer.errors import PaifError, track_run_dir
 
 __all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
-           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir", "RunInUseError"]
+           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir", "RunInUseError",
+           "launch_rank", "launcher_job_id", "shared_run_dir", "no_shared_run_dir", "SharedRunDirError"]
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,94 @@ def lock_run_dir(path: str | Path) -> Path | None:
     return lock
 
 
-def use_run_dir(path: str | Path) -> Path:
+def use_run_dir(path: str | Path, rank: int = 0) -> Path:
     """Create ``path`` if needed (with its parents) and register it as the command's run folder.
 
     For a folder the user names (``--out``, ``run_dir=``, ``--resume``): a failed command marks it ``FAILED``; one
-    it created and left without results is removed (:func:`trainer.errors.track_run_dir`).
+    it created and left without results is removed (:func:`trainer.errors.track_run_dir`). In a distributed run
+    only rank 0 registers it; the other ranks (``rank`` > 0) just create it, so a rank that ends normally after
+    rank 0 failed cannot clear rank 0's ``FAILED`` mark, and none removes a folder the others write into.
     """
     path = Path(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    return track_run_dir(path, created=created)
+    return track_run_dir(path, created=created) if rank == 0 else path
+
+
+def _cluster_environment() -> Any:
+    """The Lightning cluster environment that manages this process (torchrun, SLURM, LSF, MPI), or None.
+
+    The same detection order as ``pytorch_lightning``'s accelerator connector, so a rank computed here
+    before the ``Trainer`` exists is the one Lightning will use.
+    """
+    from lightning_fabric.plugins.environments import (LSFEnvironment, MPIEnvironment, SLURMEnvironment,
+                                                       TorchElasticEnvironment)
+
+    for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if env.detect():
+            return env()
+    return None
+
+
+def launch_rank(devices: int) -> int:
+    """This process's global rank as its launcher set it, before Lightning starts (0 when not distributed).
+
+    torchrun: ``RANK``; SLURM (srun): ``SLURM_PROCID``; LSF / MPI: theirs; otherwise Lightning's own
+    variables: ``NODE_RANK * devices + LOCAL_RANK`` (``devices`` = processes per node).
+    """
+    env = _cluster_environment()
+    if env is not None:
+        return int(env.global_rank())
+    return int(os.environ.get("NODE_RANK", "0")) * int(devices) + int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launcher_job_id() -> str | None:
+    """The id that every process of one distributed launch shares, or None.
+
+    SLURM: ``SLURM_JOB_ID``; torchrun: ``TORCHELASTIC_RUN_ID`` (its ``--rdzv-id``; ``--standalone`` draws
+    one; a static ``--master-addr`` launch leaves it at ``none``, which counts as no id).
+    """
+    if _cluster_environment() is None:
+        return None
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID"):
+        value = os.environ.get(key, "").strip()
+        if value and value.lower() != "none":
+            return re.sub(r"[^A-Za-z0-9._-]+", "_", value)
+    return None
+
+
+class SharedRunDirError(PaifError, ValueError):
+    """The processes of a distributed run have no way to agree on one run folder."""
+
+
+def shared_run_dir(root: str | Path, name: str, world: int, rank: int, env_key: str) -> Path:
+    """The run folder that every process of one (possibly distributed) run uses; created by rank 0 only.
+
+    Rank 0 registers it as the command's run folder (:func:`use_run_dir`, :func:`make_run_dir`: marked ``FAILED``
+    when the command fails); the other ranks do not.
+
+    * a process that Lightning launched on this node (``LOCAL_RANK`` > 0) takes its parent's folder from the
+      environment variable ``env_key`` (the caller sets it before ``trainer.fit`` launches the children);
+    * under torchrun / SLURM with ``world`` > 1: ``root/<name>-<launcher job id>`` (:func:`launcher_job_id`);
+    * otherwise rank 0 makes ``root/<name>-<time>`` (:func:`make_run_dir`).
+
+    Raises:
+        SharedRunDirError: a rank > 0 with none of these (pass an explicit run folder instead).
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(env_key):
+        return Path(os.environ[env_key])
+    job = launcher_job_id() if world > 1 else None
+    if job is not None:
+        return use_run_dir(Path(root) / f"{name}-{job}", rank)
+    if rank != 0:
+        raise SharedRunDirError(no_shared_run_dir(world))
+    return make_run_dir(root, name)
+
+
+def no_shared_run_dir(world: int, note: str = "") -> str:
+    """The error message of a distributed run whose processes cannot agree on a run folder."""
+    return (f"run_dir: expected one folder that all {world} processes share{note}, got none and no launcher job id "
+            "(SLURM_JOB_ID, torchrun --rdzv-id); pass run_dir=<folder on a shared filesystem>, the same on every node")
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from search_space.genotype import Genotype
-from strategies.nni_local import PRELOAD, experiment_summary, free_port, listening_addresses, localhost_env
+from strategies.nni_local import (PRELOAD, _problems, bind_hosts, experiment_summary, free_port, listening_addresses,
+                                  localhost_env)
 
 REPO = Path(__file__).resolve().parents[2]
 NNICTL = Path(sys.executable).parent / "nnictl"
@@ -56,6 +57,48 @@ def test_preload_pins_listeners_and_tensorboard(tmp_path):
     assert str(PRELOAD) in localhost_env()["NODE_OPTIONS"]
 
 
+@pytest.mark.skipif(NODE is None or not NODE.is_file(), reason="NNI's bundled node is missing")
+def test_preload_mirrors_a_server_onto_each_listed_address(tmp_path):
+    """PAIF_BIND_HOST="127.0.0.1,127.0.0.2" (a remote sweep's manager: loopback + nniManagerIp): one HTTP server
+    answers on both addresses, on the same port, and on no other interface."""
+    script = tmp_path / "mirror.js"
+    script.write_text(
+        "const http = require('http');\n"
+        "const s = http.createServer((req, res) => res.end('pong ' + req.url));\n"
+        "s.listen(0, () => { console.log(JSON.stringify({port: s.address().port}));\n"
+        "  process.stdin.on('data', () => { s.close(); process.exit(0); }); });\n")
+    env = localhost_env(hosts=["127.0.0.1", "127.0.0.2"])
+    assert env["PAIF_BIND_HOST"] == "127.0.0.1,127.0.0.2"
+    proc = subprocess.Popen([str(NODE), str(script)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        deadline = time.monotonic() + 10
+        while len(listening_addresses(port)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert listening_addresses(port) == {"127.0.0.1", "127.0.0.2"}
+        import urllib.request
+
+        for host in ("127.0.0.1", "127.0.0.2"):
+            with urllib.request.urlopen(f"http://{host}:{port}/{host}", timeout=10) as reply:
+                assert reply.read().decode() == f"pong /{host}"
+    finally:
+        proc.communicate("stop\n", timeout=10)
+    assert proc.returncode == 0
+
+
+def test_bind_hosts_add_the_manager_ip_of_a_remote_sweep():
+    remote = {"trainingService": {"platform": "remote"}, "nniManagerIp": "10.0.0.5"}
+    assert bind_hosts(remote) == ["127.0.0.1", "10.0.0.5"]
+    assert bind_hosts({**remote, "nniManagerIp": "127.0.0.1"}) == ["127.0.0.1"]
+    assert bind_hosts({"trainingService": {"platform": "local"}, "nniManagerIp": "10.0.0.5"}) == ["127.0.0.1"]
+    summary = {"status": "DONE", "trials": [{"id": "a", "status": "SUCCEEDED", "result": "r"}],
+               "bind": ["127.0.0.1", "10.0.0.5"], "listen": ["10.0.0.5", "127.0.0.1", "0.0.0.0"]}
+    assert _problems(summary) == ["manager: expected to listen on 127.0.0.1, 10.0.0.5 only, got "
+                                  "['0.0.0.0', '10.0.0.5', '127.0.0.1']"]
+    assert _problems({**summary, "listen": ["10.0.0.5", "127.0.0.1"]}) == []
+
+
 @pytest.mark.slow
 @needs_nnictl
 def test_nnictl_tiny_experiment(synthetic_root, tmp_path):
@@ -91,8 +134,8 @@ def test_nnictl_tiny_experiment(synthetic_root, tmp_path):
         assert len(exp_dirs) == 1
         summary = json.loads((exp_dirs[0] / "paif_summary.json").read_text())
         assert summary["status"] == "DONE" and summary["problems"] == []
-        assert summary == {**experiment_summary(exp_dirs[0]), **{k: summary[k] for k in
-                                                                   ("port", "listen", "nnictl_exit_code", "problems")}}
+        added = ("port", "bind", "listen", "nnictl_exit_code", "problems")
+        assert summary == {**experiment_summary(exp_dirs[0]), **{k: summary[k] for k in added}}
         (trial,) = summary["trials"]
         assert trial["status"] == "SUCCEEDED"
         assert trial["parameters"] == {"w": 0.5, "w_arch": 1, "eps": pytest.approx(8 / 255), "attack_steps": 1,
@@ -105,7 +148,7 @@ def test_nnictl_tiny_experiment(synthetic_root, tmp_path):
         # intermediate result reported once per epoch through NNI
         assert "p/rule/add" in trial["final"]
         # the manager listened, and only on the loopback interface (both by /proc and by ss)
-        assert summary["listen"] == ["127.0.0.1"]
+        assert summary["listen"] == ["127.0.0.1"] and summary["bind"] == ["127.0.0.1"]
         assert seen and all(addr == "127.0.0.1" for addr in seen), seen
         assert not listening_addresses(port)  # the manager is gone
     finally:

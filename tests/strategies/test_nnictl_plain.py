@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from strategies import nni_local
 from strategies.nni_local import (
     HOOK_FILE, PRELOAD, _working_directory, apply_hook, free_port, hook_line, install_hook, listening_addresses,
     localhost_env, nni_home, uninstall_hook,
@@ -50,6 +51,80 @@ def test_apply_hook_only_in_nnictl(monkeypatch, tmp_path):
     monkeypatch.delenv("PAIF_NNICTL_HOOK")
     assert apply_hook("/venv/bin/nnictl")
     assert str(PRELOAD) in os.environ["NODE_OPTIONS"] and os.environ["HOME"] == str(tmp_path / "h")
+
+
+def _remote_config(tmp_path: Path) -> Path:
+    """configs/search_remote.yml with four machines: key under ~, NNI's default key, a password, an absolute key."""
+    config = yaml.safe_load((REPO / "configs" / "search_remote.yml").read_text())
+    config["nniManagerIp"] = "10.0.0.5"
+    config["trainingService"]["machineList"] = [
+        {"host": "10.0.0.11", "user": "u", "sshKeyFile": "~/.ssh/id_ed25519"},
+        {"host": "10.0.0.12", "user": "u"},
+        {"host": "10.0.0.13", "user": "u", "password": "secret"},
+        {"host": "10.0.0.14", "user": "u", "sshKeyFile": str(tmp_path / "user" / ".ssh" / "id_ed25519")},
+    ]
+    path = tmp_path / "configs" / "remote.yml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:SSH password will be exposed")
+def test_hook_on_a_remote_sweep_binds_its_manager_ip_and_finds_the_users_ssh_keys(monkeypatch, tmp_path):
+    """Plain `nnictl create --config remote.yml`: the manager also listens on nniManagerIp, and NNI (running with
+    HOME = NNI's home) gets a config whose `~/.ssh/...` keys are the user's, which it accepts."""
+    from nni.experiment.config import ExperimentConfig
+
+    user = tmp_path / "user"
+    (user / ".ssh").mkdir(parents=True)
+    for key in ("id_ed25519", "id_rsa"):
+        (user / ".ssh" / key).write_text("key\n")
+    config = _remote_config(tmp_path)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # apply_hook edits the environment: work on a copy
+    monkeypatch.setenv("HOME", str(user))
+    monkeypatch.setenv("PAIF_NNI_HOME", str(tmp_path / "nnihome"))
+    monkeypatch.delenv("PAIF_USER_HOME", raising=False)
+    with pytest.raises(ValueError, match=r"valid SSH key file .*nnihome/\.ssh/id_ed25519"):  # what NNI did before
+        monkeypatch.setenv("HOME", str(tmp_path / "nnihome"))
+        ExperimentConfig.load(str(config)).validate()
+    monkeypatch.setenv("HOME", str(user))
+
+    argv = ["/venv/bin/nnictl", "create", "--config", str(config), "--port", "8080"]
+    assert apply_hook(argv=argv)
+    assert os.environ["PAIF_BIND_HOST"] == "127.0.0.1,10.0.0.5" and os.environ["HOME"] == str(tmp_path / "nnihome")
+    resolved = Path(argv[3])
+    try:
+        assert resolved != config and resolved.parent == config.parent  # relative paths keep their meaning
+        machines = yaml.safe_load(resolved.read_text())["trainingService"]["machineList"]
+        assert [m.get("sshKeyFile") for m in machines] == [str(user / ".ssh" / "id_ed25519"),
+                                                           str(user / ".ssh" / "id_rsa"), None,
+                                                           str(user / ".ssh" / "id_ed25519")]
+        ExperimentConfig.load(str(resolved)).validate()  # HOME is NNI's home here, as in nnictl
+        assert yaml.safe_load(config.read_text())["trainingService"]["machineList"][0]["sshKeyFile"] == \
+            "~/.ssh/id_ed25519"  # the user's file is untouched
+    finally:
+        resolved.unlink(missing_ok=True)
+    local = ["/venv/bin/nnictl", "create", "--config", str(REPO / "search.yml")]
+    assert apply_hook(argv=local) and local[3] == str(REPO / "search.yml")
+    assert os.environ["PAIF_BIND_HOST"] == "127.0.0.1"
+
+
+def test_create_removes_its_resolved_remote_config(monkeypatch, tmp_path):
+    config = _remote_config(tmp_path)
+    monkeypatch.setenv("PAIF_NNI_HOME", str(tmp_path / "nnihome"))
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("PAIF_USER_HOME", raising=False)
+    seen = []
+
+    def no_nnictl() -> str:
+        seen.extend(p.name for p in config.parent.iterdir())
+        raise FileNotFoundError("nnictl: none here")
+
+    monkeypatch.setattr(nni_local, "_nnictl", no_nnictl)
+    with pytest.raises(FileNotFoundError, match="nnictl: none here"):
+        nni_local.create(config, port=free_port(), echo=False)
+    assert sorted(seen) == [f".remote.paif-{os.getpid()}.yml", "remote.yml"]  # the copy existed while nnictl ran
+    assert [p.name for p in config.parent.iterdir()] == ["remote.yml"]
 
 
 def _probe(tmp_path: Path, name: str, site: Path) -> dict:

@@ -164,3 +164,97 @@ def test_a_second_process_cannot_take_a_held_run_folder_and_a_dead_owner_release
     lock = lock_run_dir(out)  # the kernel dropped the dead owner's lock
     assert lock.read_text().strip() == str(os.getpid())
     assert lock_run_dir(out) == lock  # taking it again in the same process is a no-op
+
+
+# ------------------------------------------------------------------------ distributed launch: rank and run folder
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS",
+                "SLURM_NTASKS_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_ID",
+                "SLURM_JOB_NAME", "LSB_JOBID", "LSB_HOSTS", "LSB_MCPU_HOSTS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                "PAIF_TEST_RUN_DIR")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    for key in _LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_launch_rank_follows_each_launcher(no_launcher):
+    from trainer.runs import launch_rank, launcher_job_id
+
+    assert launch_rank(4) == 0 and launcher_job_id() is None  # plain `python retrain.py`
+    no_launcher.setenv("NODE_RANK", "1")
+    no_launcher.setenv("LOCAL_RANK", "2")
+    assert launch_rank(4) == 1 * 4 + 2  # Lightning's own variables: node x devices + local
+    assert launcher_job_id() is None
+    no_launcher.setenv("SLURM_NTASKS", "8")  # srun: SLURM's numbering wins over NODE_RANK/LOCAL_RANK
+    no_launcher.setenv("SLURM_NTASKS_PER_NODE", "4")
+    no_launcher.setenv("SLURM_PROCID", "5")
+    no_launcher.setenv("SLURM_JOB_ID", "4242")
+    no_launcher.setenv("SLURM_JOB_NAME", "paif")
+    assert launch_rank(4) == 5 and launcher_job_id() == "4242"
+    for key, value in {"RANK": "3", "WORLD_SIZE": "8", "TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29500", "GROUP_RANK": "0"}.items():  # torchrun inside an allocation
+        no_launcher.setenv(key, value)
+    assert launch_rank(4) == 3 and launcher_job_id() == "4242"  # torchrun's RANK; the job id is SLURM's
+    no_launcher.delenv("SLURM_JOB_ID")
+    assert launcher_job_id() is None  # a static torchrun rendezvous has no id ("none")
+    no_launcher.setenv("TORCHELASTIC_RUN_ID", "exp/1")
+    assert launcher_job_id() == "exp_1"
+
+
+def test_shared_run_dir_is_the_same_for_every_rank(no_launcher, tmp_path):
+    from trainer.runs import SharedRunDirError, shared_run_dir
+
+    first = shared_run_dir(tmp_path, "search", world=1, rank=0, env_key="PAIF_TEST_RUN_DIR")
+    assert first.parent == tmp_path and first.name.startswith("search-") and first.is_dir()
+    no_launcher.setenv("PAIF_TEST_RUN_DIR", str(first))  # Lightning's child process on this node
+    no_launcher.setenv("LOCAL_RANK", "1")
+    assert shared_run_dir(tmp_path, "search", world=2, rank=1, env_key="PAIF_TEST_RUN_DIR") == first
+    no_launcher.delenv("PAIF_TEST_RUN_DIR")
+    with pytest.raises(SharedRunDirError, match="run_dir: expected one folder that all 2 processes share"):
+        shared_run_dir(tmp_path, "search", world=2, rank=1, env_key="PAIF_TEST_RUN_DIR")
+    no_launcher.setenv("SLURM_NTASKS", "2")
+    no_launcher.setenv("SLURM_NTASKS_PER_NODE", "1")
+    no_launcher.setenv("SLURM_PROCID", "1")
+    no_launcher.setenv("SLURM_JOB_ID", "77")
+    no_launcher.setenv("SLURM_JOB_NAME", "paif")
+    for rank in (1, 0):  # every rank of the job names the same folder, whoever comes first
+        assert shared_run_dir(tmp_path, "search", world=2, rank=rank, env_key="PAIF_TEST_RUN_DIR") == \
+            tmp_path / "search-77"
+
+
+def test_only_rank_0_settles_a_shared_run_folder(no_launcher, tmp_path):
+    """A failed rank 0 marks the shared folder FAILED; a rank > 0 neither marks, clears nor removes it."""
+    from trainer.errors import PaifError, entry_point
+    from trainer.runs import shared_run_dir, use_run_dir
+
+    @entry_point
+    def command(folder: Path, rank: int, fail: bool) -> int:
+        run_dir = use_run_dir(folder, rank)
+        (run_dir / f"rank{rank}.pt").write_text("weights")  # a result: the folder is kept
+        if fail:
+            raise PaifError(f"rank {rank} diverged")
+        return 0
+
+    shared = tmp_path / "shared"
+    assert command(shared, 0, True) == 2
+    assert (shared / "FAILED").read_text() == "rank 0 diverged\n"
+    assert command(shared, 1, False) == 0  # ends normally after rank 0 failed: the mark stays
+    assert (shared / "FAILED").read_text() == "rank 0 diverged\n"
+    assert command(shared, 0, False) == 0  # a successful rank 0 (--resume) clears it
+    assert not (shared / "FAILED").exists()
+
+    fresh = tmp_path / "fresh"
+    assert command(fresh, 1, True) == 2  # rank 1 created the folder and failed: rank 0 settles it, not rank 1
+    assert fresh.is_dir() and not (fresh / "FAILED").exists()
+
+    @entry_point
+    def child(parent: Path) -> int:  # a process Lightning started on this node, in its parent's folder
+        shared_run_dir(tmp_path, "search", world=2, rank=1, env_key="PAIF_TEST_RUN_DIR")
+        raise PaifError("child failed")
+
+    no_launcher.setenv("PAIF_TEST_RUN_DIR", str(fresh))
+    no_launcher.setenv("LOCAL_RANK", "1")
+    assert child(fresh) == 2 and not (fresh / "FAILED").exists()
