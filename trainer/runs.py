@@ -196,6 +196,23 @@ def no_shared_run_dir(world: int, note: str = "") -> str:
             "(SLURM_JOB_ID, torchrun --rdzv-id); pass run_dir=<folder on a shared filesystem>, the same on every node")
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at each record, not the stream it was created with: a
+    redirected or captured stderr that is later closed (pytest's capture, a caller's ``redirect_stderr``) would
+    otherwise turn every later log line into a "Logging error" traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__/setStream assign it; sys.stderr wins
+        pass
+
+
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, filename: str = "run.log") -> Path | None:
     """Configure the root logger: a console handler once, plus a file handler in ``run_dir``.
 
@@ -206,7 +223,7 @@ def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO, 
     root.setLevel(level)
     fmt = logging.Formatter(_LOG_FORMAT)
     if not any(getattr(h, "_paif_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _ConsoleHandler()
         console.setFormatter(fmt)
         console._paif_console = True  # type: ignore[attr-defined]
         root.addHandler(console)

@@ -258,3 +258,29 @@ def test_only_rank_0_settles_a_shared_run_folder(no_launcher, tmp_path):
     no_launcher.setenv("PAIF_TEST_RUN_DIR", str(fresh))
     no_launcher.setenv("LOCAL_RANK", "1")
     assert child(fresh) == 2 and not (fresh / "FAILED").exists()
+
+
+def test_console_log_follows_the_current_stderr_after_a_captured_one_is_closed(monkeypatch):
+    import io
+    import sys
+
+    from trainer.runs import setup_logging
+
+    root = logging.getLogger()
+    old = [h for h in root.handlers if getattr(h, "_paif_console", False)]
+    for h in old:
+        root.removeHandler(h)
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        setup_logging()
+        first.close()  # the stream the handler was created with is gone
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("paif.test").warning("still visible")
+        assert "still visible" in second.getvalue() and "Logging error" not in second.getvalue()
+    finally:
+        for h in [h for h in root.handlers if getattr(h, "_paif_console", False)]:
+            root.removeHandler(h)
+        for h in old:
+            root.addHandler(h)
