@@ -175,11 +175,14 @@ THREAT_HELP: dict[str, str] = {
             "step 2/255, 5 steps, perturbing both the infrared and the visible image to maximise the "
             "segmentation cross-entropy.",
     "a2rnet": "the A2RNet budget: PGD L∞ 4/255, 20 steps of 1/255, both images, cross-entropy.",
-    "strong": "per image, the worst of seven attacks at L∞ 8/255 on both images and the clean image: the four "
-              "APGD runs of `sea` and three 20-step attacks (PGD; SegPGD, which shifts weight to still-correct "
+    "strong": "per image, the worst of seven attacks at L∞ 8/255 on both images and the clean image: APGD with "
+              "each of the four losses of `sea` (100 steps for Jensen-Shannon and the masked spherical loss, 50 for "
+              "masked cross-entropy, 25 for balanced cross-entropy) and three 20-step attacks (PGD; SegPGD, which shifts weight to still-correct "
               "pixels; CosPGD, which weights pixels by their confidence in the true class), each keeping the "
               "worst point it visited. The strongest attack here, so its mIoU is the tightest available upper "
               "bound on the true robust mIoU.",
+    "strong-v2": "the `strong` of version 2: per image, the worst of the four 25-step APGD runs of `sea`, PGD-20, "
+                 "SegPGD-20 and CosPGD-20 at L∞ 8/255 on both images (best iterates) and the clean image.",
     "strong-v1": "the `strong` of earlier versions: per image, the worst of PGD-20, SegPGD-20 and CosPGD-20 at "
                  "L∞ 8/255 on both images (each from one random start, keeping its LAST point) and the clean image.",
     "sea": "SEA (Croce et al. 2023): per image, the worst of four APGD runs at L∞ 8/255 on both images, each "

@@ -30,12 +30,19 @@ def test_named_threats_match_the_protocols(toy):
     sea = build_threat("sea", toy)
     assert [(type(a), a.seg_loss) for a in sea.attacks] == [(APGD, k) for k in ("ce-bal", "mce", "msl", "js")]
     assert all(a.alpha == pytest.approx(2 * 8 / 255) for a in sea.attacks)  # APGD starts at 2 eps
-    strong = build_threat("strong", toy)  # SEA's ensemble + the old members, best iterates
+    strong = build_threat("strong", toy)  # SEA's losses at larger budgets + the old members, best iterates
     assert [type(a) for a in strong.attacks] == [APGD] * 4 + [PGD, SegPGD, CosPGD]
+    assert [(a.seg_loss, a.steps) for a in strong.attacks[:4]] == [("ce-bal", 25), ("mce", 50), ("msl", 100),
+                                                                    ("js", 100)]
+    # the same seeds as `sea`: each APGD member is the run `sea` makes with that loss, only longer
+    assert [a.seed for a in strong.attacks[:4]] == [a.seed for a in sea.attacks]
     assert all(a.keep_best and a.eps == pytest.approx(8 / 255) for a in strong.attacks)
     assert len({a.seed for a in strong.attacks}) == 7
-    assert strong.budget()["backward"] == 4 * sea.attacks[0].steps + 60
-    assert set(THREAT_MODELS) >= {"paif", "a2rnet", "strong", "strong-v1", "sea", "sea-lite"}
+    assert strong.budget()["backward"] == 25 + 50 + 100 + 100 + 60
+    v2 = build_threat("strong-v2", toy)  # the previous `strong`: SEA's ensemble (25 steps each) + the old members
+    assert [(type(a), a.steps) for a in v2.attacks] == [(APGD, 25)] * 4 + [(PGD, 20), (SegPGD, 20), (CosPGD, 20)]
+    assert v2.budget()["backward"] == 4 * sea.attacks[0].steps + 60
+    assert set(THREAT_MODELS) >= {"paif", "a2rnet", "strong", "strong-v1", "strong-v2", "sea", "sea-lite"}
 
 
 def test_eps_override_scales_alpha(toy):

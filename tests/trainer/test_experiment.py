@@ -167,6 +167,22 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     md = (out / "results.md").read_text()
     assert "## Claims tested" in md and "max rule `max(IR, Y)`" in md
 
+    # an arm evaluated under an older definition of a threat (here: another step count of `paif`) is evaluated
+    # again on the next run, its training kept; an arm evaluated under the current definitions is left alone
+    stored = json.loads(first.read_text())
+    assert stored["threat_specs"]["paif"]["steps"] == 5
+    stored["threat_specs"]["paif"]["steps"] = 4
+    first.write_text(json.dumps(stored))
+    other = out / "jobs" / "aat-s0" / "done.json"
+    other_before = (other.read_text(), other.stat().st_mtime_ns)
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = (out / "jobs" / "no-aat-s0" / "job.log").read_text()
+    assert log.count("trainer/retrain.py") == 1 and log.count("trainer/evaluate.py") == 2
+    redone = json.loads(first.read_text())
+    assert redone["threat_specs"]["paif"]["steps"] == 5 and redone["train_seconds"] == stored["train_seconds"]
+    assert (other.read_text(), other.stat().st_mtime_ns) == other_before
+
 
 def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     out = tmp_path / "exp"
