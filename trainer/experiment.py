@@ -219,9 +219,13 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
         result = json.loads(done.read_text())
         if result.get("threat_specs") == specs:
             return result
-        changed = sorted(n for n in specs if (result.get("threat_specs") or {}).get(n) != specs[n])
-        log.info("re-evaluating %s: the definition of %s changed since it was evaluated (its training is kept)",
-                 job.key, ", ".join(changed))
+        if "threat_specs" in result:
+            changed = sorted(n for n in specs if result["threat_specs"].get(n) != specs[n])
+            log.info("re-evaluating %s: the definition of %s changed since it was evaluated (its training is kept)",
+                     job.key, ", ".join(changed))
+        else:
+            log.info("re-evaluating %s: evaluated before threat definitions were recorded (its training is kept)",
+                     job.key)
         done.unlink()
         shutil.rmtree(jdir / "eval", ignore_errors=True)
     jdir.mkdir(parents=True, exist_ok=True)
