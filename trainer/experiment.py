@@ -102,6 +102,9 @@ class ExperimentConfig:
     channels: int = 16  # fusion width of every retrained genotype
     #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch
     warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=200"])
+    #: where the warm starts are cached ("" = ``out/cache``). Keys are content hashes of the data files and the
+    #: recipe, so experiments on byte-identical data may share one folder and pretrain the segmenter once
+    cache: str = ""
     #: [label, genotype, mode, (n_seeds), (key=value ...)]: genotype is a GENOTYPES name, "searched" or
     #: "baseline"; n_seeds (optional) runs only the first n of ``seeds``; key=value override retrain for this run
     runs: list[list[str]] = field(default_factory=lambda: [
@@ -614,7 +617,8 @@ def run_searches(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str], in
 def _warm_config(cfg: ExperimentConfig, out: Path, genotype: str) -> Any:
     from trainer.warmstart import WarmStartConfig
 
-    return load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotype}", f"cache={out / 'cache'}",
+    cache = cfg.cache or out / "cache"
+    return load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotype}", f"cache={cache}",
                                                f"channels={cfg.channels}", "progress_bar=false", *cfg.warmstart])
 
 

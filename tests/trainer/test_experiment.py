@@ -196,3 +196,12 @@ def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     assert main(["--report", *args]) == 0
     md = (out / "results.md").read_text()
     assert "**Partial: 2 of 4 jobs finished**" in md and "| AAT − no AAT | clean | s0: -10.0 | -10.0 (one seed) |" in md
+
+
+def test_warm_start_cache_defaults_to_the_out_folder_and_may_be_shared(tmp_path):
+    from trainer.experiment import _warm_config
+
+    cfg = load_config(ExperimentConfig)
+    assert _warm_config(cfg, tmp_path / "exp", "paif").cache == str(tmp_path / "exp" / "cache")
+    cfg = load_config(ExperimentConfig, overrides=[f"cache={tmp_path / 'shared'}"])
+    assert _warm_config(cfg, tmp_path / "exp", "paif").cache == str(tmp_path / "shared")
