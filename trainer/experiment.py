@@ -787,7 +787,7 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     return 0
 
 
-#: --tiny: every stage at toy size (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
+#: --tiny: every stage at toy size (warm starts cached in out/cache) (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
 #: searches), seeds [0, 1] and at most 2 random arms: checks the whole command end to end, measures nothing
 TINY = [
     "workers=2", "seeds=[0,1]", "channels=4", "data.size=[32,40]", "data.n_train=6", "data.n_val=2", "data.n_test=2",
@@ -799,6 +799,7 @@ TINY = [
     'search_extra=["epochs=2","warmup_epochs=1","max_train_batches=1","data.crop=[24,32]","data.batch_size=2",'
     '"space.channels=4","selection.max_batches=1","log_every_n_steps=1"]',
     "eval_steps=1", "eval_limit=2", "eval_batch_size=2", "selection.limit=2", "eps_sweep=[]",
+    'cache=""',  # the toy warm starts stay in out/cache, never in a cache shared with real experiments
     'eval_extra=["masking.queries=2","per_modality=[]"]',
 ]
 
