@@ -289,6 +289,9 @@ def threat_specs(names: Sequence[str]) -> dict[str, Any]:
             specs[name] = resolve_threat(name)
         except ThreatError:  # a YAML file of user threats: evaluate.py resolves (and reports) it
             specs[name] = name
+    from trainer.evaluate import WORST_CASE_SELECTION
+
+    specs["_worst_case_selection"] = WORST_CASE_SELECTION  # how a worst case's mIoU is chosen, also a definition
     return json.loads(json.dumps(specs))  # as done.json stores it (tuples become lists)
 
 
