@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from trainer.runs import atomic_save_figure
+
 __all__ = [
     "slot_stats",
     "summary_stats",
@@ -184,11 +186,7 @@ def plot_alpha(history: Sequence[Mapping[str, Any]], path: str | Path, title: st
     fig.suptitle(title or "architecture probabilities over the search (shaded: weight warm-up; dashed: light ops)",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def history_table(history: Sequence[Mapping[str, Any]], light: Sequence[str] = ()) -> str:

@@ -31,7 +31,7 @@ from rgbt.color import rgb_to_y, rgb_to_ycbcr, ycbcr_to_rgb
 from rgbt.dataset import RGBTDataset, RGBTSubset
 from trainer.checkpoint import CheckpointError, load_model
 from trainer.metrics import FUSION_METRIC_NAMES, FusionMetrics
-from trainer.runs import atomic_write_text, tune_malloc
+from trainer.runs import atomic_save_figure, atomic_write_text, tune_malloc
 
 __all__ = ["RULES", "max_rule", "average_rule", "compare", "markdown_table", "save_panels", "main"]
 
@@ -154,15 +154,7 @@ def save_panels(path: str | Path, panels: Sequence[tuple[str, np.ndarray]], titl
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

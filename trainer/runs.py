@@ -26,7 +26,8 @@ import torch
 from trainer.errors import PaifError, track_run_dir
 
 __all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
-           "atomic_write_bytes", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir", "RunInUseError",
+           "atomic_write_bytes", "atomic_save_figure", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir",
+           "RunInUseError",
            "launch_rank", "launcher_job_id", "shared_run_dir", "no_shared_run_dir", "SharedRunDirError"]
 
 log = logging.getLogger(__name__)
@@ -360,6 +361,18 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     """Write bytes atomically (temporary file in the same folder + ``os.replace``): never a half-written file."""
     return _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix) and close it, also when saving fails."""
+    path = Path(path)
+    try:
+        return _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png",
+                                                         **savefig_kwargs))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def versions() -> dict[str, str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from trainer.experiment import BEST_RANDOM, RANDOM_PREFIX, ExperimentConfig, aggregate, mean_std
+from trainer.runs import atomic_save_figure
 
 __all__ = ["arm_kinds", "rank_among", "search_targets", "plot_scatter", "search_summary", "write_search_quality"]
 
@@ -131,11 +132,7 @@ def plot_scatter(results: Sequence[Mapping[str, Any]], kinds: Mapping[str, str],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path)
 
 
 def search_summary(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
