@@ -2,26 +2,13 @@
 float64, independent of the thread count), the fallbacks and state-dict compatibility."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from search_space import activations, cpp_ext
+from search_space import activations
 from search_space.activations import PReLU, prelu_cpp_usable
-
-
-@pytest.fixture(scope="module")
-def extension():
-    if cpp_ext.disabled():
-        pytest.skip("PAIF_NO_CPP is set: the C++ kernels are turned off")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ext = cpp_ext.load_extension()
-    if ext is None:
-        pytest.skip(f"the C++ kernels could not be built here: {cpp_ext.failure()}")
-    return ext
 
 
 def _grads(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
