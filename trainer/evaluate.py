@@ -763,6 +763,17 @@ def _pictures(run_dir: Path, grid: dict[str, list[dict[str, Any]]], report: dict
 
 
 # --------------------------------------------------------------------------------------------- command
+def add_run_options(p: argparse.ArgumentParser, limit_help: str = "first N images only") -> None:
+    """The options shared by ``evaluate.py`` and its card suite: image limit, batch size, device, attack steps,
+    seed, progress bar (each maps to the config key of the same name)."""
+    p.add_argument("--limit", type=int, help=limit_help)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--steps", type=int, help="override every attack's step count (quick checks, not the protocol)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     """Command line → (YAML path, flat overrides). Flags override YAML; trailing ``key=value`` override flags."""
     p = argparse.ArgumentParser(prog="python trainer/evaluate.py", description=__doc__.split("\n")[0],
@@ -778,12 +789,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     p.add_argument("--out", help="output directory (default runs/evaluate-<timestamp>)")
     p.add_argument("--eps-sweep", nargs="*", dest="eps_sweep", metavar="EPS",
                    help="budgets in 1/255 for the mIoU-versus-eps curve (none: no sweep)")
-    p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--steps", type=int, help="override every attack's step count (quick checks, not the protocol)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    add_run_options(p)
     p.add_argument("--skip-data-check", action="store_false", dest="data_check", default=None,
                    help="do not validate every image of the split first (alias of data_check=false)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any EvaluateConfig key, e.g. grid_samples=2")

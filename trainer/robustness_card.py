@@ -74,7 +74,7 @@ from robustness.threats import ThreatError  # noqa: E402
 from trainer.checkpoint import CheckpointError, load_model  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, require, save_config  # noqa: E402
 from trainer.evaluate import (  # noqa: E402
-    EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, evaluate, resolve_device,
+    EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, add_run_options, evaluate, resolve_device,
 )
 from trainer.metrics import MIOU_CONVENTIONS  # noqa: E402
 from trainer.report import _f, _table, save_grid, save_radar, to_jsonable, write_json  # noqa: E402
@@ -805,12 +805,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
                    help=f"family to run; repeat for several (default all: {', '.join(FAMILIES)})")
     p.add_argument("--threat", action="append", dest="threats", metavar="NAME",
                    help="threat model of the threats family; repeat for several (default paif + strong)")
-    p.add_argument("--limit", type=int, help="first N evaluation images only")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--steps", type=int, help="override every attack's step count (quick checks, not the protocol)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
+    add_run_options(p, limit_help="first N evaluation images only")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any CardConfig key, e.g. patch.steps=20")
     args = p.parse_args(list(argv) if argv is not None else None)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
