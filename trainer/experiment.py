@@ -101,7 +101,7 @@ class ExperimentConfig:
     data: DataSpec = field(default_factory=DataSpec)
     channels: int = 16  # fusion width of every retrained genotype
     #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch
-    warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=200"])
+    warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=500"])
     #: where the warm starts are cached ("" = ``out/cache``). Keys are content hashes of the data files and the
     #: recipe, so experiments on byte-identical data may share one folder and pretrain the segmenter once
     cache: str = ""
@@ -210,6 +210,39 @@ def _run(cmd: Sequence[str], logfile: Path) -> None:
     if code != 0:
         tail = "".join(logfile.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"{cmd[1]} failed with exit code {code}; see {logfile}:\n{tail}")
+
+
+def trained_from(jdir: Path) -> str | None:
+    """The start checkpoint a job's retraining began from (``init_from`` of its run's ``config.yaml``), if any."""
+    import yaml
+
+    for config in sorted((jdir / "train").glob("*/config.yaml")):
+        init = (yaml.safe_load(config.read_text()) or {}).get("init_from")
+        if init:
+            return str(init)
+    return None
+
+
+def check_starts(jobs: Sequence[Job], out: Path, starts: dict[str, dict[str, Any]]) -> None:
+    """Refuse to continue an experiment folder whose arms were retrained from another starting point.
+
+    The start checkpoint's name is a content hash of the data, the warm-start recipe and the genotype, so a
+    changed recipe (e.g. a new default of ``trainer.warmstart``) gives another name; finished arms would otherwise
+    be kept and mixed with arms retrained from the new start.
+    """
+    stale = []
+    for job in jobs:
+        if job.genotype not in starts:
+            continue
+        before = trained_from(out / "jobs" / job.key)
+        now = Path(starts[job.genotype]["start"]).name
+        if before is not None and Path(before).name != now:
+            stale.append(f"{job.key} ({Path(before).name})")
+    if stale:
+        raise ConfigError(
+            f"{out}: {len(stale)} arm(s) were retrained from another starting point than this configuration's "
+            f"({', '.join(sorted({Path(i['start']).name for i in starts.values()}))}): {', '.join(stale)}; the data "
+            "or the warm-start recipe changed. Use another --out, or delete those jobs/<arm> folders to retrain them")
 
 
 def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
@@ -855,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     genotypes, searched = prepare(cfg, out)
     searches = run_searches(cfg, out, genotypes, common_segmenter(cfg, out) if cfg.searches else None)
     starts = warm_starts(cfg, out, genotypes)
+    check_starts(jobs, out, starts)
     baseline_path = out / "max_rule_fusion.json"
     if not baseline_path.is_file():
         baseline_path.write_text(json.dumps(max_rule_fusion_metrics(out / "data"), indent=2) + "\n")

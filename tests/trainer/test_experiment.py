@@ -205,3 +205,20 @@ def test_warm_start_cache_defaults_to_the_out_folder_and_may_be_shared(tmp_path)
     assert _warm_config(cfg, tmp_path / "exp", "paif").cache == str(tmp_path / "exp" / "cache")
     cfg = load_config(ExperimentConfig, overrides=[f"cache={tmp_path / 'shared'}"])
     assert _warm_config(cfg, tmp_path / "exp", "paif").cache == str(tmp_path / "shared")
+
+
+def test_arms_retrained_from_another_start_are_refused(tmp_path):
+    """A finished arm keeps its training; when the starting point changed (new warm-start recipe), continuing the
+    folder would mix arms from two starts, so the experiment stops with a message naming the arms."""
+    from trainer.experiment import Job, check_starts, trained_from
+
+    job = Job(label="AAT", genotype="paif", mode="aat", seed=0)
+    run = tmp_path / "jobs" / job.key / "train" / "aat-s0-aat-1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("mode: aat\ninit_from: /elsewhere/cache/start-aaaa.pt\n")
+    assert trained_from(tmp_path / "jobs" / job.key) == "/elsewhere/cache/start-aaaa.pt"
+    check_starts([job], tmp_path, {"paif": {"start": "runs/cache/start-aaaa.pt"}})  # same start, other folder
+    check_starts([Job(label="x", genotype="paif", mode="clean", seed=1)], tmp_path,
+                 {"paif": {"start": "runs/cache/start-bbbb.pt"}})  # not trained yet
+    with pytest.raises(ConfigError, match=r"aat-s0 \(start-aaaa.pt\).*another --out, or delete"):
+        check_starts([job], tmp_path, {"paif": {"start": "runs/cache/start-bbbb.pt"}})
