@@ -5,8 +5,9 @@
 #   2 search    python -m strategies.nni_local create --config search.yml   (nnictl, 2 robust DARTS trials)
 #   3 derive    derive/export_genotype.py --experiment: the finished trial with the lowest held-out
 #               adversarial loss (strategies/selection.py)
-#   4 warm      python -m trainer.warmstart: SegFormer pretrained on max-rule fused images + the derived fusion
-#               net warmed up on the fusion loss (cached under runs/cache by content hash: a rerun reuses it)
+#   4 warm      python -m trainer.warmstart: SegFormer pretrained on max-rule fused images (started beside the
+#               search: it does not depend on the genotype, and the search leaves one core idle) + the derived
+#               fusion net fitted to the max-rule image (cached under runs/cache by content hash: a rerun reuses it)
 #   5 retrain   trainer/retrain.py --config configs/demo_retrain.yaml init_from=<warm start>  (AAT)
 #   6 evaluate  trainer/evaluate.py --threat paif --threat strong            (full attack step counts,
 #               first DEMO_LIMIT test images, eps sweep of paif only)
@@ -15,7 +16,7 @@
 # experiment itself lands in runs/nni-experiments/<id>/ (search.yml). Environment knobs:
 #   DEMO_LIMIT=8          test images evaluated       OMP_NUM_THREADS=1   torch threads per process
 #   DEMO_RUNS=runs/demo   parent of the run folders   DEMO_SEARCH_TIMEOUT=480   seconds before the search is stopped
-#   DEMO_CACHE=runs/cache warm-start cache            DEMO_SEG_STEPS=400   segmenter pretraining steps
+#   DEMO_CACHE=runs/cache warm-start cache            DEMO_SEG_STEPS=800   segmenter pretraining steps
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,6 +34,8 @@ DATA=data/synthetic
 LIMIT=${DEMO_LIMIT:-8}
 RUNS=${DEMO_RUNS:-runs/demo}
 SEARCH_TIMEOUT=${DEMO_SEARCH_TIMEOUT:-480}
+SEG_STEPS=${DEMO_SEG_STEPS:-800}
+CACHE=${DEMO_CACHE:-runs/cache}
 RUN=$RUNS/demo-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUNS"
 mkdir "$RUN"   # fails (stops the demo) rather than mixing two runs started within the same second
@@ -49,7 +52,9 @@ done_stage() {
     local dt=$(( $(date +%s) - T_STAGE ))
     printf '%-9s %4d s\n' "$STAGE_NAME" "$dt" | tee -a "$TIMES"
 }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (exit $rc); logs in $RUN" >&2' EXIT
+# a failed stage also stops the segmenter pretraining still running in the background
+trap 'rc=$?; [ -z "${SEG_PID:-}" ] || kill "$SEG_PID" 2>/dev/null || true
+      [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (exit $rc); logs in $RUN" >&2' EXIT
 
 echo "PAIF demo -> $RUN  (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
 
@@ -57,6 +62,12 @@ stage 1 data
 python -m rgbt.synthetic --out "$DATA" --n-train 200 --n-val 16 --n-test 16 --size 96 128 --seed 0
 python -m rgbt.summary "$DATA"
 done_stage
+
+# The segmenter pretraining does not depend on the genotype: it runs beside the search (one trial at a time, so
+# one core is otherwise idle) and stage 4 waits for it.
+python -m trainer.warmstart --data "$DATA" --cache "$CACHE" --segmenter-only progress_bar=false seg.steps=$SEG_STEPS \
+    > "$RUN/segmenter.log" 2>&1 &
+SEG_PID=$!
 
 stage 2 search
 # nnictl create --foreground, pinned to 127.0.0.1; exits non-zero unless every trial succeeded. nnictl's own
@@ -72,8 +83,9 @@ python derive/export_genotype.py --experiment "$EXP" --out "$RUN/out.json"
 done_stage
 
 stage 4 warm
-python -m trainer.warmstart --data "$DATA" --genotype "$RUN/out.json" --cache "${DEMO_CACHE:-runs/cache}" \
-    --json "$RUN/warmstart.json" progress_bar=false seg.steps=${DEMO_SEG_STEPS:-400} fusion.steps=60
+wait "$SEG_PID" || { echo "segmenter pretraining failed:" >&2; tail -5 "$RUN/segmenter.log" >&2; exit 1; }
+python -m trainer.warmstart --data "$DATA" --genotype "$RUN/out.json" --cache "$CACHE" \
+    --json "$RUN/warmstart.json" progress_bar=false seg.steps=$SEG_STEPS fusion.steps=300
 START=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["start"])' "$RUN/warmstart.json")
 done_stage
 
@@ -89,5 +101,7 @@ python trainer/evaluate.py --checkpoint "$CKPT" --data "$DATA" --split test --th
 done_stage
 
 printf '%-9s %4d s\n' total $(( $(date +%s) - T_ALL )) | tee -a "$TIMES"
+echo
+python scripts/demo_summary.py "$RUN"   # -> $RUN/summary.md: the run's numbers against its targets, what to look at
 echo
 echo "report: $RUN/eval/report.md"

@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", help="cache folder (= cache=...)")
     p.add_argument("--json", help="also write the summary (start checkpoint, segmenter folder) to this file")
     p.add_argument("--skip-data-check", action="store_true", help="alias of data_check=false")
+    p.add_argument("--segmenter-only", action="store_true",
+                   help="only the (genotype-independent) segmenter pretraining; a later call with the same data and "
+                        "seg.* recipe finds it cached (scripts/demo.sh runs it beside the search)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -394,9 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("data_check=false")
     setup_logging(None)
     cfg = load_config(WarmStartConfig, args.config, overrides)
-    info = warm_start(cfg)
-    seg = info["segmenter"]
-    miou = seg.get("val", {}).get("miou")
+    if args.segmenter_only:
+        seg_dir = pretrained_segmenter(cfg)[0]
+        info = {"start": None, "segmenter_dir": str(seg_dir),
+                "segmenter": json.loads((seg_dir / "pretrain.json").read_text())}
+    else:
+        info = warm_start(cfg)
+    miou = info["segmenter"].get("val", {}).get("miou")
     summary = json.dumps({"start": info["start"], "segmenter_dir": info["segmenter_dir"],
                           "segmenter_val_miou": miou}, indent=2)
     print(summary)

@@ -109,3 +109,23 @@ def test_max_rule_warm_up_fits_the_max_rule_and_the_fusion_loss_target_does_not(
 def test_unknown_fusion_target_is_refused(tiny_data, tmp_path) -> None:
     with pytest.raises(ValueError, match="fusion.target: expected one of max_rule, fusion_loss"):
         _cfg(tiny_data, tmp_path, **{"fusion.target": "mean"})
+
+
+def test_segmenter_only_pretrains_what_the_full_warm_start_then_reuses(tiny_data, tmp_path, monkeypatch, capsys) -> None:
+    """--segmenter-only (the demo runs it beside the search) writes the segmenter only; the full warm start with the
+    same data and seg.* recipe finds it cached and adds the start checkpoint."""
+    torch.set_num_threads(1)
+    args = ["--data", str(tiny_data), "--cache", str(tmp_path), "channels=4", "seg.steps=2", "seg.batch_size=2",
+            "progress_bar=false"]
+    assert warmstart.main([*args, "--segmenter-only"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["start"] is None and list(tmp_path.glob("start-*")) == []
+    assert (tmp_path / printed["segmenter_dir"].split("/")[-1] / "config.json").is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("the segmenter was pretrained again")
+
+    monkeypatch.setattr(warmstart, "pretrain_segmenter", boom)
+    assert warmstart.main([*args, "fusion.steps=1", "fusion.batch_size=2", "fusion.crop=[24,32]"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["segmenter_dir"] == printed["segmenter_dir"] and full["start"].endswith(".pt")
