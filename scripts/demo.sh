@@ -16,7 +16,7 @@
 # experiment itself lands in runs/nni-experiments/<id>/ (search.yml). Environment knobs:
 #   DEMO_LIMIT=8          test images evaluated       OMP_NUM_THREADS=1   torch threads per process
 #   DEMO_RUNS=runs/demo   parent of the run folders   DEMO_SEARCH_TIMEOUT=480   seconds before the search is stopped
-#   DEMO_CACHE=runs/cache warm-start cache            DEMO_SEG_STEPS=800   segmenter pretraining steps
+#   DEMO_CACHE=runs/cache warm-start cache            DEMO_SEG_STEPS=1000  segmenter pretraining steps
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ DATA=data/synthetic
 LIMIT=${DEMO_LIMIT:-8}
 RUNS=${DEMO_RUNS:-runs/demo}
 SEARCH_TIMEOUT=${DEMO_SEARCH_TIMEOUT:-480}
-SEG_STEPS=${DEMO_SEG_STEPS:-800}
+SEG_STEPS=${DEMO_SEG_STEPS:-1000}
 CACHE=${DEMO_CACHE:-runs/cache}
 RUN=$RUNS/demo-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUNS"

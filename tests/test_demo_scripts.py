@@ -1,4 +1,4 @@
-"""scripts/demo_summary.py: the demo's verdicts come from the run's own numbers."""
+"""scripts/demo_summary.py (the demo's verdicts come from the run's own numbers) and scripts/clean_probe.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -71,3 +71,50 @@ def test_max_rule_reference_is_computed_on_the_reported_images(tmp_path):
 def test_refuses_a_folder_without_a_report(tmp_path, capsys):
     assert _module().main([str(tmp_path)]) == 2
     assert "expected eval/report.json" in capsys.readouterr().err
+
+
+def test_clean_probe_matches_a_direct_computation(tmp_path):
+    """scripts/clean_probe.py: the mIoU equals a confusion matrix of the model's argmax built here, and the max
+    rule's SSIM the per-image sum of SSIM(max(IR, Y), source) over the split."""
+    import torch
+
+    from rgbt.color import rgb_to_y
+    from rgbt.dataset import RGBTDataset
+    from rgbt.synthetic import generate_dataset
+    from trainer.checkpoint import load_model
+    from trainer.config import load_config
+    from trainer.metrics import ssim
+    from trainer.warmstart import WarmStartConfig, warm_start
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    generate_dataset(data, n_train=2, n_val=3, n_test=1, size=(32, 48), seed=1)
+    cfg = load_config(WarmStartConfig, None, {"data": str(data), "cache": str(tmp_path / "c"), "channels": 4,
+                                              "seg.steps": 1, "seg.batch_size": 2, "fusion.steps": 1,
+                                              "fusion.batch_size": 2, "fusion.crop": [24, 32], "progress_bar": False})
+    ckpt = warm_start(cfg)["start"]
+    spec = importlib.util.spec_from_file_location("clean_probe", ROOT / "scripts" / "clean_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.probe(ckpt, str(data), "val", batch_size=2)
+
+    model, _ = load_model(ckpt)
+    model.eval()
+    ds = RGBTDataset(data, "val")
+    k = 9
+    conf = torch.zeros(k, k, dtype=torch.int64)
+    ssims = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            pred = model(item["ir"][None], item["vis"][None]).logits.argmax(1)[0]
+            keep = item["label"] != 255
+            conf += torch.bincount(item["label"][keep] * k + pred[keep], minlength=k * k).view(k, k)
+            ir, y = item["ir"][0], rgb_to_y(item["vis"][None])[0, 0]
+            ssims.append(ssim(torch.maximum(ir, y), ir) + ssim(torch.maximum(ir, y), y))
+    tp = conf.diag().double()
+    union = conf.sum(0) + conf.sum(1) - conf.diag()
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.zeros(()))
+    assert r["miou"] == pytest.approx(float(iou.mean()), abs=1e-9)
+    assert r["SSIM_max_rule"] == pytest.approx(sum(ssims) / len(ssims), abs=1e-6)
+    assert 0 <= r["gap_max_rule"] <= 1 and 0 <= r["Qabf"] <= 1
