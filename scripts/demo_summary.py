@@ -2,7 +2,7 @@
 
 Writes ``RUN_DIR/summary.md`` (and prints it): the stage times against the 10-minute budget, clean and attacked
 mIoU against the demo's 40 % clean target, the classes it finds and misses, its fused images' SSIM and Qabf against
-the plain max rule ``max(IR, Y)`` on the same test images, and which pictures to open and what to look for in them.
+the plain max rule ``max(IR, Y)`` on the same test images (``trainer.experiment.max_rule_fusion_metrics``), and which pictures to open and what to look for in them.
 Every verdict is computed from the run's files (``stage_times.txt``, ``warmstart.json``, ``eval/report.json``).
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.experiment import max_rule_fusion_metrics  # noqa: E402
 
 #: the demo's targets (issue "models that actually segment"): clean mIoU and wall time on a 2-core CPU
 TARGET_CLEAN_MIOU = 0.40
@@ -28,23 +30,6 @@ def stage_times(path: Path) -> dict[str, int]:
             if len(parts) >= 2 and parts[1].isdigit():
                 times[parts[0]] = int(parts[1])
     return times
-
-
-def max_rule_metrics(data: Path, split: str, limit: int | None) -> dict[str, float]:
-    """SSIM and Qabf of ``max(IR, Y)`` on the first ``limit`` images of ``split`` (the images the report used)."""
-    import torch
-
-    from rgbt.color import rgb_to_y
-    from rgbt.dataset import RGBTDataset
-    from trainer.metrics import FusionMetrics
-
-    ds = RGBTDataset(data, split)
-    acc = FusionMetrics()
-    for i in range(min(len(ds), limit or len(ds))):
-        item = ds[i]
-        ir, y = item["ir"][None], rgb_to_y(item["vis"][None])
-        acc.update(torch.maximum(ir, y), ir, y)
-    return acc.compute()
 
 
 def _pct(x: float | None) -> str:
@@ -85,7 +70,7 @@ def summarize(run: Path) -> str:
     lines.append(f"* **Classes**: found (IoU >= 30 %): {', '.join(f'{k} {100 * iou[k]:.0f}' for k in found) or 'none'}; "
                  f"mostly missed (< 10 %): {', '.join(missed) or 'none'} (thin or rare classes need longer training).")
     if fusion:
-        ref = max_rule_metrics(data, split, limit)
+        ref = max_rule_fusion_metrics(data, split, limit)
         cmp = []
         for key in ("SSIM", "Qabf"):
             ok = fusion[key] >= ref[key]

@@ -354,8 +354,9 @@ def extract(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def max_rule_fusion_metrics(data: Path, split: str = "test") -> dict[str, float]:
-    """Fusion metrics of the plain max rule ``max(IR, Y)`` on ``split``: the bar a learnt fusion should clear."""
+def max_rule_fusion_metrics(data: Path, split: str = "test", limit: int | None = None) -> dict[str, float]:
+    """Fusion metrics of the plain max rule ``max(IR, Y)`` on ``split`` (its first ``limit`` images; None: all):
+    the bar a learnt fusion should clear."""
     import torch
 
     from rgbt.color import rgb_to_y
@@ -364,7 +365,7 @@ def max_rule_fusion_metrics(data: Path, split: str = "test") -> dict[str, float]
 
     ds = RGBTDataset(data, split)
     acc = FusionMetrics()
-    for i in range(len(ds)):
+    for i in range(min(len(ds), len(ds) if limit is None else limit)):
         item = ds[i]
         ir, y = item["ir"][None], rgb_to_y(item["vis"][None])
         acc.update(torch.maximum(ir, y), ir, y)
