@@ -34,6 +34,8 @@ import torch
 from kornia.contrib import diamond_square
 from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import gaussian_blur2d, motion_blur
+
+from trainer.errors import PaifError
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 from torch import Tensor
 
@@ -48,7 +50,7 @@ SEVERITIES = 5
 MODALITY_CHANNELS = {"ir": 1, "vis": 3}
 
 
-class CorruptionError(ValueError):
+class CorruptionError(PaifError, ValueError):
     """A corruption, fault or misregistration was asked for with invalid arguments."""
 
 

@@ -65,13 +65,13 @@ from tqdm import tqdm  # noqa: E402
 from rgbt.dataset import DataError, RGBTDataset  # noqa: E402
 from robustness.attacks import seg_scores  # noqa: E402
 from robustness.corruptions import (  # noqa: E402
-    CORRUPTIONS, FAULTS, MISREGISTRATIONS, SEVERITIES, CorruptionError, corrupt, fault, image_seed, misregister,
+    CORRUPTIONS, FAULTS, MISREGISTRATIONS, SEVERITIES, corrupt, fault, image_seed, misregister,
 )
 from robustness.patches import (  # noqa: E402
     IGNORE_INDEX, Patch, optimise_patch, paste, patch_side, place_on_objects, thermal_range,
 )
-from robustness.threats import ThreatError  # noqa: E402
-from trainer.checkpoint import CheckpointError, load_model  # noqa: E402
+from trainer.checkpoint import load_model  # noqa: E402
+from trainer.errors import entry_point  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, require, save_config  # noqa: E402
 from trainer.evaluate import (  # noqa: E402
     EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, add_run_options, evaluate, resolve_device,
@@ -813,24 +813,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     return args.config, flags
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point (``trainer/evaluate.py --suite card``); returns 0 on success, 2 on bad input."""
+    """Entry point (``trainer/evaluate.py --suite card``); returns 0 on success, 2 on bad input (the project's error
+    boundary, :func:`trainer.errors.entry_point`: one ``error: …`` line on stderr)."""
     tune_malloc()
-    try:
-        yaml_path, overrides = parse_args(argv)
-        cfg = load_config(CardConfig, yaml_path, overrides)
-        if not cfg.checkpoint or not cfg.data:
-            raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
-                              f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
-        out_dir = Path(cfg.out) if cfg.out else make_run_dir("runs", "card")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(out_dir, filename="card.log")
-        log.info("robustness card of %s on %s (%s) into %s", cfg.checkpoint, cfg.data, cfg.split, out_dir)
-        card = build_card(cfg, out_dir)
-    except (ConfigError, CheckpointError, DataError, ThreatError, CorruptionError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    yaml_path, overrides = parse_args(argv)
+    cfg = load_config(CardConfig, yaml_path, overrides)
+    if not cfg.checkpoint or not cfg.data:
+        raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
+                          f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+    out_dir = Path(cfg.out) if cfg.out else make_run_dir("runs", "card")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir, filename="card.log")
+    log.info("robustness card of %s on %s (%s) into %s", cfg.checkpoint, cfg.data, cfg.split, out_dir)
+    card = build_card(cfg, out_dir)
     line = [f"clean {_f(card['clean']['miou'])}"]
     for f, s in card["summary"].items():
         line.append(f"{f} {_f(s['mean_miou'])}" + ("" if s["score"] is None else f" (score {s['score']:.0f})"))
