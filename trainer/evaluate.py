@@ -774,6 +774,18 @@ def add_run_options(p: argparse.ArgumentParser, limit_help: str = "first N image
     p.add_argument("--no-progress", action="store_false", dest="progress", default=None)
 
 
+def load_command_config(cls: type, parse: Callable[[Sequence[str] | None], tuple[str | None, dict[str, Any]]],
+                        argv: Sequence[str] | None) -> Any:
+    """``parse(argv)`` → YAML path and overrides → a ``cls`` config (evaluation or card) that names a checkpoint and
+    a dataset; a missing one is a :class:`ConfigError`."""
+    yaml_path, overrides = parse(argv)
+    cfg = load_config(cls, yaml_path, overrides)
+    if not cfg.checkpoint or not cfg.data:
+        raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
+                          f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+    return cfg
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[str | None, dict[str, Any]]:
     """Command line → (YAML path, flat overrides). Flags override YAML; trailing ``key=value`` override flags."""
     p = argparse.ArgumentParser(prog="python trainer/evaluate.py", description=__doc__.split("\n")[0],
@@ -823,11 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return card_main(rest)
     tune_malloc()
-    yaml_path, overrides = parse_args(argv)
-    cfg = load_config(EvaluateConfig, yaml_path, overrides)
-    if not cfg.checkpoint or not cfg.data:
-        raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
-                          f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+    cfg = load_command_config(EvaluateConfig, parse_args, argv)
     run_dir = use_run_dir(cfg.out) if cfg.out else make_run_dir("runs", "evaluate")
     setup_logging(run_dir, filename="evaluate.log")
     save_config(cfg, run_dir / "config.yaml")

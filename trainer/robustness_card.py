@@ -72,9 +72,10 @@ from robustness.patches import (  # noqa: E402
 )
 from trainer.checkpoint import load_model  # noqa: E402
 from trainer.errors import entry_point  # noqa: E402
-from trainer.config import ConfigError, config_to_dict, load_config, parse_overrides, require, save_config  # noqa: E402
+from trainer.config import ConfigError, config_to_dict, parse_overrides, require, save_config  # noqa: E402
 from trainer.evaluate import (  # noqa: E402
-    EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, add_run_options, evaluate, resolve_device,
+    EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, add_run_options, evaluate,
+    load_command_config, resolve_device,
 )
 from trainer.metrics import MIOU_CONVENTIONS  # noqa: E402
 from trainer.report import _f, _table, save_grid, save_radar, to_jsonable, write_json  # noqa: E402
@@ -818,11 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (``trainer/evaluate.py --suite card``); returns 0 on success, 2 on bad input (the project's error
     boundary, :func:`trainer.errors.entry_point`: one ``error: …`` line on stderr)."""
     tune_malloc()
-    yaml_path, overrides = parse_args(argv)
-    cfg = load_config(CardConfig, yaml_path, overrides)
-    if not cfg.checkpoint or not cfg.data:
-        raise ConfigError("expected --checkpoint CKPT and --data ROOT, got "
-                          f"checkpoint={cfg.checkpoint!r} data={cfg.data!r}")
+    cfg = load_command_config(CardConfig, parse_args, argv)
     out_dir = Path(cfg.out) if cfg.out else make_run_dir("runs", "card")
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir, filename="card.log")
