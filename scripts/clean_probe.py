@@ -25,23 +25,22 @@ def probe(checkpoint: str, data: str, split: str, batch_size: int = 8) -> dict[s
     from rgbt.color import rgb_to_y
     from rgbt.dataset import RGBTDataset
     from trainer.checkpoint import load_model
+    from trainer.experiment import max_rule_fusion_metrics
     from trainer.metrics import ConfusionMatrix, FusionMetrics
     from trainer.warmstart import max_rule_rgb
 
     model, _ = load_model(checkpoint)
     model.eval()
-    cm, fused_m, ref_m = ConfusionMatrix(), FusionMetrics(), FusionMetrics()
+    cm, fused_m = ConfusionMatrix(), FusionMetrics()
     gap, n = 0.0, 0
     with torch.no_grad():
         for b in DataLoader(RGBTDataset(data, split, require_labels=True), batch_size=batch_size):
             out = model(b["ir"], b["vis"])
             cm.update(out.logits, b["label"])
-            y = rgb_to_y(b["vis"])
-            fused_m.update(out.fused_y, b["ir"], y)
-            ref_m.update(torch.maximum(b["ir"], y), b["ir"], y)
+            fused_m.update(out.fused_y, b["ir"], rgb_to_y(b["vis"]))
             gap += float((out.fused_rgb - max_rule_rgb(b["ir"], b["vis"])).abs().mean()) * len(b["ir"])
             n += len(b["ir"])
-    seg, fused, ref = cm.compute(), fused_m.compute(), ref_m.compute()
+    seg, fused, ref = cm.compute(), fused_m.compute(), max_rule_fusion_metrics(Path(data), split)
     return {"miou": seg["miou"], "miou_objects": seg["miou_objects"], "gap_max_rule": gap / max(n, 1),
             "SSIM": fused["SSIM"], "Qabf": fused["Qabf"], "SSIM_max_rule": ref["SSIM"], "Qabf_max_rule": ref["Qabf"]}
 
