@@ -34,10 +34,10 @@ import torch
 from kornia.contrib import diamond_square
 from kornia.enhance import jpeg_codec_differentiable
 from kornia.filters import gaussian_blur2d, motion_blur
-
-from trainer.errors import PaifError
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 from torch import Tensor
+
+from trainer.errors import PaifError
 
 __all__ = [
     "SEVERITIES", "CORRUPTIONS", "FAULTS", "MISREGISTRATIONS", "Corruption", "Fault", "CorruptionError",

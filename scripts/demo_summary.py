@@ -2,8 +2,8 @@
 
 Writes ``RUN_DIR/summary.md`` (and prints it): the stage times against the 10-minute budget, clean and attacked
 mIoU against the demo's 40 % clean target, the classes it finds and misses, its fused images' SSIM and Qabf against
-the plain max rule ``max(IR, Y)`` on the same test images (``trainer.experiment.max_rule_fusion_metrics``), and which pictures to open and what to look for in them.
-Every verdict is computed from the run's files (``stage_times.txt``, ``warmstart.json``, ``eval/report.json``).
+the plain max rule ``max(IR, Y)`` on the same test images (``trainer.experiment.max_rule_fusion_metrics``), and
+which pictures to open and what to look for in them. Every verdict is computed from the run's files (``stage_times.txt``, ``warmstart.json``, ``eval/report.json``).
 """
 from __future__ import annotations
 
@@ -57,9 +57,8 @@ def summarize(run: Path) -> str:
                  f"{limit} {split} images; target >= {_pct(TARGET_CLEAN_MIOU)}: {verdict}. The segmenter "
                  f"alone, pretrained on max-rule images, held {_pct(warm.get('segmenter_val_miou'))} on the val "
                  "split; the AAT retraining trades some clean accuracy for robustness.")
-    threats = report.get("threats", {})
-    attacked = [f"`{name}` {_pct(t.get('segmentation', t).get('miou'))}" for name, t in threats.items()
-                if isinstance(t, dict) and isinstance(t.get("segmentation", t).get("miou"), float)]
+    attacked = [f"`{name}` {_pct(t['segmentation']['miou'])}" for name, t in report.get("threats", {}).items()
+                if isinstance((t.get("segmentation") or {}).get("miou"), float)]
     if attacked:
         lines.append(f"* **Under attack** (L∞ 8/255 on both images unless the name says otherwise): "
                      f"{', '.join(attacked)}. `strong` is the strongest threat model here; its number is the one "
@@ -67,7 +66,8 @@ def summarize(run: Path) -> str:
     iou = {k: v for k, v in seg["iou"].items() if k != "unlabeled" and v is not None and v == v}
     found = sorted((k for k, v in iou.items() if v >= 0.3), key=lambda k: -iou[k])
     missed = sorted(k for k, v in iou.items() if v < 0.1)
-    lines.append(f"* **Classes**: found (IoU >= 30 %): {', '.join(f'{k} {100 * iou[k]:.0f}' for k in found) or 'none'}; "
+    found_text = ", ".join(f"{k} {100 * iou[k]:.0f}" for k in found) or "none"
+    lines.append(f"* **Classes**: found (IoU >= 30 %): {found_text}; "
                  f"mostly missed (< 10 %): {', '.join(missed) or 'none'} (thin or rare classes need longer training).")
     if fusion:
         ref = max_rule_fusion_metrics(data, split, limit)
@@ -75,7 +75,8 @@ def summarize(run: Path) -> str:
         for key in ("SSIM", "Qabf"):
             ok = fusion[key] >= ref[key]
             cmp.append(f"{key} {fusion[key]:.3f} vs {ref[key]:.3f} ({'at least' if ok else 'below'} the max rule)")
-        lines.append(f"* **Fused images** against the plain max rule `max(IR, Y)` on the same images: {'; '.join(cmp)}.")
+        lines.append("* **Fused images** against the plain max rule `max(IR, Y)` on the same images: "
+                     f"{'; '.join(cmp)}.")
     grids = report.get("pictures", {}).get("grids", {})
     lines += ["", "## Where to look", ""]
     if "paif" in grids:

@@ -408,7 +408,8 @@ class PooledWorstCase:
     switch is an attack the adversary could make, image by image).
     """
 
-    def __init__(self, names: Sequence[str], num_classes: int, first: Sequence[str] = ("per-image worst case",)) -> None:
+    def __init__(self, names: Sequence[str], num_classes: int,
+                 first: Sequence[str] = ("per-image worst case",)) -> None:
         self.names = [*first, *names]
         self.num_classes = num_classes
         self.mats: list[torch.Tensor] = []  # per image: (candidates, K, K) int64

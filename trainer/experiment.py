@@ -365,7 +365,7 @@ def max_rule_fusion_metrics(data: Path, split: str = "test", limit: int | None =
 
     ds = RGBTDataset(data, split)
     acc = FusionMetrics()
-    for i in range(min(len(ds), len(ds) if limit is None else limit)):
+    for i in range(len(ds) if limit is None else min(len(ds), limit)):
         item = ds[i]
         ir, y = item["ir"][None], rgb_to_y(item["vis"][None])
         acc.update(torch.maximum(ir, y), ir, y)
@@ -824,8 +824,9 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     return 0
 
 
-#: --tiny: every stage at toy size (warm starts cached in out/cache) (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
-#: searches), seeds [0, 1] and at most 2 random arms: checks the whole command end to end, measures nothing
+#: --tiny: every stage at toy size (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
+#: searches; warm starts cached in out/cache), seeds [0, 1] and at most 2 random arms: checks the whole command end
+#: to end, measures nothing
 TINY = [
     "workers=2", "seeds=[0,1]", "channels=4", "data.size=[32,40]", "data.n_train=6", "data.n_val=2", "data.n_test=2",
     'warmstart=["seg.steps=2","seg.batch_size=2","fusion.steps=1","fusion.batch_size=2","fusion.crop=[24,32]"]',

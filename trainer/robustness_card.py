@@ -71,8 +71,8 @@ from robustness.patches import (  # noqa: E402
     IGNORE_INDEX, Patch, optimise_patch, paste, patch_side, place_on_objects, thermal_range,
 )
 from trainer.checkpoint import load_model  # noqa: E402
-from trainer.errors import entry_point  # noqa: E402
 from trainer.config import ConfigError, config_to_dict, parse_overrides, require, save_config  # noqa: E402
+from trainer.errors import entry_point  # noqa: E402
 from trainer.evaluate import (  # noqa: E402
     EvaluateConfig, MaskingConfig, _Accumulator, _batches, _np_img, _stack, add_run_options, evaluate,
     load_command_config, resolve_device,

@@ -27,8 +27,7 @@ from trainer.errors import PaifError, track_run_dir
 
 __all__ = ["make_run_dir", "use_run_dir", "setup_logging", "seed_everything", "atomic_save", "atomic_write_text",
            "atomic_write_bytes", "atomic_save_figure", "versions", "tune_malloc", "MALLOC_ENV", "lock_run_dir",
-           "RunInUseError",
-           "launch_rank", "launcher_job_id", "shared_run_dir", "no_shared_run_dir", "SharedRunDirError"]
+           "RunInUseError", "launch_rank", "launcher_job_id", "shared_run_dir", "no_shared_run_dir", "SharedRunDirError"]
 
 log = logging.getLogger(__name__)
 

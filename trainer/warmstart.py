@@ -8,8 +8,9 @@ is then fitted to reproduce that max-rule image (L1 on intensity and Sobel gradi
 the segmenter sees the images it was trained on from the first joint step. (Warming it up on the
 reference-free fusion loss instead, ``fusion.target=fusion_loss``, gives images unlike the max rule: on the
 experiment's benchmark the start's held-out mIoU was 42.5 % against the segmenter's own 65.0 %, and retraining
-spent its first hundreds of steps repairing that; fitted to the max rule the start holds 64.6 %.) Both are cached by content hash (data files + recipe + genotype), so
-every arm of an experiment starts from the same point and it is computed once::
+spent its first hundreds of steps repairing that; fitted to the max rule the start holds 64.6 %.) Both are cached
+by content hash (data files + recipe + genotype), so every arm of an experiment starts from the same point and it
+is computed once::
 
     python -m trainer.warmstart --data data/synthetic --genotype paif --cache runs/cache [key=value ...]
     python trainer/retrain.py --genotype paif init_from=<printed start checkpoint> ...
