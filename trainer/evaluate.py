@@ -54,7 +54,7 @@ from robustness.threats import (
 from trainer.card import evaluation_entry
 from trainer.checkpoint import CheckpointError, load_model, record_evaluation
 from trainer.config import ConfigError, config_to_dict, finite, load_config, parse_overrides, require, save_config
-from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics
+from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics, batched_miou
 from trainer.report import save_curves, save_grid, to_jsonable, write_json, write_markdown
 from trainer.datacheck import check_datasets
 from trainer.errors import entry_point
@@ -429,35 +429,33 @@ class PooledWorstCase:
                 per.append(cm.matrix.cpu())
             self.mats.append(torch.stack(per))
 
-    def _miou(self, matrix: torch.Tensor, convention: str) -> float:
-        cm = ConfusionMatrix(self.num_classes)
-        cm.matrix = matrix
-        return float(cm.compute(convention)["miou"])
-
     def select(self, convention: str = "published", max_sweeps: int = 5,
                starts: Sequence[Sequence[int]] = ()) -> tuple[ConfusionMatrix, dict[str, Any]]:
         """The pooled confusion matrix of the chosen assignment, and what was chosen (``choice``: the candidate
         index per image). ``starts``: more initial assignments to start from when they beat the uniform ones."""
         mats = torch.stack(self.mats)  # (N, candidates, K, K)
         n, c = mats.shape[:2]
-        uniform = [self._miou(mats[:, k].sum(0), convention) for k in range(c)]
+        uniform = batched_miou(mats.sum(0), convention).tolist()
         first = min(range(c), key=lambda k: (uniform[k], k))
         choice, best = [first] * n, uniform[first]
         for start in starts:
-            value = self._miou(mats[torch.arange(n), torch.as_tensor(list(start))].sum(0), convention)
+            value = float(batched_miou(mats[torch.arange(n), torch.as_tensor(list(start))].sum(0), convention))
             if value < best:
                 choice, best = list(start), value
         total = mats[torch.arange(n), torch.as_tensor(choice)].sum(0)
         for _ in range(max_sweeps):
             improved = False
             for i in range(n):
-                for k in range(c):
-                    if k == choice[i]:
-                        continue
-                    cand = total - mats[i, choice[i]] + mats[i, k]
-                    value = self._miou(cand, convention)
-                    if value < best - 1e-12:
-                        total, best, choice[i], improved = cand, value, k, True
+                # every switch of image i in one batched mIoU. Taking the lowest (ties: the lowest index) is the
+                # rule's "try the candidates in order, take each that lowers the pooled mIoU": a switch gives the
+                # same pooled matrix as choosing that candidate directly, so the candidates tried later are
+                # compared with the same values
+                values = batched_miou(total - mats[i, choice[i]] + mats[i], convention)
+                values[choice[i]] = float("inf")
+                k = int(torch.argmin(values))
+                if float(values[k]) < best - 1e-12:
+                    total = total - mats[i, choice[i]] + mats[i, k]
+                    best, choice[i], improved = float(values[k]), k, True
             if not improved:
                 break
         cm = ConfusionMatrix(self.num_classes)

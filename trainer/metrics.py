@@ -56,6 +56,7 @@ from trainer.losses import ssim as _ssim_map
 __all__ = [
     "MIOU_CONVENTIONS",
     "mean_iou",
+    "batched_miou",
     "ConfusionMatrix",
     "entropy",
     "std",
@@ -101,6 +102,25 @@ def mean_iou(iou: torch.Tensor, convention: str = "published") -> float:
     if convention == "present":
         return _nanmean(iou)
     return float(torch.nan_to_num(iou, nan=0.0).mean()) if iou.numel() else float("nan")
+
+
+def batched_miou(matrices: torch.Tensor, convention: str = "published") -> torch.Tensor:
+    """mIoU of each confusion matrix in ``matrices`` (..., K, K) (rows = target, columns = prediction) under
+    ``convention``, float64 of shape (...): the ``miou`` of :meth:`ConfusionMatrix.compute`, many matrices at once
+    (the pooled worst-case selection tries thousands)."""
+    if convention not in MIOU_CONVENTIONS:
+        raise ValueError(f"miou_convention: expected one of {MIOU_CONVENTIONS}, got {convention!r}")
+    if matrices.dim() < 2 or matrices.shape[-1] != matrices.shape[-2]:
+        raise ValueError(f"batched_miou: expected matrices (..., K, K), got {tuple(matrices.shape)}")
+    m = matrices.double()
+    tp = m.diagonal(dim1=-2, dim2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    present = union > 0
+    iou = torch.where(present, tp / union.clamp_min(1), torch.zeros_like(tp))
+    if convention == "published":
+        return iou.mean(-1)
+    count = present.sum(-1)
+    return torch.where(count > 0, iou.sum(-1) / count.clamp_min(1), torch.full_like(iou[..., 0], float("nan")))
 
 
 class ConfusionMatrix:

@@ -100,6 +100,29 @@ def test_miou_conventions_on_a_subset_missing_classes():
         cm.compute(miou_convention="nan")
 
 
+def test_batched_miou_equals_compute_per_matrix_both_conventions():
+    """batched_miou on a stack of random matrices (some classes absent from target and prediction, one matrix
+    all zero) equals ConfusionMatrix.compute()["miou"] matrix by matrix; bad shapes and conventions are refused."""
+    gen = torch.Generator().manual_seed(3)
+    mats = torch.randint(0, 20, (2, 6, 5, 5), generator=gen)
+    mats[0, :, 2, :] = 0  # class 2 absent from target and prediction
+    mats[0, :, :, 2] = 0
+    mats[1, 3, :, 1] = 0  # class 1 never predicted, still in target
+    mats[1, 4] = 0  # nothing counted: NaN under "present", 0 under "published"
+    for convention in M.MIOU_CONVENTIONS:
+        got = M.batched_miou(mats, convention)
+        assert got.shape == (2, 6) and got.dtype == torch.float64
+        for idx in np.ndindex(2, 6):
+            cm = M.ConfusionMatrix(5)
+            cm.matrix = mats[idx]
+            want = cm.compute(convention)["miou"]
+            assert (math.isnan(want) and math.isnan(float(got[idx]))) or float(got[idx]) == pytest.approx(want, abs=1e-15)
+    with pytest.raises(ValueError, match=r"expected matrices \(\.\.\., K, K\), got \(5, 4\)"):
+        M.batched_miou(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="miou_convention: expected one of"):
+        M.batched_miou(mats, "mean")
+
+
 def test_confusion_matrix_rejects_bad_input():
     cm = M.ConfusionMatrix()
     with pytest.raises(ValueError, match="expected"):
