@@ -671,23 +671,41 @@ def common_segmenter(cfg: ExperimentConfig, out: Path) -> str | None:
 def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The common starting point of every arm, per genotype (``trainer.warmstart``, cached under ``out/cache``).
 
-    The segmenter is pretrained once (its cache key does not depend on the genotype); each genotype gets its
-    own warmed fusion net. Runs in this process with every core (no job runs beside it). ``best-random`` takes
-    the start of the random genotype it resolves to (see :func:`select_best_random`).
+    The segmenter is pretrained once, in this process with every core (its cache key does not depend on the
+    genotype); then each genotype's fusion net is warmed up in its own ``python -m trainer.warmstart`` process,
+    ``workers`` at a time (log: ``out/warmstarts/<genotype>.log``). ``best-random`` takes the start of the random
+    genotype it resolves to (see :func:`select_best_random`).
     """
     if cfg.warmstart is None:
         return {}
     from trainer.warmstart import warm_start
 
-    used = dict.fromkeys(_parse_run(run, len(cfg.seeds))[1] for run in cfg.runs)
-    infos = {}
-    for name in used:
-        if name == BEST_RANDOM:
-            continue
-        ws = _warm_config(cfg, out, genotypes[name])
-        log.info("warm start for %s (cached under %s)", name, ws.cache)
-        infos[name] = warm_start(ws)
-    return infos
+    common_segmenter(cfg, out)
+    used = [name for name in dict.fromkeys(_parse_run(run, len(cfg.seeds))[1] for run in cfg.runs)
+            if name != BEST_RANDOM]
+    configs = {name: _warm_config(cfg, out, genotypes[name]) for name in used}
+    infos = {name: info for name, ws in configs.items() if (info := warm_start(ws, compute=False)) is not None}
+    todo = [name for name in used if name not in infos]
+    if todo:
+        logs = out / "warmstarts"
+        logs.mkdir(exist_ok=True)
+        log.info("warming up the fusion nets of %s (%d at a time; logs in %s)", ", ".join(todo), cfg.workers, logs)
+
+        def one(name: str) -> None:
+            ws = configs[name]
+            _run([sys.executable, "-m", "trainer.warmstart", "--skip-data-check", f"data={ws.data}",
+                  f"genotype={ws.genotype}", f"cache={ws.cache}", f"channels={ws.channels}", "progress_bar=false",
+                  *cfg.warmstart], logs / f"{name.replace(':', '-')}.log")
+
+        with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+            for fut in [pool.submit(one, name) for name in todo]:
+                fut.result()
+    for name in todo:
+        infos[name] = warm_start(configs[name], compute=False)
+        if infos[name] is None:
+            raise RuntimeError(f"warm start for {name}: its process finished without a cached start under "
+                               f"{configs[name].cache}; see {out / 'warmstarts'}")
+    return {name: infos[name] for name in used}
 
 
 def _selection_miou(report: dict[str, Any], threat: str) -> float:

@@ -328,8 +328,11 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
     return seg_dir, seg_key, fingerprint
 
 
-def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
-    """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``."""
+def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | None:
+    """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``.
+
+    ``compute=False``: only a cached start (None when the fusion net is not warmed up yet; the segmenter is still
+    pretrained when missing)."""
     from rgbt.dataset import RGBTDataset
     from search_space.pipeline import build_model
     from trainer.checkpoint import resolve_genotype, save_checkpoint
@@ -342,6 +345,8 @@ def warm_start(cfg: WarmStartConfig) -> dict[str, Any]:
     start = cache / f"start-{start_key}.pt"
     info_path = start.with_suffix(".json")
     if not (start.is_file() and info_path.is_file()):
+        if not compute:
+            return None
         log.info("warming up the fusion net -> %s", start)
         crop = tuple(cfg.fusion.crop) if cfg.fusion.crop else None
         fusion_train = RGBTDataset(cfg.data, cfg.train_split, crop=crop, flip=True, seed=cfg.seed)

@@ -222,3 +222,28 @@ def test_arms_retrained_from_another_start_are_refused(tmp_path):
                  {"paif": {"start": "runs/cache/start-bbbb.pt"}})  # not trained yet
     with pytest.raises(ConfigError, match=r"aat-s0 \(start-aaaa.pt\).*another --out, or delete"):
         check_starts([job], tmp_path, {"paif": {"start": "runs/cache/start-bbbb.pt"}})
+
+
+def test_warm_starts_run_per_genotype_in_worker_processes_and_are_cached(tmp_path):
+    """Two genotypes' fusion nets warm up in their own `python -m trainer.warmstart` processes (one log each); the
+    starts match what trainer.warmstart computes for the same recipe, and a second call starts no process."""
+    from rgbt.synthetic import generate_dataset
+    from trainer.experiment import BASELINE_GENOTYPE, TINY, _warm_config, warm_starts
+    from trainer.warmstart import warm_start
+
+    generate_dataset(tmp_path / "data", n_train=6, n_val=2, n_test=2, size=(32, 40), seed=0)
+    baseline = tmp_path / "baseline_genotype.json"
+    baseline.write_text(json.dumps({**BASELINE_GENOTYPE, "channels": 4}))
+    runs = 'runs=[["no AAT","paif","clean"],["base","baseline","clean"]]'
+    cfg = load_config(ExperimentConfig, overrides=[o for o in TINY if not o.startswith("runs=")] + [runs])
+    genotypes = {"paif": "paif", "baseline": str(baseline)}
+    starts = warm_starts(cfg, tmp_path, genotypes)
+    assert list(starts) == ["paif", "baseline"] and starts["paif"]["start"] != starts["baseline"]["start"]
+    logs = sorted(p.name for p in (tmp_path / "warmstarts").glob("*.log"))
+    assert logs == ["baseline.log", "paif.log"]
+    assert "warming up the fusion net" in (tmp_path / "warmstarts" / "paif.log").read_text()
+    for name, geno in genotypes.items():
+        assert warm_start(_warm_config(cfg, tmp_path, geno), compute=False) == starts[name]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")}
+    assert warm_starts(cfg, tmp_path, genotypes) == starts
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")} == stamps

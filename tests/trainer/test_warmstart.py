@@ -54,7 +54,9 @@ def test_warm_start_is_cached_and_loads(tiny_data, tmp_path, monkeypatch) -> Non
     from trainer.checkpoint import load_model
 
     torch.set_num_threads(1)
+    assert warm_start(_cfg(tiny_data, tmp_path), compute=False) is None  # nothing cached: no fusion warm-up
     info = warm_start(_cfg(tiny_data, tmp_path))
+    assert warm_start(_cfg(tiny_data, tmp_path), compute=False) == info
     report = json.loads((tmp_path / info["segmenter_dir"].split("/")[-1] / "pretrain.json").read_text())
     assert set(report["val"]) >= {"miou", "miou_objects"} and len(report["loss_every_50"]) == 2
     model, meta = load_model(info["start"])
