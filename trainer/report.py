@@ -27,7 +27,7 @@ from trainer.runs import atomic_write_text  # noqa: E402
 
 __all__ = [
     "METRIC_HELP", "FUSION_METRIC_HELP", "to_jsonable", "write_json", "write_markdown", "render_markdown",
-    "save_grid", "grid_figure", "save_curves", "save_radar", "GridRow", "DELTA_COLUMNS",
+    "save_grid", "save_grid_rows", "load_grid_rows", "grid_figure", "save_curves", "save_radar", "GridRow", "DELTA_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -426,6 +426,45 @@ def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Pat
     finally:
         plt.close(fig)
     return path
+
+
+#: the keys of a grid row kept by :func:`save_grid_rows` (``label`` is kept as text)
+GRID_ARRAYS = ("ir", "vis", "fused", "pred", "gt", "delta", "delta_ir")
+
+
+def save_grid_rows(path: str | Path, rows: Sequence[GridRow]) -> Path:
+    """The rows of a picture grid as a compressed ``.npz`` (no pickled objects), so that a later report can
+    redraw them beside another model's rows (:func:`load_grid_rows`). A key missing or None in a row is stored
+    as zeros with ``has_<key>`` False."""
+    if not rows:
+        raise ValueError("save_grid_rows: expected at least one row, got none")
+    arrays: dict[str, np.ndarray] = {"label": np.array([str(r["label"]) for r in rows])}
+    for key in GRID_ARRAYS:
+        have = [r.get(key) is not None for r in rows]
+        if not any(have):
+            continue
+        shape, dtype = next(np.asarray(r[key]).shape for r in rows if r.get(key) is not None), \
+            next(np.asarray(r[key]).dtype for r in rows if r.get(key) is not None)
+        arrays[key] = np.stack([np.asarray(r[key]) if r.get(key) is not None else np.zeros(shape, dtype)
+                                for r in rows])
+        arrays[f"has_{key}"] = np.array(have)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def load_grid_rows(path: str | Path) -> list[GridRow]:
+    """The rows saved by :func:`save_grid_rows` (None where a row had no such entry)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        n = len(data["label"])
+        rows: list[GridRow] = [{"label": str(data["label"][i])} for i in range(n)]
+        for key in GRID_ARRAYS:
+            if key in data:
+                values, have = data[key], data[f"has_{key}"]
+                for i in range(n):
+                    rows[i][key] = values[i] if have[i] else None
+    return rows
 
 
 def save_curves(

@@ -103,6 +103,11 @@ def test_pictures_markdown_and_run_files(labelled_run):
     assert set(rep["pictures"]["grids"]) == {"paif", "paif-ir-only", "paif-vis-only", "strong"}
     for png in ["grid_paif.png", "grid_strong.png", "eps_curve.png"]:
         _valid_png(out / png)
+    from trainer.report import load_grid_rows
+
+    rows = load_grid_rows(out / "grid_strong.npz")  # the grid's rows, for comparison grids across models
+    assert len(rows) == 2 * rep["config"]["grid_samples"] and rows[1]["label"].endswith("strong")
+    assert rows[0]["delta"] is None and rows[1]["delta"].shape == rows[1]["pred"].shape
     md = (out / "report.md").read_text()
     for text in ["# PAIF evaluation report", "| condition | mIoU | drop", "![samples, paif](grid_paif.png)",
                  "(eps_curve.png)", "## How to read this report", "**mIoU**", "**Qabf**", "`strong` was added",

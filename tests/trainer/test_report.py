@@ -84,3 +84,25 @@ def test_ir_perturbation_column_and_no_colorbar_without_deltas(tmp_path):
 def test_empty_rows_rejected():
     with pytest.raises(ValueError, match="at least one row"):
         save_grid("unused.png", [])
+
+
+def test_grid_rows_round_trip_through_npz(tmp_path):
+    """save_grid_rows / load_grid_rows keep every array and the None entries (clean rows have no perturbation,
+    unlabelled rows no ground truth); an empty grid is refused."""
+    from trainer.report import load_grid_rows, save_grid_rows
+
+    rng = np.random.default_rng(0)
+    rows = [{"label": "a\nclean", "ir": rng.random((4, 5)), "vis": rng.random((4, 5, 3)), "fused": rng.random((4, 5, 3)),
+             "pred": rng.integers(0, 9, (4, 5)), "gt": rng.integers(0, 9, (4, 5)), "delta": None, "delta_ir": None},
+            {"label": "a\nstrong", "ir": rng.random((4, 5)), "vis": rng.random((4, 5, 3)),
+             "fused": rng.random((4, 5, 3)), "pred": rng.integers(0, 9, (4, 5)), "gt": None,
+             "delta": rng.random((4, 5)), "delta_ir": rng.random((4, 5))}]
+    back = load_grid_rows(save_grid_rows(tmp_path / "g.npz", rows))
+    assert [r["label"] for r in back] == ["a\nclean", "a\nstrong"]
+    for got, want in zip(back, rows):
+        for key, value in want.items():
+            if key == "label":
+                continue
+            assert (got[key] is None) if value is None else np.array_equal(got[key], value), key
+    with pytest.raises(ValueError, match="expected at least one row"):
+        save_grid_rows(tmp_path / "h.npz", [])
