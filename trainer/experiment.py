@@ -136,6 +136,10 @@ class ExperimentConfig:
     eval_steps: int = 0  # > 0: every attack's step count in the evaluations (quick checks only, e.g. --tiny)
     eval_limit: int = 0  # > 0: evaluate the first N test images only
     eval_extra: list[str] = field(default_factory=list)  # key=value overrides of trainer/evaluate.py, every evaluation
+    #: two run labels whose first common seed is shown side by side in ``grid.png`` (clean and under the strongest
+    #: threat, from their evaluations' ``grid_<threat>.npz``); [] = no such picture
+    grid_pair: list[str] = field(default_factory=lambda: ["no AAT", "AAT"])
+    grid_samples: int = 3  # test images in that picture
     pairs: list[list[str]] = field(default_factory=lambda: [
         ["AAT", "no AAT"], ["AAT", "plain AT"], ["AAT", "AAT, uniform eps"],
     ])
@@ -481,6 +485,36 @@ def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:+.1f}"
 
 
+def comparison_grid(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str, Any]], threat: str) -> str:
+    """``out/grid.png``: the first ``grid_samples`` test images, clean and under ``threat``, for the two runs of
+    ``grid_pair`` (their first common seed), from the rows their evaluations saved; the markdown line to show it,
+    or one that says what is missing ("" without ``grid_pair``)."""
+    if len(cfg.grid_pair) != 2:
+        return ""
+    from trainer.report import load_grid_rows, save_grid
+
+    done = {(r["job"]["label"], r["job"]["seed"]): r for r in results}
+    seed = next((s for s in cfg.seeds if all((label, s) in done for label in cfg.grid_pair)), None)
+    name = f"grid_{threat.replace('/', '_').replace(':', '_')}.npz"
+    files = [out / "jobs" / Job(**{**done[(label, seed)]["job"], "overrides": ()}).key / "eval" / name
+             for label in cfg.grid_pair] if seed is not None else []
+    if not files or not all(f.is_file() for f in files):
+        return (f"(Picture grid {' vs '.join(cfg.grid_pair)}: needs both runs' `eval/{name}` for a common seed; "
+                "evaluations before it was saved lack it — delete that arm's `done.json` to evaluate it again.)")
+    sides = [load_grid_rows(f) for f in files]
+    rows = []
+    for i in range(min(cfg.grid_samples, *(len(side) // 2 for side in sides))):
+        for label, side in zip(cfg.grid_pair, sides):
+            for row in side[2 * i:2 * i + 2]:
+                image, _, condition = row["label"].partition("\n")
+                rows.append({**row, "label": f"{image}\n{label}, {condition}"})
+    save_grid(out / "grid.png", rows, title=f"{' vs '.join(cfg.grid_pair)} (seed {seed}): clean and under "
+                                            f"'{threat}' (each model attacked white-box)")
+    return (f"![{' vs '.join(cfg.grid_pair)}, clean and under {threat}](grid.png)\n\n"
+            f"Picture: the first {len(rows) // 4} test images, {' and '.join(cfg.grid_pair)} (seed {seed}), clean and "
+            f"attacked by `{threat}` (each model under its own white-box attack).")
+
+
 def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]],
                   searched: dict[str, Any] | None, wall: float, extras: dict[str, Any] | None = None) -> Path:
     """results.json, results.md (tables, paired differences, per-class IoU, claims) and miou_vs_eps.png."""
@@ -552,6 +586,9 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
            "`strong` = per-image worst case over APGD with SEA's four losses (100 steps for JS and masked spherical, "
            "50 for masked CE, 25 for balanced CE), PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255 (best iterates), joined by the gradient-masking checks' black-box results; `strong-v1` = the former "
            "worst case over PGD-20, SegPGD-20 and CosPGD-20 (last iterates).", ""]
+    grid = comparison_grid(cfg, out, results, strongest)
+    if grid:
+        md += [grid, ""]
     if searched:
         md += [f"Searched genotype: `{json.dumps(searched)}`", ""]
     path = out / "results.md"

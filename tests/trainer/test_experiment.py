@@ -166,6 +166,7 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     assert results["warm_start"]["paif"]["start"].startswith(str(out / "cache"))
     md = (out / "results.md").read_text()
     assert "## Claims tested" in md and "max rule `max(IR, Y)`" in md
+    assert "![no AAT vs AAT, clean and under paif](grid.png)" in md and (out / "grid.png").stat().st_size > 10_000
 
     # an arm evaluated under an older definition of a threat (here: another step count of `paif`) is evaluated
     # again on the next run, its training kept; an arm evaluated under the current definitions is left alone
@@ -196,6 +197,7 @@ def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     assert main(["--report", *args]) == 0
     md = (out / "results.md").read_text()
     assert "**Partial: 2 of 4 jobs finished**" in md and "| AAT − no AAT | clean | s0: -10.0 | -10.0 (one seed) |" in md
+    assert "(Picture grid no AAT vs AAT: needs both runs' `eval/grid_paif.npz`" in md  # no evaluation folders here
 
 
 def test_warm_start_cache_defaults_to_the_out_folder_and_may_be_shared(tmp_path):
