@@ -55,7 +55,7 @@ from trainer.card import evaluation_entry
 from trainer.checkpoint import CheckpointError, load_model, record_evaluation
 from trainer.config import ConfigError, config_to_dict, finite, load_config, parse_overrides, require, save_config
 from trainer.metrics import MIOU_CONVENTIONS, ConfusionMatrix, FusionMetrics, batched_miou
-from trainer.report import save_curves, save_grid, save_grid_rows, to_jsonable, write_json, write_markdown
+from trainer.report import grid_name, save_curves, save_grid, save_grid_rows, to_jsonable, write_json, write_markdown
 from trainer.datacheck import check_datasets
 from trainer.errors import entry_point
 from trainer.runs import make_run_dir, seed_everything, setup_logging, tune_malloc, use_run_dir, versions
@@ -744,9 +744,9 @@ def _pictures(run_dir: Path, grid: dict[str, list[dict[str, Any]]], report: dict
     pics: dict[str, Any] = {"grids": {}, "curves": None}
     for name, rows in grid.items():
         if rows:
-            png = f"grid_{name.replace('/', '_').replace(':', '_')}.png"
+            png = grid_name(name, ".png")
             save_grid(run_dir / png, rows, title=f"clean vs attacked by '{name}'")
-            save_grid_rows(run_dir / png.replace(".png", ".npz"), rows)  # for comparison grids across models
+            save_grid_rows(run_dir / grid_name(name, ".npz"), rows)  # for comparison grids across models
             pics["grids"][name] = png
     curves = report["eps_sweep"]
     if curves and len(next(iter(curves.values()))) >= 2:

@@ -491,11 +491,11 @@ def comparison_grid(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str
     or one that says what is missing ("" without ``grid_pair``)."""
     if len(cfg.grid_pair) != 2:
         return ""
-    from trainer.report import load_grid_rows, save_grid
+    from trainer.report import grid_name, load_grid_rows, save_grid
 
     done = {(r["job"]["label"], r["job"]["seed"]): r for r in results}
     seed = next((s for s in cfg.seeds if all((label, s) in done for label in cfg.grid_pair)), None)
-    name = f"grid_{threat.replace('/', '_').replace(':', '_')}.npz"
+    name = grid_name(threat, ".npz")
     files = [out / "jobs" / Job(**{**done[(label, seed)]["job"], "overrides": ()}).key / "eval" / name
              for label in cfg.grid_pair] if seed is not None else []
     if not files or not all(f.is_file() for f in files):

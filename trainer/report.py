@@ -27,7 +27,7 @@ from trainer.runs import atomic_write_text  # noqa: E402
 
 __all__ = [
     "METRIC_HELP", "FUSION_METRIC_HELP", "to_jsonable", "write_json", "write_markdown", "render_markdown",
-    "save_grid", "save_grid_rows", "load_grid_rows", "grid_figure", "save_curves", "save_radar", "GridRow", "DELTA_COLUMNS",
+    "save_grid", "save_grid_rows", "load_grid_rows", "grid_name", "grid_figure", "save_curves", "save_radar", "GridRow", "DELTA_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -428,6 +428,11 @@ def save_grid(path: str | Path, rows: Sequence[GridRow], title: str = "") -> Pat
     return path
 
 
+def grid_name(threat: str, suffix: str) -> str:
+    """File name of a threat's picture grid in an evaluation folder (``.png``; its rows: ``.npz``)."""
+    return f"grid_{threat.replace('/', '_').replace(':', '_')}{suffix}"
+
+
 #: the keys of a grid row kept by :func:`save_grid_rows` (``label`` is kept as text)
 GRID_ARRAYS = ("ir", "vis", "fused", "pred", "gt", "delta", "delta_ir")
 
@@ -443,9 +448,8 @@ def save_grid_rows(path: str | Path, rows: Sequence[GridRow]) -> Path:
         have = [r.get(key) is not None for r in rows]
         if not any(have):
             continue
-        shape, dtype = next(np.asarray(r[key]).shape for r in rows if r.get(key) is not None), \
-            next(np.asarray(r[key]).dtype for r in rows if r.get(key) is not None)
-        arrays[key] = np.stack([np.asarray(r[key]) if r.get(key) is not None else np.zeros(shape, dtype)
+        first = next(np.asarray(r[key]) for r in rows if r.get(key) is not None)
+        arrays[key] = np.stack([np.asarray(r[key]) if r.get(key) is not None else np.zeros_like(first)
                                 for r in rows])
         arrays[f"has_{key}"] = np.array(have)
     path = Path(path)
