@@ -11,6 +11,9 @@ clean and under ``strong``; this module turns the finished jobs and searches int
   of the robust-searched genotype among the random ones under the strongest threat, the targets and whether they
   hold, the search cost in CPU minutes, each search's convergence (argmax last change, entropy, top probability,
   parameter-light ops) and the stability of the search (two search seeds, slots in agreement);
+* whether the benchmark can tell architectures apart at all: the spread of the random genotypes (one seed each)
+  against the retraining-seed spread of one genotype (:func:`signal_noise`), and the paired per-seed difference
+  robust-searched − best random;
 * ``scatter.png``: clean versus strongest-threat mIoU of every genotype (random ones grey);
 * ``alpha_<search>.png``: copies of each search's α trajectories.
 """
@@ -22,10 +25,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from trainer.experiment import BEST_RANDOM, RANDOM_PREFIX, ExperimentConfig, aggregate, mean_std
+from trainer.experiment import (BEST_RANDOM, RANDOM_PREFIX, ExperimentConfig, aggregate, mean_std,
+                                paired_differences)
 from trainer.runs import atomic_save_figure
 
-__all__ = ["arm_kinds", "rank_among", "search_targets", "plot_scatter", "search_summary", "write_search_quality"]
+__all__ = ["arm_kinds", "rank_among", "search_targets", "signal_noise", "plot_scatter", "search_summary",
+           "write_search_quality"]
 
 #: colours of the arm kinds in the scatter
 KIND_STYLE = {
@@ -103,6 +108,33 @@ def search_targets(results: Sequence[Mapping[str, Any]], kinds: Mapping[str, str
     return summary, targets
 
 
+def signal_noise(results: Sequence[Mapping[str, Any]], kinds: Mapping[str, str], column: str) -> dict[str, Any]:
+    """How far apart architectures are on this benchmark, measured against retraining noise.
+
+    ``between``: sample std of ``column`` over the random genotypes (one seed each), i.e. genotype effect plus seed
+    noise; ``within``: the pooled sample std over retraining seeds of every arm with more than one seed
+    (``sqrt(Σ (n_i − 1) s_i² / Σ (n_i − 1))``); ``genotype_std``: ``sqrt(max(0, between² − within²))``, the spread
+    the architecture itself explains (0 when the seeds explain all of it); ``ratio`` = between / within.
+    """
+    randoms = [float(r[column]) for r in results
+               if kinds.get(r["job"]["label"]) == "random" and not math.isnan(float(r.get(column, float("nan"))))]
+    between = mean_std(randoms)[1] if len(randoms) > 1 else float("nan")
+    num = den = 0
+    for label in dict.fromkeys(r["job"]["label"] for r in results):
+        vals = [r.get(column, float("nan")) for r in results if r["job"]["label"] == label]
+        vals = [float(v) for v in vals if not math.isnan(float(v))]
+        if len(vals) > 1:
+            num += (len(vals) - 1) * mean_std(vals)[1] ** 2
+            den += len(vals) - 1
+    within = math.sqrt(num / den) if den else float("nan")
+    genotype_std = (math.sqrt(max(0.0, between ** 2 - within ** 2))
+                    if not (math.isnan(between) or math.isnan(within)) else float("nan"))
+    return {"column": column, "n_random": len(randoms), "random_min": min(randoms) if randoms else float("nan"),
+            "random_max": max(randoms) if randoms else float("nan"), "between": between, "within": within,
+            "within_dof": den, "genotype_std": genotype_std,
+            "ratio": between / within if within and not math.isnan(between) else float("nan")}
+
+
 def plot_scatter(results: Sequence[Mapping[str, Any]], kinds: Mapping[str, str], column: str, path: Path) -> Path:
     """Clean versus ``column`` test mIoU of every arm: random ones as grey dots, the others labelled, ± std bars."""
     import matplotlib
@@ -176,6 +208,10 @@ def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dic
     kinds = arm_kinds(results, searches)
     rows = aggregate(results, columns)
     summary, targets = search_targets(results, kinds, column)
+    noise = signal_noise(results, kinds, column)
+    robust = summary["robust"]
+    paired = {c: paired_differences(results, robust, summary["best_random"], c)
+              for c in columns} if robust and summary["best_random"] else {}
     plot_scatter(results, kinds, column, out / "scatter.png")
     search_rows = [search_summary(name, res) for name, res in searches.items()]
     for name in searches:
@@ -194,7 +230,8 @@ def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dic
          "kinds": kinds, "summary": [{"label": r["label"], "seeds": r["seeds"],
                                      **{c: {"mean": r["stats"][c][0], "std": r["stats"][c][1]} for c in columns}}
                                     for r in rows],
-         "rank": summary, "targets": targets, "searches": search_rows, "stability": stability,
+         "rank": summary, "targets": targets, "signal_noise": noise, "paired_vs_best_random": paired,
+         "searches": search_rows, "stability": stability,
          "selection": selection, "wall_seconds": wall, **extras}, indent=2, default=str) + "\n")
 
     md = ["# Search quality (synthetic RGB-T scenes)", ""]
@@ -224,6 +261,21 @@ def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dic
     for t in targets:
         shown = " / ".join(_pct(v) for v in t["value"])
         md.append(f"| {t['claim']} | {shown} | {'–' if t['holds'] is None else ('yes' if t['holds'] else '**no**')} |")
+    pair = paired.get(column)
+    if pair and pair["seeds"]:
+        diffs = " / ".join(f"{100 * d:+.1f}" for d in pair["diffs"])
+        md += ["", f"Paired per retraining seed ({', '.join(f's{x}' for x in pair['seeds'])}), robust-searched − best "
+                   f"random under `{column}`: {diffs} = **{100 * pair['mean']:+.1f} ± {100 * pair['std']:.1f}**"
+                   + (f"; clean {100 * paired['clean']['mean']:+.1f} ± {100 * paired['clean']['std']:.1f}."
+                      if paired.get("clean", {}).get("seeds") else ".")]
+    if not math.isnan(noise["between"]):
+        md += ["", f"**Can this benchmark tell architectures apart?** Under `{column}` the {noise['n_random']} random "
+                   f"genotypes span {_pct(noise['random_min'])}–{_pct(noise['random_max'])} (std "
+                   f"{_pct(noise['between'])}, one seed each); one genotype retrained with other seeds varies by "
+                   f"{_pct(noise['within'])} (pooled std, {noise['within_dof']} degrees of freedom). The spread the "
+                   f"architecture explains, sqrt(between² − within²), is {_pct(noise['genotype_std'])} points; "
+                   f"between / within = {_num(noise['ratio'])} (1 means the random genotypes differ no more than "
+                   "the seeds of one genotype do)."]
     if selection:
         vals = ", ".join(f"{lab} {_pct(v['miou'])}" for lab, v in selection["values"].items())
         md += ["", f"Best random genotype chosen on the `{selection['split']}` split (first {selection['limit']} "

@@ -11,7 +11,7 @@ from PIL import Image
 from trainer.config import ConfigError, load_config
 from trainer.experiment import (ExperimentConfig, Job, plan, reuse_job, searched_space, select_best_random,
                                 tiny_runs)
-from trainer.search_quality import arm_kinds, rank_among, search_targets, write_search_quality
+from trainer.search_quality import arm_kinds, rank_among, search_targets, signal_noise, write_search_quality
 
 SEARCHES = {"s-rob": {"config": {"w_arch": 0.5, "seed": 0, "epochs": 4, "warmup_epochs": 1, "max_train_batches": 5,
                                  "arch_lr": 0.02},
@@ -70,6 +70,22 @@ def test_targets_against_hand_computed_numbers():
     assert all(t["holds"] is None for t in missing)
 
 
+def test_signal_noise_against_hand_computed_numbers():
+    noise = signal_noise(RESULTS, arm_kinds(RESULTS, SEARCHES), "strong")
+    # randoms 0.18, 0.25, 0.29: mean 0.24, sample variance (0.0036 + 0.0001 + 0.0025) / 2 = 0.0031
+    assert noise["between"] == pytest.approx(math.sqrt(0.0031))
+    # seeds: robust 0.30 / 0.26 (variance 0.0008), best random 0.29 / 0.27 (0.0002); pooled over 2 dof
+    assert noise["within"] == pytest.approx(math.sqrt(0.0005)) and noise["within_dof"] == 2
+    assert noise["genotype_std"] == pytest.approx(math.sqrt(0.0026))
+    assert noise["ratio"] == pytest.approx(math.sqrt(0.0031 / 0.0005))
+    assert (noise["random_min"], noise["random_max"], noise["n_random"]) == (0.18, 0.29, 3)
+    # seed noise larger than the genotypes' spread: nothing left for the architecture
+    flat = [r for r in RESULTS if r["job"]["label"] != "random 0"] + [_r("robust", "s-rob", 2, 0.6, 0.40)]
+    assert signal_noise(flat, arm_kinds(flat, SEARCHES), "strong")["genotype_std"] == 0.0
+    single = [r for r in RESULTS if r["job"]["label"] in ("random 0", "paif")]
+    assert math.isnan(signal_noise(single, arm_kinds(single, SEARCHES), "strong")["within"])
+
+
 def test_report_files(tmp_path):
     cfg = load_config(ExperimentConfig, None, ["report=search_quality", "threats=[strong]", "channels=16",
                                                "searches={s-rob: [w_arch=0.5], s-cln: [w_arch=0]}",
@@ -84,11 +100,16 @@ def test_report_files(tmp_path):
     assert "agree on 1 of 3 slots (differ: ir/op2, rule)" in md
     assert "| s-rob | 0.5 | 0 | 12.5 | 4/4 (1) | 15 | 0.02 | 3 | 0.600 | 0.30–0.50 | 1/2 |" in md
     assert "**random 2**" in md and "![alpha s-rob](alpha_s-rob.png)" in md
+    # paired per seed against best random: strong +1.0 / -1.0, clean +10.0 / +10.0
+    assert "(s0, s1), robust-searched − best random under `strong`: +1.0 / -1.0 = **+0.0 ± 1.4**; clean +10.0 ± 0.0" in md
+    assert "span 18.0–29.0 (std 5.6, one seed each)" in md and "varies by 2.2 (pooled std, 2 degrees" in md
     assert (tmp_path / "alpha_s-rob.png").is_file()
     with Image.open(tmp_path / "scatter.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     data = json.loads((tmp_path / "search_quality.json").read_text())
     assert data["rank"]["rank"] == 2 and data["stability"]["agree"] == 1
+    assert data["paired_vs_best_random"]["strong"]["diffs"] == pytest.approx([0.01, -0.01])
+    assert data["signal_noise"]["within_dof"] == 2
 
 
 def test_select_best_random_uses_the_validation_reports_and_caches(tmp_path):
