@@ -227,6 +227,8 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
 
     The input is normalised and segmented exactly as in :class:`search_space.pipeline.FusionSegModel` (per image;
     :func:`search_space.pipeline.segment` at ``seg.scale``). Returns the report written to ``out_dir/pretrain.json``.
+    (Before ``segment`` the images were not padded to a multiple of 32 here: for such sizes, as the benchmark's 96×128,
+    scale 1 computes exactly what it did.)
     """
     from search_space.pipeline import normalize_per_image, segment
     from search_space.segmenter import build_segmenter
