@@ -131,7 +131,8 @@ def fixed_phase(cfg: SearchConfig, args: argparse.Namespace, memory: Memory, dev
 
     torch.manual_seed(0)
     genotype = dataclasses.replace(GENOTYPES["paif"], channels=cfg.space.channels)
-    model = build_model(genotype, cfg.space.segmenter, cfg.space.num_classes).to(device).train()
+    model = build_model(genotype, cfg.space.segmenter, cfg.space.num_classes,
+                        seg_scale=cfg.space.seg_scale).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     objective = task_objective(TaskLoss(cfg.lambda_fusion, cfg.lambda_seg))
     data = RandomScenes(args.batch, args.size, 0)

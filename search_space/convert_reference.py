@@ -49,6 +49,7 @@ PUBLISHED_OPTIONS: dict[str, Any] = {
     "fusion_output": "tanh",      # the fusion head's raw tanh is the fused Y
     "mit_norm_eps": 1e-6,         # MiT block and stage-output LayerNorms: partial(nn.LayerNorm, eps=1e-6)
     "inputs": "both",             # both modalities
+    "seg_scale": 1,               # the segmenter sees the fused image at its own size
 }
 """``build_model`` options that reproduce the published forward; recorded in converted checkpoints."""
 

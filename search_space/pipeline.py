@@ -4,7 +4,10 @@
 visible Cb, Cr → RGB, clamped to [0, 1]; per-image normalisation; SegFormer; logits upsampled (bilinear) to the
 input size. Normalisation is per image (the reference normalised with whole-batch statistics, which couples the
 images of a batch and lets an attack on one image move the others). The normalised image is replicate-padded
-at the bottom/right to a multiple of 32 for SegFormer (480×640 needs none) and the logits cropped back.
+at the bottom/right to a multiple of 32 for SegFormer (480×640 needs none) and the logits cropped back
+(:func:`segment`, the one place where the segmenter meets an image). ``seg_scale`` (1, 2 or 4; default 1) lets
+SegFormer see the image upsampled by that factor: its logits, at 1/4 of its input, then live at 1/2 (factor 2) or
+full (factor 4) resolution of the fused image, for ~seg_scale² the segmenter's work.
 
 Options that reproduce the published PAIF forward (used by checkpoints converted with
 ``search_space.convert_reference``; see :data:`MODEL_OPTIONS`): ``seg_norm="published"`` (whole-batch min-max,
@@ -27,7 +30,8 @@ from search_space.genotype import Genotype, build_fusion_net, get_genotype
 from search_space.segmenter import build_segmenter, set_mit_norm_eps
 
 __all__ = ["FusionSegOutput", "FusionSegModel", "FusionOnly", "normalize_per_image", "normalize_published", "build_model",
-           "SEG_MULTIPLE", "SEG_NORMS", "MODEL_OPTIONS", "INPUTS", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "SEG_MULTIPLE", "SEG_NORMS", "SEG_SCALES", "MODEL_OPTIONS", "INPUTS", "IMAGENET_MEAN", "IMAGENET_STD",
+           "segment", "check_seg_scale"]
 
 SEG_MULTIPLE = 32
 """The segmenter input is replicate-padded (bottom/right) to a multiple of this; logits are cropped back."""
@@ -39,8 +43,11 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 """ImageNet RGB statistics on the 0..255 scale, as used by the published PAIF forward."""
 
+SEG_SCALES: tuple[int, ...] = (1, 2, 4)
+"""Factors by which :func:`segment` may upsample the segmenter's input (1: the image as it is)."""
+
 MODEL_OPTIONS: dict[str, Any] = {"seg_norm": "per_image", "color": "bt601", "fusion_output": "unit",
-                                 "mit_norm_eps": None, "inputs": "both"}
+                                 "mit_norm_eps": None, "inputs": "both", "seg_scale": 1}
 """Forward options of :func:`build_model` with their defaults (ours); checkpoints record them under ``model``."""
 
 INPUTS: tuple[str, ...] = ("both", "ir", "vis")
@@ -101,6 +108,45 @@ def normalize_published(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def check_seg_scale(seg_scale: Any, where: str = "seg_scale") -> int:
+    """``seg_scale`` as an int if it is one of :data:`SEG_SCALES`; otherwise ValueError naming ``where``."""
+    if isinstance(seg_scale, bool) or not isinstance(seg_scale, int) or seg_scale not in SEG_SCALES:
+        raise ValueError(f"{where}: expected one of {', '.join(map(str, SEG_SCALES))} (the segmenter's input "
+                         f"upsampling factor), got {seg_scale!r}")
+    return int(seg_scale)
+
+
+def segment(segmenter: nn.Module, x: torch.Tensor, seg_scale: int = 1) -> torch.Tensor:
+    """Logits of ``segmenter`` for the normalised images ``x``, at the size of ``x``.
+
+    With ``seg_scale`` s > 1, ``x`` is first upsampled (bilinear, ``align_corners=False``) to (s·H, s·W). The image
+    is replicate-padded at the bottom/right to a multiple of :data:`SEG_MULTIPLE` (MiT's strides and reduction convs
+    need it), segmented, the logits upsampled (bilinear) to the padded size divided by s, and cropped to (H, W).
+    s = 1 is the plain forward: pad, segment, upsample to the padded size, crop.
+
+    Args:
+        segmenter: ``(B, 3, h, w) -> (B, K, h', w')`` logits at any lower resolution (SegFormer: h/4 × w/4).
+        x: (B, 3, H, W) normalised RGB.
+        seg_scale: one of :data:`SEG_SCALES`.
+    Returns:
+        (B, K, H, W) logits.
+    """
+    seg_scale = check_seg_scale(seg_scale)
+    if x.dim() != 4:
+        raise ValueError(f"segment: expected x of shape (B, C, H, W), got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    if seg_scale > 1:
+        x = F.interpolate(x, size=(height * seg_scale, width * seg_scale), mode="bilinear", align_corners=False)
+    ph, pw = (-x.shape[-2]) % SEG_MULTIPLE, (-x.shape[-1]) % SEG_MULTIPLE
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    logits = segmenter(x)
+    size = (x.shape[-2] // seg_scale, x.shape[-1] // seg_scale)  # the padded grid at the input's scale
+    if logits.shape[-2:] != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
+
+
 class FusionSegModel(nn.Module):
     """Fusion net followed by a segmenter.
 
@@ -112,10 +158,13 @@ class FusionSegModel(nn.Module):
         seg_norm: segmenter input normalisation, one of :data:`SEG_NORMS`.
         color: RGB↔YCbCr coefficients, one of ``rgbt.color.COLOR_STANDARDS``.
         inputs: the modalities used, one of :data:`INPUTS` (single-modality baselines).
+        seg_scale: the segmenter sees the fused image upsampled by this factor, one of :data:`SEG_SCALES`
+            (:func:`segment`).
     """
 
     def __init__(self, fusion: nn.Module, segmenter: nn.Module, genotype: Genotype | None = None,
-                 seg_norm: str = "per_image", color: str = "bt601", inputs: str = "both") -> None:
+                 seg_norm: str = "per_image", color: str = "bt601", inputs: str = "both",
+                 seg_scale: int = 1) -> None:
         super().__init__()
         if seg_norm not in SEG_NORMS:
             raise ValueError(f"FusionSegModel: expected seg_norm in {SEG_NORMS}, got {seg_norm!r}")
@@ -123,13 +172,16 @@ class FusionSegModel(nn.Module):
             raise ValueError(f"FusionSegModel: expected color in {COLOR_STANDARDS}, got {color!r}")
         if inputs not in INPUTS:
             raise ValueError(f"FusionSegModel: expected inputs in {INPUTS}, got {inputs!r}")
+        seg_scale = check_seg_scale(seg_scale, "FusionSegModel: seg_scale")
         self.fusion = fusion
         self.segmenter = segmenter
         self.genotype = genotype
         self.seg_norm = seg_norm
         self.color = color
         self.inputs = inputs
-        self.build_options: dict[str, Any] = dict(MODEL_OPTIONS, seg_norm=seg_norm, color=color, inputs=inputs)
+        self.seg_scale = seg_scale
+        self.build_options: dict[str, Any] = dict(MODEL_OPTIONS, seg_norm=seg_norm, color=color, inputs=inputs,
+                                                  seg_scale=seg_scale)
 
     def fuse(self, ir: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(fused_y (B,1,H,W), fused_rgb (B,3,H,W)), both in [0, 1]."""
@@ -150,14 +202,7 @@ class FusionSegModel(nn.Module):
         """ir (B,1,H,W), vis (B,3,H,W) RGB, both in [0, 1] -> :class:`FusionSegOutput` (logits at (H, W))."""
         fused_y, fused_rgb = self.fuse(ir, vis)
         x = normalize_published(fused_rgb) if self.seg_norm == "published" else normalize_per_image(fused_rgb)
-        height, width = x.shape[-2:]
-        ph, pw = (-height) % SEG_MULTIPLE, (-width) % SEG_MULTIPLE
-        if ph or pw:  # MiT's strides and reduction convs need sizes that are multiples of 32
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        logits = self.segmenter(x)
-        if logits.shape[-2:] != x.shape[-2:]:
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return FusionSegOutput(fused_y, fused_rgb, logits[..., :height, :width])
+        return FusionSegOutput(fused_y, fused_rgb, segment(self.segmenter, x, self.seg_scale))
 
 
 class FusionOnly(nn.Module):
@@ -183,7 +228,7 @@ def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: 
                 num_classes: int = NUM_CLASSES, pretrained: str | Path | None = None, *,
                 decoder_hidden_size: int | None = None, seg_norm: str = "per_image", color: str = "bt601",
                 fusion_output: str = "unit", mit_norm_eps: float | None = None,
-                inputs: str = "both") -> FusionSegModel:
+                inputs: str = "both", seg_scale: int = 1) -> FusionSegModel:
     """Frozen fusion net of ``genotype`` (a Genotype, a name in GENOTYPES, JSON path/text) + SegFormer.
 
     Args:
@@ -195,15 +240,17 @@ def build_model(genotype: Genotype | str | Path | Mapping[str, Any], segmenter: 
         mit_norm_eps: eps of the MiT blocks' and stage outputs' LayerNorms (published: 1e-6); None keeps
             transformers' default (1e-5).
         inputs: :data:`INPUTS`; ``"ir"`` / ``"vis"`` build a single-modality baseline.
+        seg_scale: :data:`SEG_SCALES`; the segmenter's input upsampling factor (:func:`segment`).
     Returns:
         The model; ``model.build_options`` holds the options (recorded in checkpoints under ``model``).
     """
     g = get_genotype(genotype)
+    check_seg_scale(seg_scale, "build_model: seg_scale")  # before building anything
     seg = build_segmenter(segmenter, num_classes, pretrained, decoder_hidden_size=decoder_hidden_size)
     if mit_norm_eps is not None:
         set_mit_norm_eps(seg, float(mit_norm_eps))
     model = FusionSegModel(build_fusion_net(g, output=fusion_output), seg, g, seg_norm=seg_norm, color=color,
-                           inputs=inputs)
+                           inputs=inputs, seg_scale=seg_scale)
     model.build_options.update(fusion_output=fusion_output,
                                mit_norm_eps=None if mit_norm_eps is None else float(mit_norm_eps))
     return model

@@ -158,6 +158,7 @@ class SpaceConfig:
     segmenter: str = "b0"
     pretrained: str | None = None  # local dir / hub id of ImageNet MiT weights
     num_classes: int = 9
+    seg_scale: int = 1  # the segmenter sees the fused image upsampled by 1, 2 or 4 (search_space.pipeline.segment)
 
     def __post_init__(self) -> None:
         from search_space.cells import FUSION_RULES
@@ -171,6 +172,9 @@ class SpaceConfig:
         unknown = [r for r in self.rules or [] if r not in FUSION_RULES]
         require(not unknown, "space.rules", f"names among {sorted(FUSION_RULES)}", unknown)
         check_choice(self.segmenter.lower().removeprefix("mit-"), MIT_VARIANTS, "space.segmenter")
+        from search_space.pipeline import check_seg_scale
+
+        check_seg_scale(self.seg_scale, "space.seg_scale")
 
 
 @dataclass
@@ -351,7 +355,8 @@ def check_search_memory(cfg: SearchConfig) -> MemoryEstimate:
     estimate = estimate_search_memory(s.channels, s.steps, s.candidates or DEFAULT_CANDIDATES,
                                       s.rules or DEFAULT_RULES, cfg.data.batch_size, *(size or (0, 0)),
                                       segmenter=s.segmenter.lower().removeprefix("mit-"), num_classes=s.num_classes,
-                                      graphs=graphs, processes=1 if gpu else cfg.devices)  # CPU DDP: all in this RAM
+                                      seg_scale=s.seg_scale, graphs=graphs,
+                                      processes=1 if gpu else cfg.devices)  # CPU DDP: all in this RAM
     check_memory(estimate, cfg.max_memory_gb, "space.channels", gpu=gpu, size_label=size_label(cfg.data.crop, size))
     log.debug("estimated search memory %s", estimate.describe())
     return estimate
@@ -389,7 +394,7 @@ def build_search(cfg: SearchConfig, has_labels: bool = True) -> tuple[Any, Robus
     seg_dir, seg_state = segmenter_init(cfg.init_from) if cfg.init_from else (s.pretrained, None)
 
     def wrap(supernet: torch.nn.Module) -> torch.nn.Module:
-        model = FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, seg_dir))
+        model = FusionSegModel(supernet, build_segmenter(s.segmenter, s.num_classes, seg_dir), seg_scale=s.seg_scale)
         if seg_state is not None:
             try:
                 model.segmenter.load_state_dict(seg_state, strict=True)

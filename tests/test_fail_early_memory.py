@@ -72,15 +72,15 @@ def test_supernet_parameter_count_is_the_real_supernets():
     assert estimate.parameters == sum(p.numel() for p in _supernet_model(4).parameters())
 
 
-@pytest.mark.parametrize("kind", ["genotype", "supernet"])
-def test_activation_estimate_is_within_25_percent_of_a_direct_measurement(kind, monkeypatch):
+@pytest.mark.parametrize("kind,seg_scale", [("genotype", 1), ("supernet", 1), ("genotype", 2)])
+def test_activation_estimate_is_within_25_percent_of_a_direct_measurement(kind, seg_scale, monkeypatch):
     monkeypatch.setenv("PAIF_NO_CPP", "1")  # the decomposition path the estimate measures (CUDA's)
     batch, height, width, channels = 2, 64, 80, 16
     if kind == "genotype":
-        estimate = estimate_training_memory(_paif(channels), batch, height, width)
-        model = build_model(_paif(channels))
+        estimate = estimate_training_memory(_paif(channels), batch, height, width, seg_scale=seg_scale)
+        model = build_model(_paif(channels), seg_scale=seg_scale)
     else:
-        estimate = estimate_search_memory(channels, 2, CANDIDATES, RULES, batch, height, width)
+        estimate = estimate_search_memory(channels, 2, CANDIDATES, RULES, batch, height, width, seg_scale=seg_scale)
         model = _supernet_model(channels)
     direct = _direct_saved_bytes(model, batch, height, width)
     assert 0.75 * direct <= estimate.activation_bytes <= 1.25 * direct, (estimate.activation_bytes, direct)
@@ -94,6 +94,20 @@ def test_fusion_cost_grows_with_the_channels_and_leaves_the_random_stream_alone(
     a, b = fusion_pixel_cost(lambda c: build_model(_paif(c)).fusion)
     assert torch.equal(torch.rand(3), expected)  # the probe's model init drew from its own generator
     assert a > 0 and b > 0
+
+
+def test_seg_scale_costs_activations_only():
+    """An upsampled segmenter input keeps more activations around the fusion net (SegFormer runs on 4x the pixels at
+    seg_scale=2), but fewer than the scale-1 model's at twice the size, whose logits and loss are also at that size;
+    the parameters and the fusion net's part do not change."""
+    def segmenter_part(height: int, width: int, seg_scale: int = 1) -> int:
+        full = estimate_training_memory("paif", 2, height, width, seg_scale=seg_scale).activation_bytes
+        return full - estimate_training_memory("paif", 2, height, width, segmenter=None).activation_bytes
+
+    one, two, big = segmenter_part(32, 40), segmenter_part(32, 40, seg_scale=2), segmenter_part(64, 80)
+    assert 0 < one < two < big, (one, two, big)
+    a, b = estimate_training_memory("paif", 2, 32, 40), estimate_training_memory("paif", 2, 32, 40, seg_scale=2)
+    assert (a.parameters, a.optimizer_bytes) == (b.parameters, b.optimizer_bytes)
 
 
 def test_more_forward_passes_cost_more_activations_only():

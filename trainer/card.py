@@ -95,11 +95,11 @@ def _summary(mode: str, cfg: Mapping[str, Any]) -> str:
     return f"mode {mode!r}"
 
 
-_RECIPE_KEYS = ("genotype", "channels", "segmenter", "pretrained", "init_from", "inputs", "seed", "epochs",
-                "max_steps", "lambda_fusion", "lambda_seg", "data.batch_size", "data.crop", "data.flip", "optim.lr",
-                "optim.weight_decay", "optim.warmup_steps", "attack.kind", "attack.steps", "attack.at_eps",
-                "attack.fusion_eps", "attack.adv_weight", "aat.eps", "aat.meta_iters", "aat.inner_steps",
-                "precision", "devices")
+_RECIPE_KEYS = ("genotype", "channels", "segmenter", "pretrained", "init_from", "inputs", "seg_scale", "seed",
+                "epochs", "max_steps", "lambda_fusion", "lambda_seg", "data.batch_size", "data.crop", "data.flip",
+                "optim.lr", "optim.weight_decay", "optim.warmup_steps", "attack.kind", "attack.steps",
+                "attack.at_eps", "attack.fusion_eps", "attack.adv_weight", "aat.eps", "aat.meta_iters",
+                "aat.inner_steps", "precision", "devices")
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -121,7 +121,7 @@ def training_from_config(train_cfg: Mapping[str, Any], state: Mapping[str, Any] 
     recipe = {k: v for k in _RECIPE_KEYS if (v := _get(train_cfg, k)) is not None}
     unused = {"aat": ("attack.fusion_eps",), "at": ("aat.", "attack.fusion_eps"),
               "clean": ("aat.", "attack."),
-              "fusion": ("aat.", "lambda_", "attack.at_eps", "segmenter", "pretrained")}.get(mode, ())
+              "fusion": ("aat.", "lambda_", "attack.at_eps", "segmenter", "pretrained", "seg_scale")}.get(mode, ())
     recipe = {k: v for k, v in recipe.items() if not k.startswith(unused)}
     out: dict[str, Any] = {"mode": mode, "summary": _summary(mode, train_cfg), "recipe": recipe}
     if state:

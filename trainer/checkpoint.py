@@ -10,12 +10,13 @@ Layout (format version 1)::
 
     {"format": "paif-checkpoint", "format_version": 1, "created": "2025-...Z",
      "state_dict": {name: tensor}, "genotype": {...}, "segmenter": {"variant": "b0", "num_classes": 9},
-     "model": {"seg_norm": "per_image", "color": "bt601", "fusion_output": "unit", "mit_norm_eps": None},
+     "model": {"seg_norm": "per_image", "color": "bt601", "fusion_output": "unit", "mit_norm_eps": None,
+               "inputs": "both", "seg_scale": 1},
      "train_cfg": {...}, "versions": {"python": ..., "torch": ...}, "state": None | {"epoch": .., ...}}
 
 ``model`` holds the forward options of ``search_space.pipeline.build_model`` (``MODEL_OPTIONS``); a checkpoint
-without it (older files) loads with the defaults. Converted published checkpoints
-(``python -m search_space.convert_reference``) record the published forward there.
+without it (older files), or without one of its keys (e.g. ``seg_scale``, added later), loads with the defaults.
+Converted published checkpoints (``python -m search_space.convert_reference``) record the published forward there.
 
 ``card`` is the model card (``trainer.card``): training mode and recipe, data, the evaluations the checkpoint has
 been through (appended by ``trainer/evaluate.py``, :func:`record_evaluation`) and the content hash of the
@@ -171,7 +172,8 @@ def save_checkpoint(
         state: optional resumable training state (epoch, step, optimizer/scheduler/scaler state dicts,
             best metric, ...): tensors and plain types only.
         model_cfg: the forward options of ``build_model`` (``seg_norm``, ``color``, ``fusion_output``,
-            ``mit_norm_eps``); default ``model.build_options`` when the model has them, else none (defaults).
+            ``mit_norm_eps``, ``inputs``, ``seg_scale``); default ``model.build_options`` when the model has them,
+            else none (defaults).
         card: the model card's ``training`` (mode, summary, recipe, progress), ``data`` and ``notes``
             (``trainer.card``); missing ``training`` is read from ``train_cfg`` (its ``mode``) and ``state``.
             The content hash of the weights is always added.

@@ -726,7 +726,8 @@ def _assemble(cfg: EvaluateConfig, meta: dict[str, Any], device: torch.device, l
         "checkpoint": {
             "path": meta.get("path"), "created": meta.get("created"), "genotype": meta["genotype"],
             "genotype_summary": _genotype_summary(meta["genotype"]), "segmenter": meta["segmenter"],
-            "train_cfg": meta["train_cfg"], "versions": meta["versions"], "num_parameters": meta.get("num_parameters"),
+            "model_options": meta.get("model"), "train_cfg": meta["train_cfg"], "versions": meta["versions"],
+            "num_parameters": meta.get("num_parameters"),
             "state": {k: v for k, v in (meta.get("state") or {}).items() if isinstance(v, (int, float, str))},
         },
         "data": {"root": cfg.data, "split": cfg.split, "num_images": n_images, "labelled": labelled},

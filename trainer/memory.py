@@ -15,9 +15,10 @@ DARTS supernet, ``strategies/search.py``) return a :class:`MemoryEstimate` for o
     per pixel is fitted as ``a + b·C`` and scaled to batch × height × width at the real channels C (every fusion
     op works at full resolution, so the cost is proportional to the pixels; the box filters' borders make the small
     measurement slightly larger per pixel, so the extrapolation errs high);
-  - everything else (colour conversion, normalisation, padding to a multiple of 32, SegFormer, the upsampled logits
-    and the cross-entropy): *computed exactly* at the real batch and crop by running that part on the meta device
-    (no memory; SegFormer's attention grows faster than the pixels, so it is not extrapolated);
+  - everything else (colour conversion, normalisation, the ``seg_scale`` upsampling, padding to a multiple of 32,
+    SegFormer, the upsampled logits and the cross-entropy): *computed exactly* at the real batch and crop by running
+    that part on the meta device (no memory; SegFormer's attention grows faster than the pixels, so it is not
+    extrapolated);
   - times the forward passes alive at once (``graphs``: 2 in adversarial training, the clean and the attacked one);
   - none when the size is not known yet (no crop and no readable training image: the data error follows at once).
 
@@ -168,15 +169,17 @@ class _PassThrough(nn.Module):
 
 
 def segmenter_bytes(batch: int, height: int, width: int, segmenter: str = "b0", num_classes: int = 9,
-                    inputs: str = "both") -> int:
-    """Saved bytes of everything around the fusion net (colour conversion, normalisation, padding, SegFormer, logits
-    upsampling, cross-entropy) at the real sizes, computed on the meta device (exact; nothing allocated)."""
+                    inputs: str = "both", seg_scale: int = 1) -> int:
+    """Saved bytes of everything around the fusion net (colour conversion, normalisation, ``seg_scale`` upsampling,
+    padding, SegFormer, logits upsampling, cross-entropy) at the real sizes, computed on the meta device (exact;
+    nothing allocated)."""
     from search_space.pipeline import FusionSegModel
     from search_space.segmenter import build_segmenter
     from trainer.losses import TaskLoss
 
     with torch.device("meta"):
-        model = FusionSegModel(_PassThrough(), build_segmenter(segmenter, num_classes), inputs=inputs).train()
+        model = FusionSegModel(_PassThrough(), build_segmenter(segmenter, num_classes), inputs=inputs,
+                               seg_scale=seg_scale).train()
         ir, vis = torch.empty(batch, 1, height, width), torch.empty(batch, 3, height, width)
         label = torch.zeros(batch, height, width, dtype=torch.long)
         return saved_bytes(lambda: TaskLoss().segmentation(model(ir, vis).logits, label), exclude=model.parameters())
@@ -189,14 +192,14 @@ def _count_parameters(build: Callable[[], nn.Module]) -> int:
 
 def _estimate(make_fusion: Callable[[int], nn.Module], cost_key: Any, build: Callable[[], nn.Module], channels: int,
               batch: int, height: int, width: int, segmenter: str | None, num_classes: int, inputs: str, graphs: int,
-              processes: int) -> MemoryEstimate:
+              processes: int, seg_scale: int = 1) -> MemoryEstimate:
     params = _count_parameters(build)
     per_graph = 0.0
     if height > 0 and width > 0:  # 0 x 0: the size is not known yet (parameters and optimizer only)
         a, b = _cached_pixel_cost(cost_key, make_fusion)
         per_graph = batch * height * width * (a + b * channels)
         if segmenter is not None:
-            per_graph += segmenter_bytes(batch, height, width, segmenter, num_classes, inputs)
+            per_graph += segmenter_bytes(batch, height, width, segmenter, num_classes, inputs, seg_scale)
     param_bytes = FLOAT_BYTES * params
     return MemoryEstimate(parameters=params, parameter_bytes=param_bytes, activation_bytes=int(graphs * per_graph),
                           optimizer_bytes=OPTIMIZER_COPIES * param_bytes, batch=batch, height=height, width=width,
@@ -215,7 +218,7 @@ def _cached_pixel_cost(key: Any, make_fusion: Callable[[int], nn.Module]) -> tup
 
 def estimate_training_memory(genotype: Any, batch: int, height: int, width: int, *, channels: int | None = None,
                              segmenter: str | None = "b0", num_classes: int = 9, inputs: str = "both",
-                             graphs: int = 1, processes: int = 1) -> MemoryEstimate:
+                             seg_scale: int = 1, graphs: int = 1, processes: int = 1) -> MemoryEstimate:
     """Memory of one training step of ``build_model(genotype)`` at ``batch`` × ``height`` × ``width``.
 
     Args:
@@ -223,7 +226,7 @@ def estimate_training_memory(genotype: Any, batch: int, height: int, width: int,
         channels: the width (None: the genotype's).
         segmenter: the SegFormer variant, or None when the segmenter never runs (``mode=fusion``; its parameters
             are still counted).
-        num_classes, inputs: as :func:`search_space.pipeline.build_model`.
+        num_classes, inputs, seg_scale: as :func:`search_space.pipeline.build_model`.
         graphs: forward passes alive at once (:func:`step_graphs`).
         processes: model copies on this machine.
     """
@@ -237,15 +240,17 @@ def estimate_training_memory(genotype: Any, batch: int, height: int, width: int,
         g = dataclasses.replace(g, channels=int(channels))
     key = ("genotype", g.ir, g.vis, g.fused, g.rule)
     return _estimate(lambda c: build_fusion_net(dataclasses.replace(g, channels=c)), key,
-                     lambda: build_model(g, segmenter=segmenter or "b0", num_classes=num_classes, inputs=inputs),
-                     g.channels, batch, height, width, segmenter, num_classes, inputs, graphs, processes)
+                     lambda: build_model(g, segmenter=segmenter or "b0", num_classes=num_classes, inputs=inputs,
+                                         seg_scale=seg_scale),
+                     g.channels, batch, height, width, segmenter, num_classes, inputs, graphs, processes, seg_scale)
 
 
 def estimate_search_memory(channels: int, steps: int, candidates: Sequence[str], rules: Sequence[str], batch: int,
                            height: int, width: int, *, segmenter: str = "b0", num_classes: int = 9, graphs: int = 1,
-                           processes: int = 1) -> MemoryEstimate:
+                           processes: int = 1, seg_scale: int = 1) -> MemoryEstimate:
     """Memory of one search step: the DARTS supernet of :class:`search_space.fusion_space.FusionSpace` (every
-    candidate op runs and keeps its activations) + SegFormer, at ``batch`` × ``height`` × ``width``."""
+    candidate op runs and keeps its activations) + SegFormer (input upsampled by ``seg_scale``), at ``batch`` ×
+    ``height`` × ``width``."""
     from search_space.fusion_space import FusionSpace
     from search_space.pipeline import FusionSegModel
     from search_space.segmenter import build_segmenter
@@ -258,7 +263,7 @@ def estimate_search_memory(channels: int, steps: int, candidates: Sequence[str],
 
     key = ("supernet", steps, tuple(candidates), tuple(rules))
     return _estimate(supernet, key, lambda: FusionSegModel(supernet(channels), build_segmenter(segmenter, num_classes)),
-                     channels, batch, height, width, segmenter, num_classes, "both", graphs, processes)
+                     channels, batch, height, width, segmenter, num_classes, "both", graphs, processes, seg_scale)
 
 
 def step_graphs(clean_weight: float, attacked: bool) -> int:

@@ -216,6 +216,9 @@ class RetrainConfig:
     #: modalities fed to the fusion net: "both", or "ir" / "vis" for a single-modality baseline (the other one is
     #: zeroed inside the model, so training, attacks and evaluation agree)
     inputs: str = "both"
+    #: the segmenter sees the fused image upsampled by this factor, 1, 2 or 4 (search_space.pipeline.segment): its
+    #: logits then live at 1/4, 1/2 or full resolution of the image, for ~seg_scale² the segmenter's work
+    seg_scale: int = 1
     lambda_fusion: float = 0.1
     lambda_seg: float = 4.0
     #: checkpoint selection metric for best.pt (higher is better); mode ``fusion``: one of FUSION_MONITORS (lower is
@@ -261,9 +264,10 @@ class RetrainConfig:
             self.monitor = FUSION_MONITORS[1] if self.attack.fusion_eps > 0 else FUSION_MONITORS[0]
         allowed = FUSION_MONITORS if self.mode == "fusion" else METRICS
         require(self.monitor in allowed, "monitor", f"one of {list(allowed)}", self.monitor, f"mode {self.mode}")
-        from search_space.pipeline import INPUTS
+        from search_space.pipeline import INPUTS, check_seg_scale
 
         check_choice(self.inputs, INPUTS, "inputs")
+        check_seg_scale(self.seg_scale, "seg_scale")
         check_nan_policy(self.nan_policy, self.nan_max_skips)
         require(self.num_classes >= 1, "num_classes", "an integer >= 1", self.num_classes)
         require(self.log_every_steps >= 1, "log_every_steps", "an integer >= 1", self.log_every_steps)

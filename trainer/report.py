@@ -273,8 +273,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """The human-readable report: summary tables, pictures, a glossary of threat models and metrics."""
     ck, data = report["checkpoint"], report["data"]
     lines = ["# PAIF evaluation report", ""]
+    scale = (ck.get("model_options") or {}).get("seg_scale", 1)
+    seen = f" on the fused image upsampled x{scale}" if scale != 1 else ""
     lines += [f"* checkpoint: `{ck.get('path')}` (genotype `{ck.get('genotype_summary', '')}`, "
-              f"segmenter MiT-{ck.get('segmenter', {}).get('variant')}, {ck.get('num_parameters', '?')} parameters)",
+              f"segmenter MiT-{ck.get('segmenter', {}).get('variant')}{seen}, {ck.get('num_parameters', '?')} "
+              "parameters)",
               f"* data: `{data['root']}` split `{data['split']}`, {data['num_images']} images, "
               f"{'labelled' if data['labelled'] else 'unlabelled (fusion metrics and the label-free fusion attack only)'}",
               f"* threat models: {', '.join(f'`{n}`' for n in report['threats'])}",

@@ -168,6 +168,10 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[RetrainConfig, Any, Path |
     if cfg.init_from:
         meta = load_checkpoint(cfg.init_from)
         _check_same_genotype(genotype, meta["genotype"], f"init_from={cfg.init_from}")
+        start_scale = (meta.get("model") or {}).get("seg_scale", 1)
+        if start_scale != cfg.seg_scale:  # allowed (fine-tuning at another scale), but usually a forgotten setting
+            log.warning("init_from=%s was built with seg_scale=%s, this run uses seg_scale=%s (its segmenter learnt "
+                        "on images at another scale)", cfg.init_from, start_scale, cfg.seg_scale)
     return cfg, genotype, resume_ckpt, run_dir
 
 
@@ -196,7 +200,7 @@ def check_training_memory(cfg: RetrainConfig, genotype: Any) -> MemoryEstimate:
     gpu = _accelerator(cfg) == "gpu"
     estimate = estimate_training_memory(
         genotype, cfg.data.batch_size, *(size or (0, 0)), segmenter=None if cfg.mode == "fusion" else cfg.segmenter,
-        num_classes=cfg.num_classes, inputs=cfg.inputs, graphs=training_graphs(cfg),
+        num_classes=cfg.num_classes, inputs=cfg.inputs, seg_scale=cfg.seg_scale, graphs=training_graphs(cfg),
         processes=1 if gpu else cfg.devices)  # DDP on CPU: one process per device, all in this machine's RAM
     check_memory(estimate, cfg.max_memory_gb, "channels", gpu=gpu, size_label=size_label(cfg.data.crop, size))
     log.debug("estimated training memory %s", estimate.describe())
@@ -257,7 +261,7 @@ def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
     from search_space.pipeline import build_model
 
     model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                        inputs=cfg.inputs)  # cfg.inputs is checked when the config is loaded
+                        inputs=cfg.inputs, seg_scale=cfg.seg_scale)  # both checked when the config is loaded
     if cfg.init_from:
         state = load_checkpoint(cfg.init_from)["state_dict"]
         try:

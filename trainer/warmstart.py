@@ -19,6 +19,8 @@ Writes under ``cache``:
 
 * ``segformer-<hash>/``: ``config.json`` + weights (``save_pretrained``) and ``pretrain.json`` (recipe, data
   fingerprint, loss curve, held-out mIoU on ``val_split``: never the test split);
+  ``seg.scale=2`` (or 4) pretrains it on images upsampled by that factor, as a model built with that ``seg_scale``
+  segments them (``search_space.pipeline.segment``); retrain such a start with ``seg_scale=`` the same factor;
 * ``start-<hash>.pt``: a PAIF checkpoint (``trainer.checkpoint``) = the warmed fusion net + that segmenter,
   for ``retrain.py init_from=``; ``start-<hash>.json`` describes it.
 
@@ -48,7 +50,7 @@ from trainer.errors import entry_point
 from trainer.finite import NonFiniteError
 
 __all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
-           "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start", "main"]
+           "segmenter_key", "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start", "main"]
 
 log = logging.getLogger("trainer.warmstart")
 
@@ -68,6 +70,9 @@ class SegPretrainConfig:
     lr: float = 1e-3  # AdamW, linear warm-up then linear decay to 0
     weight_decay: float = 0.01
     warmup_steps: int = 50
+    #: the segmenter sees the max-rule image upsampled by this factor (1, 2 or 4: ``search_space.pipeline.segment``);
+    #: a start for a retraining with ``seg_scale`` = the same factor
+    scale: int = 1
 
 
 @dataclass
@@ -122,6 +127,9 @@ class WarmStartConfig:
         require(finite(self.seg.weight_decay) and self.seg.weight_decay >= 0, "seg.weight_decay", "a number >= 0",
                 self.seg.weight_decay)
         require(self.seg.warmup_steps >= 0, "seg.warmup_steps", "an integer >= 0", self.seg.warmup_steps)
+        from search_space.pipeline import check_seg_scale
+
+        check_seg_scale(self.seg.scale, "seg.scale")
         check_crop(self.fusion.crop or None, "fusion.crop")
         require(self.fusion.target in FUSION_TARGETS, "fusion.target", f"one of {', '.join(FUSION_TARGETS)}",
                 self.fusion.target)
@@ -159,6 +167,22 @@ def data_fingerprint(dataset: Any) -> str:
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _seg_recipe(seg: SegPretrainConfig) -> dict[str, Any]:
+    """The ``seg.*`` settings as they enter the cache key: ``scale`` only when it is not 1, so the keys of entries
+    written before ``seg.scale`` existed (all at scale 1) stay the same."""
+    recipe = dataclasses.asdict(seg)
+    if recipe["scale"] == 1:
+        del recipe["scale"]
+    return recipe
+
+
+def segmenter_key(cfg: WarmStartConfig, fingerprint: str, val_fingerprint: str | None) -> str:
+    """Cache key of the pretrained segmenter: recipe version, training data, segmenter, classes, seed, ``seg.*``
+    recipe and held-out data (whose mIoU the report holds)."""
+    return _key(RECIPE_VERSION, fingerprint, cfg.segmenter, cfg.num_classes, cfg.seed, _seg_recipe(cfg.seg),
+                val_fingerprint)
 
 
 def _batches(dataset: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -201,10 +225,12 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
 def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_dir: Path) -> dict[str, Any]:
     """Train a SegFormer on max-rule fused training images and ``save_pretrained`` it into ``out_dir``.
 
-    The input is normalised exactly as in :class:`search_space.pipeline.FusionSegModel` (per image).
-    Returns the report written to ``out_dir/pretrain.json``.
+    The input is normalised and segmented exactly as in :class:`search_space.pipeline.FusionSegModel` (per image;
+    :func:`search_space.pipeline.segment` at ``seg.scale``). Returns the report written to ``out_dir/pretrain.json``.
+    (Before ``segment`` the images were not padded to a multiple of 32 here: for such sizes, as the benchmark's 96×128,
+    scale 1 computes exactly what it did.)
     """
-    from search_space.pipeline import normalize_per_image
+    from search_space.pipeline import normalize_per_image, segment
     from search_space.segmenter import build_segmenter
     from trainer.metrics import ConfusionMatrix
 
@@ -220,8 +246,7 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
             for group in opt.param_groups:
                 group["lr"] = s.lr * _lr_factor(step, s.steps, s.warmup_steps)
             b = next(batches)
-            x = normalize_per_image(max_rule_rgb(b["ir"], b["vis"]))
-            logits = F.interpolate(seg(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            logits = segment(seg, normalize_per_image(max_rule_rgb(b["ir"], b["vis"])), s.scale)
             loss = F.cross_entropy(logits, b["label"], ignore_index=255)
             losses.append(_step(opt, loss, step, "segmenter pretraining", "seg.lr"))
             bar.update(1)
@@ -237,8 +262,7 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
         with torch.no_grad():
             for i in range(len(val)):
                 item = val[i]
-                x = normalize_per_image(max_rule_rgb(item["ir"][None], item["vis"][None]))
-                logits = F.interpolate(seg(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+                logits = segment(seg, normalize_per_image(max_rule_rgb(item["ir"][None], item["vis"][None])), s.scale)
                 cm.update(logits.argmax(1), item["label"][None])
         metrics = cm.compute()
         report["val"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -310,8 +334,7 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
         check_datasets([seg_train, val], progress=cfg.progress_bar,
                        opt_out="data_check=false or --skip-data-check skips this check")
     fingerprint = data_fingerprint(seg_train)
-    seg_key = _key(RECIPE_VERSION, fingerprint, cfg.segmenter, cfg.num_classes, cfg.seed, dataclasses.asdict(cfg.seg),
-                   data_fingerprint(val) if val is not None else None)
+    seg_key = segmenter_key(cfg, fingerprint, data_fingerprint(val) if val is not None else None)
     seg_dir = cache / f"segformer-{seg_key}"
     if not (seg_dir / "pretrain.json").is_file():
         log.info("pretraining the segmenter -> %s", seg_dir)
@@ -352,12 +375,13 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
         fusion_train = RGBTDataset(cfg.data, cfg.train_split, crop=crop, flip=True, seed=cfg.seed)
         t0 = time.time()
         fusion, losses = warm_fusion(cfg, genotype, fusion_train)
-        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir))
+        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir),
+                            seg_scale=cfg.seg.scale)
         model.fusion.load_state_dict(fusion.state_dict())
         card = {"training": {"mode": "warmstart",
                              "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
                                         f"up alone (target {cfg.fusion.target}; python -m trainer.warmstart)",
-                             "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr,
+                             "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr, "seg.scale": cfg.seg.scale,
                                         "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr,
                                         "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
                 "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),

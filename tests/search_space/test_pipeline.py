@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from rgbt.color import rgb_to_ycbcr
 from search_space.genotype import Genotype
-from search_space.pipeline import FusionSegModel, build_model, normalize_per_image
+from search_space.pipeline import FusionSegModel, build_model, normalize_per_image, segment
 from search_space.segmenter import MIT_VARIANTS, build_segmenter, segformer_config
 
 TINY = Genotype(ir=("eca_k3",), vis=("dense_k3_d1",), fused=("spatial_k7",), rule="spatial_attention", channels=8)
@@ -97,7 +99,7 @@ def test_build_model_options(model: FusionSegModel) -> None:
     torch.manual_seed(0)
     pub = build_model(TINY, segmenter="b0", seg_norm="published", color="published", mit_norm_eps=1e-6).eval()
     assert pub.build_options == {"seg_norm": "published", "color": "published", "fusion_output": "unit",
-                                 "mit_norm_eps": 1e-6, "inputs": "both"}
+                                 "mit_norm_eps": 1e-6, "inputs": "both", "seg_scale": 1}
     eps = {n: m.eps for n, m in pub.segmenter.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     assert sorted(set(eps.values())) == [1e-6, 1e-5]
     assert all(v == 1e-5 for n, v in eps.items() if "patch_embeddings" in n or ".attention." in n)
@@ -137,3 +139,98 @@ def test_single_modality_model_ignores_the_dropped_input(inputs: str, dropped: s
     assert meta["model"]["inputs"] == inputs and loaded.inputs == inputs
     with pytest.raises(ValueError, match="expected inputs in"):
         build_model(TINY, segmenter="b0", inputs="thermal")
+
+
+# ------------------------------------------------------------------------------------------ seg_scale
+def _plain_forward_reference(segmenter: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The segmenter call FusionSegModel.forward made before seg_scale existed, written out: replicate-pad to a
+    multiple of 32, segment, upsample the logits (bilinear) to the padded size, crop."""
+    height, width = x.shape[-2:]
+    ph, pw = (-height) % 32, (-width) % 32
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    logits = segmenter(x)
+    if logits.shape[-2:] != x.shape[-2:]:
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
+
+
+@pytest.mark.parametrize("size", [(32, 40), (17, 22), (32, 64)])
+def test_seg_scale_1_is_the_plain_forward_bit_for_bit(model: FusionSegModel, size) -> None:
+    torch.manual_seed(2)
+    ir, vis = torch.rand(2, 1, *size), torch.rand(2, 3, *size)
+    with torch.no_grad():
+        out = model(ir, vis)
+        ref = _plain_forward_reference(model.segmenter, normalize_per_image(out.fused_rgb))
+        direct = segment(model.segmenter, normalize_per_image(out.fused_rgb))
+    assert model.seg_scale == 1
+    assert torch.equal(out.logits, ref) and torch.equal(direct, ref)
+
+
+class _Identity(torch.nn.Module):
+    """A 'segmenter' whose logits are its input at full resolution; records the shapes it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return x
+
+
+def _blur_reference(x: torch.Tensor, side: float) -> torch.Tensor:
+    """Separable [side, 1 - 2·side, side] filter with replicated borders, along H then W."""
+    for dim in (2, 3):
+        pad = (0, 0, 1, 1) if dim == 2 else (1, 1, 0, 0)
+        p = F.pad(x, pad, mode="replicate")
+        n = x.shape[dim]
+        x = side * p.narrow(dim, 0, n) + (1 - 2 * side) * p.narrow(dim, 1, n) + side * p.narrow(dim, 2, n)
+    return x
+
+
+@pytest.mark.parametrize("scale,side,seen", [(2, 1 / 8, (64, 96)), (4, 1 / 16, (128, 160))])
+def test_seg_scale_upsamples_the_segmenter_input_and_returns_logits_at_the_input_size(scale, side, seen) -> None:
+    """Upsampling by s then downsampling the logits by s (bilinear, half-pixel centres) is, for a full-resolution
+    identity 'segmenter', the 3-tap filter [1/8, 3/4, 1/8] (s = 2) or [1/16, 7/8, 1/16] (s = 4) per axis, worked out
+    by hand from the sample positions; the padding to a multiple of 32 (80 -> 96 columns at s = 2) is cropped away."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64)
+    ident = _Identity()
+    out = segment(ident, x, scale)
+    assert ident.shapes == [(2, 3, *seen)]
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _blur_reference(x, side), atol=1e-12, rtol=0)
+    assert not torch.allclose(out, x)
+
+
+def test_seg_scale_2_in_the_model(model: FusionSegModel) -> None:
+    """The real SegFormer at seg_scale=2: it receives the image upsampled and padded (32x40 -> 64x80 -> 64x96), the
+    logits come back at the input's size, gradients reach both inputs, and the weights are the scale-1 model's."""
+    torch.manual_seed(0)
+    m2 = build_model(TINY, segmenter="b0", seg_scale=2).eval()
+    m2.load_state_dict(model.state_dict())
+    assert m2.seg_scale == 2 and m2.build_options["seg_scale"] == 2
+    seen: list[tuple[int, ...]] = []
+    hook = m2.segmenter.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    ir = torch.rand(1, 1, 32, 40, requires_grad=True)
+    vis = torch.rand(1, 3, 32, 40, requires_grad=True)
+    try:
+        out = m2(ir, vis)
+    finally:
+        hook.remove()
+    assert seen == [(1, 3, 64, 96)] and out.logits.shape == (1, 9, 32, 40)
+    out.logits.logsumexp(1).mean().backward()
+    assert ir.grad.abs().sum() > 0 and vis.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert not torch.allclose(out.logits, model(ir, vis).logits)  # the segmenter saw another image
+
+
+@pytest.mark.parametrize("bad", [3, 0, 2.0, "2", True, None])
+def test_bad_seg_scale_is_refused(bad) -> None:
+    with pytest.raises(ValueError, match=r"build_model: seg_scale: expected one of 1, 2, 4 .*got "):
+        build_model(TINY, segmenter="b0", seg_scale=bad)
+    with pytest.raises(ValueError, match=r"FusionSegModel: seg_scale: expected one of 1, 2, 4"):
+        FusionSegModel(torch.nn.Identity(), _Identity(), seg_scale=bad)
+    with pytest.raises(ValueError, match=r"seg_scale: expected one of 1, 2, 4"):
+        segment(_Identity(), torch.zeros(1, 3, 8, 8), bad)

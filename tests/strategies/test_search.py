@@ -132,3 +132,18 @@ def test_search_data_holds_out_part_of_the_training_split(synthetic_root):
 def test_search_refuses_to_select_on_a_test_split(override):
     with pytest.raises(ConfigError, match="expected a training or validation split, got 'test"):
         load_config(SearchConfig, "configs/search.yaml", [override])
+
+
+def test_space_seg_scale_reaches_the_searched_model():
+    """space.seg_scale=2: the supernet's FusionSegModel upsamples the segmenter input; a bad value fails at load."""
+    from search_space.fusion_space import FusionSpace
+    from strategies.darts import ResumableDARTS
+    from strategies.search import build_search
+
+    cfg = load_config(SearchConfig, "configs/search.yaml", [*TINY, "space.seg_scale=2"])
+    space, _, wrap = build_search(cfg)
+    assert isinstance(space, FusionSpace)
+    assert wrap(ResumableDARTS().mutate_model(space)).seg_scale == 2
+    assert load_config(SearchConfig, "configs/search.yaml", TINY).space.seg_scale == 1
+    with pytest.raises(ConfigError, match=r"space.seg_scale: expected one of 1, 2, 4 .*got 3"):
+        load_config(SearchConfig, "configs/search.yaml", ["space.seg_scale=3"])

@@ -223,3 +223,23 @@ def test_model_options_are_recorded_and_rebuilt(tmp_path, model, genotype):
     bad = _rewrite(path, tmp_path / "bad2.pt", lambda c: c["model"].update(seg_norm="batch"))
     with pytest.raises(CheckpointError, match="expected seg_norm"):
         load_model(bad)
+
+
+def test_seg_scale_round_trips_and_old_files_load_at_scale_1(tmp_path, model, genotype):
+    """A seg_scale=2 model rebuilt from its checkpoint (``load_model``: what evaluate, export_onnx and fuse use) has
+    seg_scale 2 and the original's logits; a file written before seg_scale existed loads at 1."""
+    m2 = build_model(genotype, segmenter="b0", seg_scale=2)
+    m2.load_state_dict(model.state_dict())
+    path = save_checkpoint(tmp_path / "s2.pt", m2, genotype, SEG, {})
+    assert torch.load(path, weights_only=True)["model"]["seg_scale"] == 2
+    loaded, meta = load_model(path)
+    assert loaded.seg_scale == 2 and meta["model"]["seg_scale"] == 2
+    ir, vis = torch.rand(1, 1, 32, 40), torch.rand(1, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(ir, vis).logits, m2.eval()(ir, vis).logits)
+    old = _rewrite(path, tmp_path / "old.pt", lambda c: c["model"].pop("seg_scale"))
+    rebuilt, meta = load_model(old)
+    assert rebuilt.seg_scale == 1 and meta["model"]["seg_scale"] == 1
+    bad = _rewrite(path, tmp_path / "bad.pt", lambda c: c["model"].update(seg_scale=3))
+    with pytest.raises(CheckpointError, match=r"bad.pt: cannot build the model .*seg_scale: expected one of 1, 2, 4"):
+        load_model(bad)

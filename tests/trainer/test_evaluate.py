@@ -62,6 +62,7 @@ def test_report_json_structure_and_ranges(labelled_run):
     assert any("`strong` was added" in n for n in rep["notes"])
     assert any("overridden to 1" in n for n in rep["notes"])
     assert rep["checkpoint"]["genotype"]["channels"] == 8
+    assert rep["checkpoint"]["model_options"]["seg_scale"] == 1
     for cond in [rep["clean"]] + list(rep["threats"].values()):
         seg = cond["segmentation"]
         for k in ("miou", "miou_objects", "macc"):
@@ -159,6 +160,17 @@ def test_fired_check_is_a_visible_warning(labelled_run):
     md = render_markdown(rep)
     assert "**⚠ Gradient-masking warning: check `square` fired** on 1 of 2 images" in md
     assert md.index("⚠") < md.index("## Segmentation under attack")  # at the top, before the tables
+
+
+def test_report_says_when_the_segmenter_sees_an_upsampled_image(labelled_run):
+    from trainer.report import render_markdown
+
+    rep = json.loads(json.dumps(labelled_run[1]))
+    assert "upsampled" not in render_markdown(rep)  # seg_scale 1
+    rep["checkpoint"]["model_options"]["seg_scale"] = 2
+    assert "segmenter MiT-b0 on the fused image upsampled x2," in render_markdown(rep)
+    del rep["checkpoint"]["model_options"]  # a report written before the field existed
+    assert "upsampled" not in render_markdown(rep)
 
 
 def test_surrogate_transfer_check(setup, tmp_path):

@@ -143,3 +143,25 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {bad} is not a checkpoint") and "torch.save" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_seg_scale_2_exports_with_dynamic_sizes(tmp_path):
+    """A seg_scale=2 checkpoint exports (the option travels through the checkpoint) and onnxruntime matches the
+    rebuilt PyTorch model at a multiple of 16 and at an odd size (upsampling, padding and crop all dynamic)."""
+    from search_space.pipeline import build_model
+
+    rand = load_model(_lively_checkpoint(tmp_path))[0]
+    m2 = build_model(rand.genotype, seg_scale=2)
+    m2.load_state_dict(rand.state_dict())
+    ckpt = save_checkpoint(tmp_path / "s2.pt", m2, rand.genotype, {"variant": "b0", "num_classes": 9}, {})
+    export_onnx(ckpt, tmp_path / "s2.onnx", part="full")
+    model = load_model(ckpt)[0]
+    assert model.seg_scale == 2
+    info = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "s2.onnx")).metadata_props}["paif"])
+    assert info["model_options"]["seg_scale"] == 2
+    session = _session(tmp_path / "s2.onnx")
+    gen = torch.Generator().manual_seed(2)
+    for b, h, w in ((1, 32, 48), (2, 45, 71)):
+        ir, vis = torch.rand(b, 1, h, w, generator=gen), torch.rand(b, 3, h, w, generator=gen)
+        diffs = _compare(session, model, ir, vis)
+        assert max(diffs.values()) <= TOL, (b, h, w, diffs)

@@ -226,6 +226,20 @@ def test_init_from_checkpoint_of_another_genotype_fails(tmp_path, synthetic_root
     assert not (tmp_path / "runs").exists()
 
 
+def test_init_from_another_seg_scale_is_a_warning(tmp_path, synthetic_root, caplog):
+    """A start built at seg_scale=1 retrained at seg_scale=2 is allowed (fine-tuning at another scale) but said."""
+    ckpt = init_checkpoint(tmp_path / "init.pt", "paif", channels=8)
+    args = ["--genotype", "paif", f"init_from={ckpt}", *_tiny(synthetic_root, tmp_path / "runs")]
+    with caplog.at_level("WARNING", logger="trainer.retrain"):
+        cfg = retrain.resolve_inputs(retrain.parse_args([*args, "seg_scale=2"]))[0]
+    assert cfg.seg_scale == 2
+    assert "was built with seg_scale=1, this run uses seg_scale=2" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.retrain"):
+        retrain.resolve_inputs(retrain.parse_args(args))
+    assert "seg_scale" not in caplog.text
+
+
 # --------------------------------------------------------------------------------------------- DDP
 _DDP_SCRIPT = textwrap.dedent('''
     """Runs trainer/retrain.py's main; each rank also dumps its final weights (test helper)."""

@@ -25,11 +25,25 @@ from trainer.module import RetrainConfig
     ("channels=100000", "channels: expected at most max_channels=1024, got 100000; set max_channels=100000"),
     ("channels=7", "channels: expected an even integer >= 2, got 7"),
     ("inputs=thermal", "inputs: expected one of ['both', 'ir', 'vis'], got 'thermal'"),
+    ("seg_scale=3", "seg_scale: expected one of 1, 2, 4 (the segmenter's input upsampling factor), got 3"),
+    ("seg_scale=0", "seg_scale: expected one of 1, 2, 4"),
 ])
 def test_bad_setting_fails_at_load_time(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(RetrainConfig, None, [override])
     assert message in str(info.value)
+
+
+def test_seg_scale_reaches_the_model_and_the_card():
+    from trainer.card import training_from_config
+    from trainer.checkpoint import resolve_genotype
+    from trainer.config import config_to_dict
+
+    cfg = load_config(RetrainConfig, None, ["seg_scale=2", "channels=4"])
+    model = retrain.build_network(cfg, resolve_genotype("paif", channels=4))
+    assert model.seg_scale == 2 and model.build_options["seg_scale"] == 2
+    assert training_from_config(config_to_dict(cfg))["recipe"]["seg_scale"] == 2
+    assert load_config(RetrainConfig, None, []).seg_scale == 1
 
 
 def test_max_channels_can_be_raised():

@@ -131,3 +131,46 @@ def test_segmenter_only_pretrains_what_the_full_warm_start_then_reuses(tiny_data
     assert warmstart.main([*args, "fusion.steps=1", "fusion.batch_size=2", "fusion.crop=[24,32]"]) == 0
     full = json.loads(capsys.readouterr().out)
     assert full["segmenter_dir"] == printed["segmenter_dir"] and full["start"].endswith(".pt")
+
+
+def test_segmenter_key_at_scale_1_is_the_key_of_caches_written_before_seg_scale(tiny_data, tmp_path) -> None:
+    """seg.scale=1 (the default) leaves the cache key as it was computed before the setting existed (written out
+    here: the seg.* recipe without ``scale``), so existing segformer-<hash>/ entries still hit; 2 and 4 are other
+    entries."""
+    cfg = _cfg(tiny_data, tmp_path)
+    s = cfg.seg
+    before = warmstart._key(warmstart.RECIPE_VERSION, "train-fp", cfg.segmenter, cfg.num_classes, cfg.seed,
+                            {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "weight_decay": s.weight_decay,
+                             "warmup_steps": s.warmup_steps}, "val-fp")
+    assert s.scale == 1 and warmstart.segmenter_key(cfg, "train-fp", "val-fp") == before
+    keys = {scale: warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.scale": scale}), "train-fp", "val-fp")
+            for scale in (1, 2, 4)}
+    assert keys[1] == before and len(set(keys.values())) == 3
+    with pytest.raises(ValueError, match=r"seg.scale: expected one of 1, 2, 4 .*got 3"):
+        _cfg(tiny_data, tmp_path, **{"seg.scale": 3})
+
+
+def test_seg_scale_2_pretrains_and_starts_on_upsampled_images(tiny_data, tmp_path, monkeypatch) -> None:
+    """seg.scale=2: pretraining and its held-out evaluation call the segmenter through pipeline.segment at scale 2 (it
+    receives 32x48 images as 64x96), and the start checkpoint is a seg_scale=2 model."""
+    import search_space.pipeline as pipeline
+    from trainer.checkpoint import load_model
+
+    torch.set_num_threads(1)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    original = pipeline.segment
+
+    def recording(segmenter, x, seg_scale=1):
+        hook = segmenter.register_forward_hook(lambda m, args, out: seen.append((seg_scale, tuple(args[0].shape))))
+        try:
+            return original(segmenter, x, seg_scale)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(pipeline, "segment", recording)
+    info = warm_start(_cfg(tiny_data, tmp_path, **{"seg.scale": 2}))
+    assert seen == [(2, (2, 3, 64, 96))] * 2 + [(2, (1, 3, 64, 96))] * 2  # 2 training steps, 2 held-out images
+    report = json.loads((tmp_path / info["segmenter_dir"].split("/")[-1] / "pretrain.json").read_text())
+    assert report["recipe"]["scale"] == 2
+    model, meta = load_model(info["start"])
+    assert model.seg_scale == 2 and meta["model"]["seg_scale"] == 2
