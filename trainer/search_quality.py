@@ -192,7 +192,7 @@ def _pct(x: float | None) -> str:
 
 
 def _num(x: Any, fmt: str = "{:.2f}") -> str:
-    return "–" if x is None else fmt.format(x)
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
 def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str, Any]],

@@ -82,8 +82,16 @@ def test_signal_noise_against_hand_computed_numbers():
     # seed noise larger than the genotypes' spread: nothing left for the architecture
     flat = [r for r in RESULTS if r["job"]["label"] != "random 0"] + [_r("robust", "s-rob", 2, 0.6, 0.40)]
     assert signal_noise(flat, arm_kinds(flat, SEARCHES), "strong")["genotype_std"] == 0.0
-    single = [r for r in RESULTS if r["job"]["label"] in ("random 0", "paif")]
-    assert math.isnan(signal_noise(single, arm_kinds(single, SEARCHES), "strong")["within"])
+    single = [r for r in RESULTS if r["job"]["label"] in ("random 0", "random 1", "paif")]
+    noise = signal_noise(single, arm_kinds(single, SEARCHES), "strong")
+    assert math.isnan(noise["within"]) and math.isnan(noise["ratio"]) and noise["within_dof"] == 0
+
+
+def test_report_without_repeated_seeds_shows_dashes_not_nan(tmp_path):
+    cfg = load_config(ExperimentConfig, None, ["report=search_quality", "threats=[strong]", "channels=16"])
+    single = [r for r in RESULTS if r["job"]["label"] in ("random 0", "random 1", "paif")]
+    md = write_search_quality(cfg, tmp_path, single, {}, None, 1.0).read_text()
+    assert "between / within = –" in md and "nan" not in md
 
 
 def test_report_files(tmp_path):
