@@ -751,6 +751,19 @@ def _selection_miou(report: dict[str, Any], threat: str) -> float:
     return float(report["threats"][threat]["segmentation"]["miou"])
 
 
+def selection_eval_args(cfg: ExperimentConfig, checkpoint: str, out: Path, vdir: Path, seed: int) -> list[str]:
+    """``trainer/evaluate.py`` arguments of one selection evaluation: ``selection.threat`` alone (``paif`` when
+    it is ``clean``, whose number every report has) on ``selection.split``, no sweep, no masking checks and no
+    per-modality runs (evaluate's default ``per_modality=[paif]`` names a threat this evaluation does not run)."""
+    sel = cfg.selection
+    threat = sel.threat if sel.threat != "clean" else "paif"
+    flags, items = _eval_budget(cfg, sel.limit)
+    return ["--checkpoint", checkpoint, "--data", str(out / "data"), "--split", sel.split, "--threat", threat,
+            "--out", str(vdir), "--batch-size", str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(seed),
+            "--no-progress", *flags, "eps_sweep=[]", "masking.enabled=false", "per_modality=[]", *items,
+            "num_threads=1"]
+
+
 def select_best_random(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``random:`` arm whose first-seed checkpoint has the highest mIoU under ``selection.threat`` on
     ``selection.split`` (validation; never test). Cached in ``out/selection.json``; each arm's validation
@@ -775,12 +788,7 @@ def select_best_random(cfg: ExperimentConfig, out: Path, results: Sequence[dict[
         job = Job(**{**r["job"], "overrides": tuple(r["job"].get("overrides", ()))})
         vdir = out / "jobs" / job.key / "val_eval"
         if not (vdir / "report.json").is_file():
-            threat = sel.threat if sel.threat != "clean" else "paif"
-            flags, items = _eval_budget(cfg, sel.limit)
-            _run(_python("trainer/evaluate.py", "--checkpoint", r["checkpoint"], "--data", str(out / "data"),
-                         "--split", sel.split, "--threat", threat, "--out", str(vdir), "--batch-size",
-                         str(cfg.eval_batch_size), "--device", "cpu", "--seed", str(job.seed), "--no-progress",
-                         *flags, "eps_sweep=[]", "masking.enabled=false", *items, "num_threads=1"),
+            _run(_python("trainer/evaluate.py", *selection_eval_args(cfg, r["checkpoint"], out, vdir, job.seed)),
                  out / "jobs" / job.key / "job.log")
         report = json.loads((vdir / "report.json").read_text())
         values[job.label] = {"genotype": job.genotype, "miou": _selection_miou(report, sel.threat)}

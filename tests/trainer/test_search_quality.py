@@ -137,6 +137,20 @@ def test_select_best_random_uses_the_validation_reports_and_caches(tmp_path):
         select_best_random(cfg, tmp_path / "other", [_r("paif", "paif", 0, 0.5, 0.9)])
 
 
+@pytest.mark.parametrize("threat", ["strong", "paif", "clean"])
+def test_selection_evaluation_arguments_pass_evaluates_config_checks(tmp_path, threat):
+    """The command select_best_random runs must load in trainer/evaluate.py (a per_modality threat that is not
+    evaluated failed there once, after 12 trained arms)."""
+    from trainer import evaluate
+    from trainer.experiment import selection_eval_args
+
+    cfg = load_config(ExperimentConfig, "configs/search_eval.yaml", [f"selection.threat={threat}"])
+    args = selection_eval_args(cfg, "ckpt.pt", tmp_path, tmp_path / "val_eval", 0)
+    ecfg = evaluate.load_command_config(evaluate.EvaluateConfig, evaluate.parse_args, args)
+    assert ecfg.split == "val" and ecfg.limit == cfg.selection.limit and ecfg.per_modality == []
+    assert ecfg.threats == ["paif" if threat == "clean" else threat] and ecfg.eps_sweep == []
+
+
 def test_reuse_job_copies_the_chosen_arm_under_the_new_label(tmp_path):
     src = Job("random 1", "random:1", "aat", 0)
     (tmp_path / "jobs" / src.key).mkdir(parents=True)
