@@ -783,14 +783,20 @@ def select_best_random(cfg: ExperimentConfig, out: Path, results: Sequence[dict[
         cached = json.loads(path.read_text())
         if set(cached["values"]) == {r["job"]["label"] for r in cands}:
             return cached
-    values: dict[str, dict[str, Any]] = {}
-    for r in cands:
-        job = Job(**{**r["job"], "overrides": tuple(r["job"].get("overrides", ()))})
+    jobs = [Job(**{**r["job"], "overrides": tuple(r["job"].get("overrides", ()))}) for r in cands]
+
+    def evaluate_one(job: Job, checkpoint: str) -> None:
         vdir = out / "jobs" / job.key / "val_eval"
         if not (vdir / "report.json").is_file():
-            _run(_python("trainer/evaluate.py", *selection_eval_args(cfg, r["checkpoint"], out, vdir, job.seed)),
+            _run(_python("trainer/evaluate.py", *selection_eval_args(cfg, checkpoint, out, vdir, job.seed)),
                  out / "jobs" / job.key / "job.log")
-        report = json.loads((vdir / "report.json").read_text())
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:  # `workers` evaluations at a time
+        for fut in [pool.submit(evaluate_one, job, r.get("checkpoint", "")) for job, r in zip(jobs, cands)]:
+            fut.result()
+    values: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        report = json.loads((out / "jobs" / job.key / "val_eval" / "report.json").read_text())
         values[job.label] = {"genotype": job.genotype, "miou": _selection_miou(report, sel.threat)}
     best = max(values, key=lambda label: values[label]["miou"])  # ties: the first listed
     selection = {"split": sel.split, "threat": sel.threat, "limit": sel.limit, "values": values,
