@@ -120,12 +120,11 @@ def signal_noise(results: Sequence[Mapping[str, Any]], kinds: Mapping[str, str],
                if kinds.get(r["job"]["label"]) == "random" and not math.isnan(float(r.get(column, float("nan"))))]
     between = mean_std(randoms)[1] if len(randoms) > 1 else float("nan")
     num = den = 0
-    for label in dict.fromkeys(r["job"]["label"] for r in results):
-        vals = [r.get(column, float("nan")) for r in results if r["job"]["label"] == label]
-        vals = [float(v) for v in vals if not math.isnan(float(v))]
-        if len(vals) > 1:
-            num += (len(vals) - 1) * mean_std(vals)[1] ** 2
-            den += len(vals) - 1
+    for row in aggregate(results, [column]):  # per label: the values over seeds and their mean / sample std
+        n = sum(not math.isnan(float(v)) for v in row["values"][column])
+        if n > 1:
+            num += (n - 1) * row["stats"][column][1] ** 2
+            den += n - 1
     within = math.sqrt(num / den) if den else float("nan")
     genotype_std = (math.sqrt(max(0.0, between ** 2 - within ** 2))
                     if not (math.isnan(between) or math.isnan(within)) else float("nan"))
