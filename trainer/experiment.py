@@ -100,6 +100,10 @@ class ExperimentConfig:
     workers: int = 2  # jobs in parallel, one torch thread each
     data: DataSpec = field(default_factory=DataSpec)
     channels: int = 16  # fusion width of every retrained genotype
+    #: the segmenter's input upsampling (1, 2 or 4; ``search_space.pipeline.segment``), one setting for the whole
+    #: experiment: the warm start pretrains the segmenter at it (``seg.scale``), every arm retrains with it
+    #: (``seg_scale``) and the named searches search with it (``space.seg_scale``)
+    seg_scale: int = 1
     #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch
     warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=500"])
     #: where the warm starts are cached ("" = ``out/cache``). Keys are content hashes of the data files and the
@@ -149,6 +153,14 @@ class ExperimentConfig:
     eval_batch_size: int = 6
 
     def __post_init__(self) -> None:
+        from search_space.pipeline import check_seg_scale
+
+        self.seg_scale = check_seg_scale(self.seg_scale, "seg_scale")
+        for key, items in (("seg.scale", self.warmstart or []), ("seg_scale", self.retrain),
+                           ("space.seg_scale", [*self.search, *self.search_extra])):
+            if any(str(x).split("=", 1)[0].strip() == key for x in items):
+                raise ValueError(f"{key} is set by the experiment's seg_scale ({self.seg_scale}); set seg_scale "
+                                 f"instead of {key}= in the overrides")
         if self.report not in ("robustness", "search_quality"):
             raise ValueError(f"report: expected 'robustness' or 'search_quality', got {self.report!r}")
         if self.stability and (len(self.stability) != 2 or not set(self.stability) <= set(self.searches)):
@@ -249,6 +261,16 @@ def check_starts(jobs: Sequence[Job], out: Path, starts: dict[str, dict[str, Any
             "or the warm-start recipe changed. Use another --out, or delete those jobs/<arm> folders to retrain them")
 
 
+def retrain_command(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
+                    start: str | None) -> list[str]:
+    """The ``trainer/retrain.py`` command of one job (into ``out/jobs/<key>/train``), from ``start`` if given."""
+    return _python("trainer/retrain.py", "--genotype", genotypes[job.genotype], f"mode={job.mode}",
+                   f"seed={job.seed}", f"channels={cfg.channels}", f"data.root={out / 'data'}",
+                   f"runs_root={out / 'jobs' / job.key / 'train'}", f"run_name={job.key}", "progress_bar=false",
+                   "num_threads=1", *([f"init_from={start}"] if start else []),
+                   *([f"seg_scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else []), *cfg.retrain, *job.overrides)
+
+
 def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
             starts: dict[str, str] | None = None) -> dict[str, Any]:
     """Retrain then evaluate one job; resumable through ``done.json`` / ``train_done.json`` markers."""
@@ -280,11 +302,7 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
                           "num_threads=1")
         else:
             shutil.rmtree(runs_root, ignore_errors=True)
-            start = (starts or {}).get(job.genotype)
-            cmd = _python("trainer/retrain.py", "--genotype", genotypes[job.genotype], f"mode={job.mode}",
-                          f"seed={job.seed}", f"channels={cfg.channels}", f"data.root={out / 'data'}",
-                          f"runs_root={runs_root}", f"run_name={job.key}", "progress_bar=false", "num_threads=1",
-                          *([f"init_from={start}"] if start else []), *cfg.retrain, *job.overrides)
+            cmd = retrain_command(job, cfg, out, genotypes, (starts or {}).get(job.genotype))
         _run(cmd, logfile)
         last = sorted(runs_root.glob("*/last.pt"))
         if not last:
@@ -539,8 +557,11 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
            if "finished_jobs" in extras else f"Wall time {wall / 60:.1f} min ")
         + f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
         f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
-        f"{d.n_test} test scenes. Start point: `trainer.warmstart` {' '.join(cfg.warmstart or ['(none)'])}. "
-        f"Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}; seeds {cfg.seeds}. Evaluation: final "
+        f"{d.n_test} test scenes. Start point: `trainer.warmstart` "
+        f"{' '.join(warmstart_overrides(cfg)) if cfg.warmstart is not None else '(none)'}. "
+        f"Training: {' '.join(cfg.retrain)}, fusion width {cfg.channels}"
+        + (f", segmenter on {cfg.seg_scale}× upsampled fused images (seg_scale={cfg.seg_scale})" if cfg.seg_scale != 1
+           else "") + f"; seeds {cfg.seeds}. Evaluation: final "
         "checkpoint (`last.pt`, no selection) on the test split; test mIoU in % over 9 classes, mean ± sample std "
         "over seeds.", "",
         render_table(rows, columns), "",
@@ -666,7 +687,8 @@ def run_search(cfg: ExperimentConfig, out: Path, name: str, sdir: Path, config: 
         sdir.mkdir(parents=True)
         cmd = _python("strategies/search.py", *(["--config", _repo_path(config)] if config else []),
                       f"data.root={out / 'data'}", f"run_dir={sdir}", "progress_bar=false",
-                      *([f"init_from={init_from}"] if init_from else []), *overrides)
+                      *([f"init_from={init_from}"] if init_from else []),
+                      *([f"space.seg_scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else []), *overrides)
     log.info("search %s -> %s", name, sdir)
     _run(cmd, logfile)
     if not geno.is_file():
@@ -688,12 +710,18 @@ def run_searches(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str], in
     return {name: json.loads((path.parent / "search_result.json").read_text()) for name, path in files.items()}
 
 
+def warmstart_overrides(cfg: ExperimentConfig) -> list[str]:
+    """``cfg.warmstart`` plus the experiment's ``seg_scale`` as ``seg.scale`` (left out at 1, the default)."""
+    return [*(cfg.warmstart or []), *([f"seg.scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else [])]
+
+
 def _warm_config(cfg: ExperimentConfig, out: Path, genotype: str) -> Any:
     from trainer.warmstart import WarmStartConfig
 
     cache = cfg.cache or out / "cache"
     return load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotype}", f"cache={cache}",
-                                               f"channels={cfg.channels}", "progress_bar=false", *cfg.warmstart])
+                                               f"channels={cfg.channels}", "progress_bar=false",
+                                               *warmstart_overrides(cfg)])
 
 
 def common_segmenter(cfg: ExperimentConfig, out: Path) -> str | None:
@@ -732,7 +760,7 @@ def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> 
             ws = configs[name]
             _run([sys.executable, "-m", "trainer.warmstart", "--skip-data-check", f"data={ws.data}",
                   f"genotype={ws.genotype}", f"cache={ws.cache}", f"channels={ws.channels}", "progress_bar=false",
-                  *cfg.warmstart], logs / f"{name.replace(':', '-')}.log")
+                  *warmstart_overrides(cfg)], logs / f"{name.replace(':', '-')}.log")
 
         with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
             for fut in [pool.submit(one, name) for name in todo]:

@@ -249,3 +249,28 @@ def test_warm_starts_run_per_genotype_in_worker_processes_and_are_cached(tmp_pat
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")}
     assert warm_starts(cfg, tmp_path, genotypes) == starts
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")} == stamps
+
+
+def test_seg_scale_reaches_the_warm_start_every_retraining_and_the_searches(tmp_path):
+    """One experiment-wide seg_scale: the segmenter is pretrained (seg.scale), retrained (seg_scale) and searched
+    (space.seg_scale) at the same factor; setting one of those in the overrides instead is refused."""
+    from trainer.experiment import Job, _warm_config, retrain_command, warmstart_overrides
+    from trainer.retrain import RetrainConfig
+
+    job = Job(label="AAT", genotype="paif", mode="aat", seed=1, overrides=("inputs=both",))
+    plain = load_config(ExperimentConfig)
+    assert warmstart_overrides(plain) == plain.warmstart and _warm_config(plain, tmp_path, "paif").seg.scale == 1
+    assert not any(a.startswith("seg_scale=") for a in retrain_command(job, plain, tmp_path, {"paif": "paif"}, None))
+    cfg = load_config(ExperimentConfig, overrides=["seg_scale=2"])
+    assert _warm_config(cfg, tmp_path, "paif").seg.scale == 2
+    cmd = retrain_command(job, cfg, tmp_path, {"paif": "paif"}, "cache/start-x.pt")
+    assert cmd[1].endswith("trainer/retrain.py") and "init_from=cache/start-x.pt" in cmd
+    items = [a for a in cmd[4:] if "=" in a]
+    retrain = load_config(RetrainConfig, None, [a for a in items if not a.startswith(("init_from=", "data.root="))])
+    assert retrain.seg_scale == 2 and retrain.mode == "aat" and retrain.seed == 1
+    for bad, key in (('warmstart=["seg.steps=2","seg.scale=2"]', "seg.scale"), ('retrain=["seg_scale=2"]', "seg_scale"),
+                     ('search_extra=["space.seg_scale=4"]', "space.seg_scale")):
+        with pytest.raises(ConfigError, match=f"{key} is set by the experiment's seg_scale"):
+            load_config(ExperimentConfig, overrides=[bad])
+    with pytest.raises(ConfigError, match="seg_scale"):
+        load_config(ExperimentConfig, overrides=["seg_scale=3"])
