@@ -730,7 +730,9 @@ def common_segmenter(cfg: ExperimentConfig, out: Path) -> str | None:
         return None
     from trainer.warmstart import pretrained_segmenter
 
-    return str(pretrained_segmenter(_warm_config(cfg, out, "paif"))[0])
+    # every core: `make experiment` runs with OMP_NUM_THREADS=1 for its one-thread jobs, and nothing else runs yet
+    ws = dataclasses.replace(_warm_config(cfg, out, "paif"), num_threads=os.cpu_count() or 1)
+    return str(pretrained_segmenter(ws)[0])
 
 
 def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, dict[str, Any]]:
