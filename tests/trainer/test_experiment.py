@@ -258,7 +258,7 @@ def test_seg_scale_reaches_the_warm_start_every_retraining_and_the_searches(tmp_
     from trainer.retrain import RetrainConfig
 
     job = Job(label="AAT", genotype="paif", mode="aat", seed=1, overrides=("inputs=both",))
-    plain = load_config(ExperimentConfig)
+    plain = load_config(ExperimentConfig, overrides=["seg_scale=1"])
     assert warmstart_overrides(plain) == plain.warmstart and _warm_config(plain, tmp_path, "paif").seg.scale == 1
     assert not any(a.startswith("seg_scale=") for a in retrain_command(job, plain, tmp_path, {"paif": "paif"}, None))
     cfg = load_config(ExperimentConfig, overrides=["seg_scale=2"])
