@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,12 @@ from search_space.pipeline import build_model  # noqa: E402
 from trainer.runs import tune_malloc  # noqa: E402
 
 
+def paif(args: argparse.Namespace):
+    """The built-in ``paif`` genotype, at ``--channels`` when given."""
+    g = GENOTYPES["paif"]
+    return g if args.channels is None else dataclasses.replace(g, channels=args.channels)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -43,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, default=(240, 320), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--attack-steps", type=int, default=3, help="PGD steps of the training attack (aat)")
+    p.add_argument("--attack-kind", choices=("pgd", "fgsm"), default="pgd",
+                   help="training attack (fgsm: the robustness experiment's fast AT, one gradient)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="fusion width of paif (default its own 32; the robustness experiment uses 16)")
+    p.add_argument("--seg-scale", type=int, default=1, choices=(1, 2, 4),
+                   help="the segmenter's input upsampling (search_space.pipeline.segment)")
     p.add_argument("--repeat", type=int, default=5, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-step", action="store_true", help="only the fusion-net ratio")
@@ -80,7 +93,7 @@ def alone(pairs: list[tuple[nn.Module, torch.Tensor]], autocast) -> Callable[[],
 
 def fusion_net_ratio(args: argparse.Namespace, device: torch.device, autocast) -> dict:
     torch.manual_seed(0)
-    net = build_fusion_net(GENOTYPES["paif"]).to(device).train()
+    net = build_fusion_net(paif(args)).to(device).train()
     h, w = args.size
     ir, y = torch.rand(args.batch, 1, h, w, device=device), torch.rand(args.batch, 1, h, w, device=device)
     convs = capture_inputs(net, (nn.Conv2d,), lambda: net(ir, y))
@@ -110,8 +123,9 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
     batch = {k: v.to(device) for k, v in batch.items()}
     cfg = RetrainConfig(mode="aat")
     cfg.attack.steps = args.attack_steps
+    cfg.attack.kind = args.attack_kind
     torch.manual_seed(0)
-    model = build_model(GENOTYPES["paif"]).to(device)
+    model = build_model(paif(args), seg_scale=args.seg_scale).to(device)
     module = RetrainModule(model, None, cfg, ".", train_set=[], val_set=None).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     eps = cfg.attack.at_eps
@@ -131,13 +145,13 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
         module.make_attack(eps, gen)(batch["ir"], batch["vis"], batch["label"])
 
     fused_rgb = model.fuse(batch["ir"], batch["vis"])[1].detach()
-    from search_space.pipeline import normalize_per_image
+    from search_space.pipeline import normalize_per_image, segment
     seg_in = normalize_per_image(fused_rgb)
 
-    def segformer() -> None:
+    def segformer() -> None:  # at the model's seg_scale (upsampling, padding and logit resizing included)
         model.segmenter.zero_grad(set_to_none=True)
         with autocast():
-            logits = model.segmenter(seg_in)
+            logits = segment(model.segmenter, seg_in, args.seg_scale)
         logits.float().mean().backward()
 
     ycbcr_y = 0.299 * batch["vis"][:, :1] + 0.587 * batch["vis"][:, 1:2] + 0.114 * batch["vis"][:, 2:]
@@ -155,7 +169,8 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
            "segformer": segformer, "attack": attack}
     sec = interleaved(fns, device, args.repeat, args.warmup)
     parts = ("fusion_net", "fusion_convs", "decompositions", "segformer")
-    return {"attack": f"PGD-{args.attack_steps}", "seconds": {k: round(v, 5) for k, v in sec.items()},
+    attack_name = "FGSM" if args.attack_kind == "fgsm" else f"PGD-{args.attack_steps}"
+    return {"attack": attack_name, "seg_scale": args.seg_scale, "seconds": {k: round(v, 5) for k, v in sec.items()},
             "share_of_clean_step": {k: round(sec[k] / sec["step_clean"], 3) for k in parts},
             "share_of_aat_step": {k: round(sec[k] / sec["step_aat"], 3) for k in parts + ("attack",)},
             "aat_vs_clean": round(sec["step_aat"] / sec["step_clean"], 3)}
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         return contextlib.nullcontext()
 
     out = {"bench": "step_profile", "device": str(device), "amp": args.amp, "size": list(args.size),
-           "batch": args.batch, "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc_tuned": malloc_tuned,
+           "batch": args.batch, "channels": paif(args).channels, "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc_tuned": malloc_tuned,
            "repeat": args.repeat, "statistic": "median of interleaved rounds",
            "fusion_net": fusion_net_ratio(args, device, autocast)}
     print(json.dumps({"fusion_net": out["fusion_net"]}), file=sys.stderr, flush=True)

@@ -38,6 +38,9 @@ def test_step_profile_quick() -> None:
     shares = res["training_step"]["share_of_aat_step"]
     assert {"fusion_convs", "decompositions", "segformer", "attack"} <= set(shares)
     json.dumps(res)
+    # the robustness experiment's setting: fusion width 16, FGSM training attack, segmenter on 2x upsampled images
+    res = _load("step_profile").main(["--quick", "--channels", "16", "--attack-kind", "fgsm", "--seg-scale", "2"])
+    assert res["channels"] == 16 and res["training_step"]["attack"] == "FGSM" and res["training_step"]["seg_scale"] == 2
 
 
 @pytest.mark.slow
