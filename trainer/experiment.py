@@ -69,6 +69,10 @@ BASELINE_GENOTYPE: dict[str, Any] = {
 }
 
 
+#: the override key through which the experiment's ``seg_scale`` reaches each command it runs
+SEG_SCALE_KEYS = {"warmstart": "seg.scale", "retrain": "seg_scale", "search": "space.seg_scale"}
+
+
 @dataclass
 class DataSpec:
     size: tuple[int, int] = (96, 128)  # synthetic scene size (H, W)
@@ -157,8 +161,9 @@ class ExperimentConfig:
         from search_space.pipeline import check_seg_scale
 
         self.seg_scale = check_seg_scale(self.seg_scale, "seg_scale")
-        for key, items in (("seg.scale", self.warmstart or []), ("seg_scale", self.retrain),
-                           ("space.seg_scale", [*self.search, *self.search_extra])):
+        for command, items in (("warmstart", self.warmstart or []), ("retrain", self.retrain),
+                               ("search", [*self.search, *self.search_extra])):
+            key = SEG_SCALE_KEYS[command]
             if any(str(x).split("=", 1)[0].strip() == key for x in items):
                 raise ValueError(f"{key} is set by the experiment's seg_scale ({self.seg_scale}); set seg_scale "
                                  f"instead of {key}= in the overrides")
@@ -262,6 +267,11 @@ def check_starts(jobs: Sequence[Job], out: Path, starts: dict[str, dict[str, Any
             "or the warm-start recipe changed. Use another --out, or delete those jobs/<arm> folders to retrain them")
 
 
+def seg_scale_override(cfg: ExperimentConfig, command: str) -> list[str]:
+    """``[<key>=<seg_scale>]`` for ``command`` (a key of :data:`SEG_SCALE_KEYS`); [] at 1, every command's default."""
+    return [f"{SEG_SCALE_KEYS[command]}={cfg.seg_scale}"] if cfg.seg_scale != 1 else []
+
+
 def retrain_command(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
                     start: str | None) -> list[str]:
     """The ``trainer/retrain.py`` command of one job (into ``out/jobs/<key>/train``), from ``start`` if given."""
@@ -269,7 +279,7 @@ def retrain_command(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[
                    f"seed={job.seed}", f"channels={cfg.channels}", f"data.root={out / 'data'}",
                    f"runs_root={out / 'jobs' / job.key / 'train'}", f"run_name={job.key}", "progress_bar=false",
                    "num_threads=1", *([f"init_from={start}"] if start else []),
-                   *([f"seg_scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else []), *cfg.retrain, *job.overrides)
+                   *seg_scale_override(cfg, "retrain"), *cfg.retrain, *job.overrides)
 
 
 def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
@@ -689,7 +699,7 @@ def run_search(cfg: ExperimentConfig, out: Path, name: str, sdir: Path, config: 
         cmd = _python("strategies/search.py", *(["--config", _repo_path(config)] if config else []),
                       f"data.root={out / 'data'}", f"run_dir={sdir}", "progress_bar=false",
                       *([f"init_from={init_from}"] if init_from else []),
-                      *([f"space.seg_scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else []), *overrides)
+                      *seg_scale_override(cfg, "search"), *overrides)
     log.info("search %s -> %s", name, sdir)
     _run(cmd, logfile)
     if not geno.is_file():
@@ -713,7 +723,7 @@ def run_searches(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str], in
 
 def warmstart_overrides(cfg: ExperimentConfig) -> list[str]:
     """``cfg.warmstart`` plus the experiment's ``seg_scale`` as ``seg.scale`` (left out at 1, the default)."""
-    return [*(cfg.warmstart or []), *([f"seg.scale={cfg.seg_scale}"] if cfg.seg_scale != 1 else [])]
+    return [*(cfg.warmstart or []), *seg_scale_override(cfg, "warmstart")]
 
 
 def _warm_config(cfg: ExperimentConfig, out: Path, genotype: str) -> Any:
