@@ -218,6 +218,19 @@ def plan(cfg: ExperimentConfig) -> list[Job]:
     return jobs
 
 
+def run_order(jobs: Sequence[Job], out: Path) -> list[Job]:
+    """The order in which ``jobs`` start: the ones an earlier invocation began first (finishing what was started),
+    then seed by seed as planned, with the adversarial arms (2-3x the cost of a clean one) before the clean ones
+    within a seed, so that the last job running alone is a short one rather than a worker idling beside a long
+    arm. Results do not depend on it: every job has its own seed, folder and start."""
+    def begun(job: Job) -> bool:
+        jdir = out / "jobs" / job.key
+        return (jdir / "train_done.json").is_file() or any((jdir / "train").glob("*/resume.ckpt"))
+
+    position = {job.key: i for i, job in enumerate(jobs)}
+    return sorted(jobs, key=lambda j: (not begun(j), j.seed, j.mode == "clean", position[j.key]))
+
+
 def _python(module_or_script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / module_or_script), *args]
 
@@ -872,7 +885,7 @@ def run_jobs(jobs: Sequence[Job], cfg: ExperimentConfig, out: Path, genotypes: d
     failures: list[str] = []
     with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         futures = {pool.submit(run_job, job, cfg, out, genotypes, {g: i["start"] for g, i in starts.items()}): job
-                   for job in jobs}
+                   for job in run_order(jobs, out)}
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=desc, unit="job"):
             job = futures[fut]
             try:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
-from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, main, mean_std,
+from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, main, mean_std, run_order,
                                 paired_differences, plan, plot_curves, render_table, write_outputs)
 
 
@@ -44,6 +44,23 @@ def test_plan_seeds_outermost_and_unique_keys():
     jobs = plan(cfg)
     assert [(j.label, j.seed) for j in jobs] == [("a", 3), ("b", 3), ("a", 4), ("b", 4)]
     assert len({j.key for j in jobs}) == len(jobs)
+
+
+def test_run_order_resumes_begun_jobs_then_adversarial_arms_first_within_a_seed(tmp_path):
+    cfg = load_config(ExperimentConfig, overrides=[
+        "seeds=[0,1]", 'runs=[["n","paif","clean"],["a","paif","aat"],["t","paif","at"],["i","paif","clean","1"]]'])
+    jobs = plan(cfg)
+    keys = lambda js: [j.key for j in js]  # noqa: E731
+    assert keys(jobs) == ["n-s0", "a-s0", "t-s0", "i-s0", "n-s1", "a-s1", "t-s1"]
+    assert keys(run_order(jobs, tmp_path)) == ["a-s0", "t-s0", "n-s0", "i-s0", "a-s1", "t-s1", "n-s1"]
+    # begun by an earlier invocation: an interrupted training (resume.ckpt) or a trained, unevaluated arm
+    (tmp_path / "jobs" / "n-s1" / "train" / "run-1").mkdir(parents=True)
+    (tmp_path / "jobs" / "n-s1" / "train" / "run-1" / "resume.ckpt").write_bytes(b"")
+    (tmp_path / "jobs" / "t-s1").mkdir(parents=True)
+    (tmp_path / "jobs" / "t-s1" / "train_done.json").write_text("{}")
+    (tmp_path / "jobs" / "a-s1" / "train").mkdir(parents=True)  # a folder alone is no progress
+    assert keys(run_order(jobs, tmp_path)) == ["t-s1", "n-s1", "a-s0", "t-s0", "n-s0", "i-s0", "a-s1"]
+    assert sorted(keys(run_order(jobs, tmp_path))) == sorted(keys(jobs))
 
 
 def test_plan_a_run_may_use_only_the_first_seeds():
