@@ -49,7 +49,7 @@ from trainer.config import (check_budget, check_channels, check_choice, check_cr
 from search_space.pipeline import FusionOnly
 from trainer.errors import os_error_at
 from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
-from trainer.losses import TaskLoss
+from trainer.losses import FUSION_WEIGHTS, TaskLoss
 from trainer.metrics import ConfusionMatrix, FusionMetrics
 from trainer.robust_objective import TRAIN_ATTACK_MODE, fusion_objective, robust_loss, task_objective
 
@@ -184,6 +184,21 @@ class ValConfig:
 
 
 @dataclass
+class FusionWeightsConfig:
+    """Weights of the fusion loss's terms inside ``λ_fusion`` (``trainer.losses.fusion_loss``): L1 to the max rule's
+    intensity, L1 to the larger source gradient, and 1 − SSIM to each source (the fusion metric SSIM's sum)."""
+
+    intensity: float = FUSION_WEIGHTS["intensity"]
+    gradient: float = FUSION_WEIGHTS["gradient"]
+    ssim: float = FUSION_WEIGHTS["ssim"]
+
+    def __post_init__(self) -> None:
+        for name in ("intensity", "gradient", "ssim"):
+            value = getattr(self, name)
+            require(finite(value) and value >= 0, f"fusion_weights.{name}", "a finite number >= 0", value)
+
+
+@dataclass
 class RetrainConfig:
     #: genotype name in GENOTYPES or JSON file (the --genotype flag sets it)
     genotype: str = "paif"
@@ -221,6 +236,7 @@ class RetrainConfig:
     seg_scale: int = 1
     lambda_fusion: float = 0.1
     lambda_seg: float = 4.0
+    fusion_weights: FusionWeightsConfig = field(default_factory=FusionWeightsConfig)
     #: checkpoint selection metric for best.pt (higher is better); mode ``fusion``: one of FUSION_MONITORS (lower is
     #: better; a segmentation metric there becomes val/fusion_loss_adv with attack.fusion_eps > 0, else val/fusion_loss)
     monitor: str = "val/miou_adv"
@@ -415,12 +431,12 @@ class RetrainModule(pl.LightningModule):
         self.val_set = val_set
         self.fusion_only = cfg.mode == "fusion"
         if self.fusion_only:  # the fusion loss alone (weight 1), labels ignored; the segmenter never runs
-            self.task_loss = TaskLoss(1.0, 0.0)
+            self.task_loss = TaskLoss(1.0, 0.0, fusion_weights=vars(cfg.fusion_weights))
             self.objective = fusion_objective(self.task_loss)
             model.segmenter.requires_grad_(False)
             net: torch.nn.Module = FusionOnly(model)  # the fusion half; shares the weights
         else:
-            self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg)
+            self.task_loss = TaskLoss(cfg.lambda_fusion, cfg.lambda_seg, fusion_weights=vars(cfg.fusion_weights))
             self.objective = task_objective(self.task_loss)
             net = model
         #: what the loss, the attacks and validation run. Not registered as a submodule: its weights are

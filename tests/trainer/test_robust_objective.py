@@ -174,3 +174,24 @@ def test_robust_loss_errors():
         convex_weights(1.5)
     with pytest.raises(ValueError, match="attack.model_mode"):
         AttackConfig(model_mode="train")
+
+
+def test_retraining_loss_takes_the_configured_fusion_weights(tmp_path):
+    from trainer.config import ConfigError, load_config
+    from trainer.losses import FUSION_WEIGHTS
+
+    torch.manual_seed(0)
+    batch = _batch()
+    cfg = load_config(RetrainConfig, None, ["mode=clean", "fusion_weights.ssim=5", "fusion_weights.gradient=0"])
+    model = Tiny()
+    loss, logs = RetrainModule(model, None, cfg, tmp_path, train_set=[batch]).robust_loss(batch, None)
+    out = model(batch["ir"], batch["vis"])  # same batch statistics (BatchNorm in training mode)
+    weights = {"intensity": 1.0, "gradient": 0.0, "ssim": 5.0}
+    fusion, _ = fusion_loss(batch["ir"], rgb_to_y(batch["vis"]), out.fused_y, weights)
+    ce = torch.nn.functional.cross_entropy(out.logits, batch["label"])
+    torch.testing.assert_close(logs["fusion"], fusion.detach())
+    torch.testing.assert_close(loss.detach(), (0.1 * fusion + 4.0 * ce).detach())
+    default = RetrainModule(Tiny(), None, RetrainConfig(), tmp_path, train_set=[batch])
+    assert default.task_loss.fusion_weights == FUSION_WEIGHTS
+    with pytest.raises(ConfigError, match=r"fusion_weights.ssim: expected a finite number >= 0, got -1.0"):
+        load_config(RetrainConfig, None, ["fusion_weights.ssim=-1"])
