@@ -574,11 +574,14 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
          "paired": pairs, "claims": claims, "wall_seconds": wall, **extras}, indent=2, default=str) + "\n")
     plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
     d = cfg.data
+    done, _, planned = str(extras.get("finished_jobs", "")).partition(" of ")
+    partial = done != planned
     md = [
         "# Robustness experiment (synthetic RGB-T scenes)", "",
         f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). "
-        + (f"**Partial: {extras['finished_jobs']} jobs finished** (tables rebuilt with `--report`); "
-           if "finished_jobs" in extras else f"Wall time {wall / 60:.1f} min ")
+        + (f"{'**Partial: ' if partial else 'All '}{extras['finished_jobs']} jobs finished{'**' if partial else ''} "
+           "(tables rebuilt with `--report`, so no wall time); " if "finished_jobs" in extras
+           else f"Wall time {wall / 60:.1f} min ")
         + f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
         f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
         f"{d.n_test} test scenes. Start point: `trainer.warmstart` "

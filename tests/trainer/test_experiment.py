@@ -215,6 +215,9 @@ def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "**Partial: 2 of 4 jobs finished**" in md and "| AAT − no AAT | clean | s0: -10.0 | -10.0 (one seed) |" in md
     assert "(Picture grid no AAT vs AAT: needs both runs' `eval/grid_paif.npz`" in md  # no evaluation folders here
+    assert main(["--report", *args[:2], "seeds=[0]", *args[3:]]) == 0  # every planned job finished
+    md = (out / "results.md").read_text()
+    assert "All 2 of 2 jobs finished (tables rebuilt with `--report`, so no wall time)" in md and "Partial" not in md
 
 
 def test_warm_start_cache_defaults_to_the_out_folder_and_may_be_shared(tmp_path):
