@@ -218,6 +218,11 @@ def plan(cfg: ExperimentConfig) -> list[Job]:
     return jobs
 
 
+def resume_points(jdir: Path) -> list[Path]:
+    """The ``resume.ckpt`` files of a job's interrupted trainings (oldest run folder first)."""
+    return sorted((jdir / "train").glob("*/resume.ckpt"))
+
+
 def run_order(jobs: Sequence[Job], out: Path) -> list[Job]:
     """The order in which ``jobs`` start: the ones an earlier invocation began first (finishing what was started),
     then seed by seed as planned, with the adversarial arms (2-3x the cost of a clean one) before the clean ones
@@ -225,7 +230,7 @@ def run_order(jobs: Sequence[Job], out: Path) -> list[Job]:
     arm. Results do not depend on it: every job has its own seed, folder and start."""
     def begun(job: Job) -> bool:
         jdir = out / "jobs" / job.key
-        return (jdir / "train_done.json").is_file() or any((jdir / "train").glob("*/resume.ckpt"))
+        return (jdir / "train_done.json").is_file() or bool(resume_points(jdir))
 
     position = {job.key: i for i, job in enumerate(jobs)}
     return sorted(jobs, key=lambda j: (not begun(j), j.seed, j.mode == "clean", position[j.key]))
@@ -320,7 +325,7 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
     train_done = jdir / "train_done.json"
     if not train_done.is_file():
         runs_root = jdir / "train"
-        existing = sorted(runs_root.glob("*/resume.ckpt"))
+        existing = resume_points(jdir)
         if existing:  # an interrupted retrain continues exactly
             cmd = _python("trainer/retrain.py", "--resume", str(existing[-1].parent), "progress_bar=false",
                           "num_threads=1")
@@ -574,14 +579,11 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
          "paired": pairs, "claims": claims, "wall_seconds": wall, **extras}, indent=2, default=str) + "\n")
     plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
     d = cfg.data
-    done, _, planned = str(extras.get("finished_jobs", "")).partition(" of ")
-    partial = done != planned
     md = [
         "# Robustness experiment (synthetic RGB-T scenes)", "",
         f"Command: `python -m trainer.experiment --out {cfg.out}` (`make experiment`). "
-        + (f"{'**Partial: ' if partial else 'All '}{extras['finished_jobs']} jobs finished{'**' if partial else ''} "
-           "(tables rebuilt with `--report`, so no wall time); " if "finished_jobs" in extras
-           else f"Wall time {wall / 60:.1f} min ")
+        + (f"{finished_note(extras['finished_jobs'])} (tables rebuilt with `--report`, so no wall time); "
+           if "finished_jobs" in extras else f"Wall time {wall / 60:.1f} min ")
         + f"on this machine ({cfg.workers} jobs in parallel, one thread each).", "",
         f"Data: `rgbt.synthetic` seed {d.seed}, {d.size[0]}×{d.size[1]}, {d.n_train} train / {d.n_val} val / "
         f"{d.n_test} test scenes. Start point: `trainer.warmstart` "
@@ -922,6 +924,12 @@ def best_random_phase(cfg: ExperimentConfig, out: Path, jobs: Sequence[Job], res
         (reused.append(hit) if hit is not None else todo.append(job))
     done, failures = run_jobs(todo, cfg, out, genotypes, starts, desc=BEST_RANDOM)
     return reused + done, failures, selection
+
+
+def finished_note(finished_jobs: str) -> str:
+    """How a report rebuilt with ``--report`` names what it covers; ``finished_jobs`` is ``"N of M"``."""
+    done, _, planned = finished_jobs.partition(" of ")
+    return f"**Partial: {finished_jobs} jobs finished**" if done != planned else f"All {finished_jobs} jobs finished"
 
 
 def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:

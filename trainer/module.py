@@ -193,8 +193,7 @@ class FusionWeightsConfig:
     ssim: float = FUSION_WEIGHTS["ssim"]
 
     def __post_init__(self) -> None:
-        for name in ("intensity", "gradient", "ssim"):
-            value = getattr(self, name)
+        for name, value in vars(self).items():
             require(finite(value) and value >= 0, f"fusion_weights.{name}", "a finite number >= 0", value)
 
 

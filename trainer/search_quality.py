@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from trainer.experiment import (BEST_RANDOM, RANDOM_PREFIX, ExperimentConfig, aggregate, mean_std,
+from trainer.experiment import (BEST_RANDOM, RANDOM_PREFIX, ExperimentConfig, aggregate, finished_note, mean_std,
                                 paired_differences)
 from trainer.runs import atomic_save_figure
 
@@ -235,7 +235,7 @@ def write_search_quality(cfg: ExperimentConfig, out: Path, results: Sequence[dic
 
     md = ["# Search quality (synthetic RGB-T scenes)", ""]
     if "finished_jobs" in extras:
-        md += [f"**Partial: {extras['finished_jobs']} jobs finished** (rebuilt with `--report`).", ""]
+        md += [f"{finished_note(extras['finished_jobs'])} (rebuilt with `--report`).", ""]
     d = cfg.data
     md += [
         f"Command: `python -m trainer.experiment --config <this config> --out {cfg.out}` (`make search-eval`). Data: "

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
-from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, main, mean_std, run_order,
+from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, finished_note, main, mean_std, run_order,
                                 paired_differences, plan, plot_curves, render_table, write_outputs)
 
 
@@ -218,6 +218,11 @@ def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     assert main(["--report", *args[:2], "seeds=[0]", *args[3:]]) == 0  # every planned job finished
     md = (out / "results.md").read_text()
     assert "All 2 of 2 jobs finished (tables rebuilt with `--report`, so no wall time)" in md and "Partial" not in md
+
+
+def test_finished_note_says_partial_only_when_jobs_are_missing():  # both reports' (robustness, search quality) line
+    assert finished_note("2 of 4") == "**Partial: 2 of 4 jobs finished**"
+    assert finished_note("14 of 14") == "All 14 of 14 jobs finished"
 
 
 def test_warm_start_cache_defaults_to_the_out_folder_and_may_be_shared(tmp_path):
