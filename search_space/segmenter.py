@@ -16,7 +16,7 @@ from torch import nn
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 
-__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config", "set_mit_norm_eps"]
+__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config", "segmenter_spec", "set_mit_norm_eps"]
 
 _logger = logging.getLogger(__name__)
 
@@ -98,6 +98,20 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
             f"(or a cached hub id), got {str(pretrained)!r}; download them once, or pass allow_download=True "
             f"({exc})") from exc
     return Segmenter(model, variant)
+
+
+def segmenter_spec(segmenter: nn.Module | None, variant: str, num_classes: int) -> dict[str, Any]:
+    """The ``segmenter`` entry of a checkpoint for this built segmenter: ``variant``, ``num_classes`` and, when its
+    all-MLP head is not the variant's default width (``build_segmenter(decoder_hidden_size=...)`` or pretrained
+    weights with another head), ``decoder_hidden_size``, so that loading the checkpoint rebuilds the same shapes.
+    None (a model without segmenter): the first two."""
+    spec: dict[str, Any] = {"variant": variant, "num_classes": int(num_classes)}
+    if segmenter is None:
+        return spec
+    width = int(segmenter.model.config.decoder_hidden_size)
+    if width != MIT_VARIANTS[variant]["decoder_hidden_size"]:
+        spec["decoder_hidden_size"] = width
+    return spec
 
 
 def set_mit_norm_eps(segmenter: nn.Module, eps: float) -> int:

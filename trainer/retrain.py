@@ -260,10 +260,14 @@ def write_split(run_dir: Path, cfg: RetrainConfig, train_set: Any, val_set: Any)
 def build_network(cfg: RetrainConfig, genotype: Any) -> torch.nn.Module:
     from search_space.pipeline import build_model
 
+    start = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    # the start's segmenter head width (trainer.warmstart seg.decoder_hidden_size); pretrained weights bring their own
+    decoder = None if start is None or cfg.pretrained else start["segmenter"].get("decoder_hidden_size")
     model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
-                        inputs=cfg.inputs, seg_scale=cfg.seg_scale)  # both checked when the config is loaded
-    if cfg.init_from:
-        state = load_checkpoint(cfg.init_from)["state_dict"]
+                        decoder_hidden_size=decoder, inputs=cfg.inputs,
+                        seg_scale=cfg.seg_scale)  # both checked when the config is loaded
+    if start is not None:
+        state = start["state_dict"]
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

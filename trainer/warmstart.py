@@ -73,6 +73,10 @@ class SegPretrainConfig:
     #: the segmenter sees the max-rule image upsampled by this factor (1, 2 or 4: ``search_space.pipeline.segment``);
     #: a start for a retraining with ``seg_scale`` = the same factor
     scale: int = 1
+    #: width of SegFormer's all-MLP decode head (null: the variant's, 256 for b0). At ``scale`` 2 the head runs on
+    #: a 4x larger grid and dominates the segmenter's cost (``bench/seg_head_cost.py``); every retraining from this
+    #: start inherits the width through the saved ``config.json``
+    decoder_hidden_size: int | None = None
 
 
 @dataclass
@@ -127,6 +131,9 @@ class WarmStartConfig:
         require(finite(self.seg.weight_decay) and self.seg.weight_decay >= 0, "seg.weight_decay", "a number >= 0",
                 self.seg.weight_decay)
         require(self.seg.warmup_steps >= 0, "seg.warmup_steps", "an integer >= 0", self.seg.warmup_steps)
+        head = self.seg.decoder_hidden_size
+        require(head is None or (isinstance(head, int) and not isinstance(head, bool) and head >= 1),
+                "seg.decoder_hidden_size", "null or an integer >= 1", head)
         from search_space.pipeline import check_seg_scale
 
         check_seg_scale(self.seg.scale, "seg.scale")
@@ -175,6 +182,8 @@ def _seg_recipe(seg: SegPretrainConfig) -> dict[str, Any]:
     recipe = dataclasses.asdict(seg)
     if recipe["scale"] == 1:
         del recipe["scale"]
+    if recipe["decoder_hidden_size"] is None:  # keys of caches made before the setting existed stay valid
+        del recipe["decoder_hidden_size"]
     return recipe
 
 
@@ -235,8 +244,8 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
     from trainer.metrics import ConfusionMatrix
 
     torch.manual_seed(cfg.seed)
-    seg = build_segmenter(cfg.segmenter, cfg.num_classes)
     s = cfg.seg
+    seg = build_segmenter(cfg.segmenter, cfg.num_classes, decoder_hidden_size=s.decoder_hidden_size)
     opt = torch.optim.AdamW(seg.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     losses: list[float] = []
     t0 = time.time()
@@ -358,6 +367,7 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
     pretrained when missing)."""
     from rgbt.dataset import RGBTDataset
     from search_space.pipeline import build_model
+    from search_space.segmenter import segmenter_spec
     from trainer.checkpoint import resolve_genotype, save_checkpoint
 
     seg_dir, seg_key, fingerprint = pretrained_segmenter(cfg)
@@ -386,7 +396,7 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
                                         "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
                 "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),
                          "fingerprint": fingerprint}}
-        save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
+        save_checkpoint(start, model, genotype, segmenter_spec(model.segmenter, cfg.segmenter, cfg.num_classes),
                         {"warmstart": dataclasses.asdict(cfg)}, card=card)
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
                 "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,

@@ -174,3 +174,37 @@ def test_seg_scale_2_pretrains_and_starts_on_upsampled_images(tiny_data, tmp_pat
     assert report["recipe"]["scale"] == 2
     model, meta = load_model(info["start"])
     assert model.seg_scale == 2 and meta["model"]["seg_scale"] == 2
+
+
+def test_decoder_width_reaches_the_start_and_every_retraining_from_it(tiny_data, tmp_path) -> None:
+    """seg.decoder_hidden_size: the pretrained segmenter's head has that width, the start checkpoint records it (so
+    load_model rebuilds it), retrain.py builds its network from the start with it, and a checkpoint of that network
+    records it again; the default width leaves the cache key unchanged, another width is another entry."""
+    from search_space.segmenter import segmenter_spec
+    from trainer import retrain
+    from trainer.checkpoint import load_model, resolve_genotype
+    from trainer.module import RetrainConfig
+
+    torch.set_num_threads(1)
+    info = warm_start(_cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": 16}))
+    config = json.loads((tmp_path / info["segmenter_dir"].split("/")[-1] / "config.json").read_text())
+    assert config["decoder_hidden_size"] == 16
+    model, meta = load_model(info["start"])
+    assert meta["segmenter"] == {"variant": "b0", "num_classes": 9, "decoder_hidden_size": 16}
+    head = model.segmenter.model.decode_head
+    assert head.linear_fuse.weight.shape[:2] == (16, 64)  # 4 stages x 16 channels in, 16 out
+
+    cfg = load_config(RetrainConfig, None, ["channels=4", f"init_from={info['start']}"])
+    net = retrain.build_network(cfg, resolve_genotype("paif", channels=4))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert segmenter_spec(net.segmenter, "b0", 9) == meta["segmenter"]
+    plain = load_config(RetrainConfig, None, ["channels=4"])  # no start: the variant's head, recorded as before
+    assert segmenter_spec(retrain.build_network(plain, resolve_genotype("paif", channels=4)).segmenter, "b0", 9) == \
+        {"variant": "b0", "num_classes": 9}
+
+    default = warmstart.segmenter_key(_cfg(tiny_data, tmp_path), "fp", "val")
+    assert warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": None}), "fp", "val") \
+        == default != warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": 16}), "fp", "val")
+    with pytest.raises(ValueError, match=r"seg.decoder_hidden_size: expected null or an integer >= 1, got 0"):
+        _cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": 0})
