@@ -109,8 +109,11 @@ class ExperimentConfig:
     #: (``seg_scale``) and the named searches search with it (``space.seg_scale``). 2: logits at 1/2 of the 96×128
     #: scenes instead of 1/4 (README "Robustness experiment": the segmenter alone 82.5 % val mIoU against 65.0 %)
     seg_scale: int = 2
-    #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch
-    warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=500"])
+    #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch.
+    #: seg.decoder_hidden_size=64: SegFormer's decode head at a quarter of b0's 256, which at seg_scale 2 costs
+    #: most of the segmenter's time (README "Robustness experiment", cost); every arm inherits it from the start
+    warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=500",
+                                                                 "seg.decoder_hidden_size=64"])
     #: where the warm starts are cached ("" = ``out/cache``). Keys are content hashes of the data files and the
     #: recipe, so experiments on byte-identical data may share one folder and pretrain the segmenter once
     cache: str = ""
@@ -124,9 +127,9 @@ class ExperimentConfig:
     ])
     #: key=value overrides of trainer/retrain.py shared by every run
     retrain: list[str] = field(default_factory=lambda: [
-        "max_steps=400", "data.batch_size=8", "optim.lr=0.0005", "optim.warmup_steps=30", "attack.kind=fgsm",
+        "max_steps=300", "data.batch_size=8", "optim.lr=0.0005", "optim.warmup_steps=30", "attack.kind=fgsm",
         "aat.meta_iters=1", "data.val_limit=8", "val.attack_steps=1", "val.num_images=0", "save_every_steps=50",
-        "log_every_steps=25",
+        "log_every_steps=25", "fusion_weights.ssim=10",
     ])
     #: key=value overrides of strategies/search.py (only when a run uses the "searched" genotype)
     search: list[str] = field(default_factory=lambda: [
