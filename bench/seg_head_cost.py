@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_timing.py, also when loaded by path in tests
-from _timing import interleaved  # noqa: E402
+from _timing import model_args, random_batch, training_pass, variant_medians  # noqa: E402
 from rgbt.classes import NUM_CLASSES  # noqa: E402
 from search_space.pipeline import SEG_SCALES, build_model  # noqa: E402
 from trainer.checkpoint import resolve_genotype  # noqa: E402
@@ -39,17 +38,10 @@ from trainer.runs import versions  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"), help="image size")
-    p.add_argument("--batch", type=int, default=8)
+    model_args(p, batch=8, repeat=3)
     p.add_argument("--channels", type=int, default=16, help="fusion width of the genotype")
     p.add_argument("--seg-scale", type=int, default=2, choices=SEG_SCALES)
     p.add_argument("--widths", type=int, nargs="+", default=[256, 128, 64], help="decoder_hidden_size values")
-    p.add_argument("--genotype", default="paif")
-    p.add_argument("--segmenter", default="b0")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = default)")
     args = p.parse_args(argv)
     if min(args.widths) < 1:
         p.error(f"--widths: expected integers >= 1, got {args.widths}")
@@ -61,11 +53,7 @@ def runners(args: argparse.Namespace, device: torch.device
     """({"attack_step_s": {width: fn}, "train_s": {width: fn}}, {width: head parameters}) on one random batch; every
     width has the same fusion net and encoder weights."""
     genotype = resolve_genotype(args.genotype, channels=args.channels)
-    g = torch.Generator().manual_seed(0)
-    h, w = args.size
-    ir, vis = torch.rand(args.batch, 1, h, w, generator=g), torch.rand(args.batch, 3, h, w, generator=g)
-    label = torch.randint(0, NUM_CLASSES, (args.batch, h, w), generator=g)
-    ir, vis, label = ir.to(device), vis.to(device), label.to(device)
+    ir, vis, label = random_batch(args, device, NUM_CLASSES)
     loss = TaskLoss()
     out: dict[str, dict[int, Callable[[], object]]] = {"attack_step_s": {}, "train_s": {}}
     params: dict[int, int] = {}
@@ -91,13 +79,7 @@ def runners(args: argparse.Namespace, device: torch.device
                 for p in m.parameters():
                     p.requires_grad_(True)
 
-        def train(m: torch.nn.Module = model) -> object:
-            m.zero_grad(set_to_none=True)
-            value, _ = loss(m(ir, vis), ir, vis, label)
-            value.backward()
-            return value
-
-        out["attack_step_s"][width], out["train_s"][width] = attack_step, train
+        out["attack_step_s"][width], out["train_s"][width] = attack_step, training_pass(model, loss, ir, vis, label)
     return out, params
 
 
@@ -106,21 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     fns, params = runners(args, device)
-    results: dict[str, dict[str, float]] = {}
-    for name, per_width in fns.items():
-        medians = interleaved({str(k): f for k, f in per_width.items()}, device, args.repeat, args.warmup, clock=clock)
-        results[name] = {k: round(t, 4) for k, t in medians.items()}
+    results, ratios, clock = variant_medians(fns, device, args)
     first = str(args.widths[0])
     h, w = args.size
     print(json.dumps({
         "bench": "seg_head_cost", "device": str(device), "size": [h, w], "batch": args.batch,
         "channels": args.channels, "seg_scale": args.seg_scale, "genotype": args.genotype,
-        "segmenter": args.segmenter, "threads": torch.get_num_threads(), "clock": clock.__name__,
+        "segmenter": args.segmenter, "threads": torch.get_num_threads(), "clock": clock,
         "statistic": "median", "timed_rounds": args.repeat, "results": results,
-        f"ratio_vs_width_{first}": {name: {k: round(t / r[first], 2) for k, t in r.items()}
-                                    for name, r in results.items()},
+        f"ratio_vs_width_{first}": ratios,
         "head_params": {str(k): v for k, v in params.items()}, "torch": versions()["torch"],
         "gpu": versions().get("gpu"),
     }, indent=2))
