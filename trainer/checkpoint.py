@@ -450,16 +450,20 @@ def init_checkpoint(
     num_classes: int = 9,
     channels: int | None = None,
     seed: int = 0,
+    decoder_hidden_size: int | None = None,
 ) -> Path:
-    """Save a randomly initialised model (no pretrained weights) as a checkpoint, for tests and demos."""
+    """Save a randomly initialised model (no pretrained weights) as a checkpoint, for tests and demos;
+    ``decoder_hidden_size``: the segmenter's head width (None: the variant's)."""
     from search_space.pipeline import build_model
+    from search_space.segmenter import segmenter_spec
 
     geno = resolve_genotype(genotype, channels=channels)
     torch.manual_seed(seed)
-    model = build_model(geno, segmenter=segmenter, num_classes=num_classes, pretrained=None)
+    model = build_model(geno, segmenter=segmenter, num_classes=num_classes, pretrained=None,
+                        decoder_hidden_size=decoder_hidden_size)
     train_cfg = {"note": "random initialisation, not trained", "seed": seed}
     card = {"training": {"mode": "init", "summary": "random initialisation, not trained", "recipe": {"seed": seed}}}
-    return save_checkpoint(path, model, geno, {"variant": segmenter, "num_classes": num_classes}, train_cfg,
+    return save_checkpoint(path, model, geno, segmenter_spec(model.segmenter, segmenter, num_classes), train_cfg,
                            card=card)
 
 

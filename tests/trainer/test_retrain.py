@@ -240,6 +240,23 @@ def test_init_from_another_seg_scale_is_a_warning(tmp_path, synthetic_root, capl
     assert "seg_scale" not in caplog.text
 
 
+def test_retraining_from_a_narrow_head_start_keeps_and_records_the_width(tmp_path, synthetic_root):
+    """A start whose SegFormer head is 16 wide (trainer.warmstart seg.decoder_hidden_size): retrain.py builds its
+    network with that width, starts from the start's weights, and its checkpoints record the width, so that
+    load_model (evaluation, export) rebuilds the same shapes."""
+    start = init_checkpoint(tmp_path / "start.pt", "paif", channels=8, decoder_hidden_size=16)
+    assert load_checkpoint(start)["segmenter"]["decoder_hidden_size"] == 16
+    summary = _run("--genotype", "paif", f"init_from={start}", "mode=clean",
+                   *_tiny(synthetic_root, tmp_path / "runs", "max_steps=1", "run_name=narrow"))
+    last = Path(summary["run_dir"]) / "last.pt"
+    assert load_checkpoint(last)["segmenter"] == {"variant": "b0", "num_classes": 9, "decoder_hidden_size": 16}
+    model, _ = load_model(last)
+    assert model.segmenter.model.decode_head.classifier.weight.shape[1] == 16
+    before, after = load_checkpoint(start)["state_dict"], model.state_dict()
+    assert set(before) == set(after) and not torch.equal(before["segmenter.model.decode_head.classifier.weight"],
+                                                         after["segmenter.model.decode_head.classifier.weight"])
+
+
 # --------------------------------------------------------------------------------------------- DDP
 _DDP_SCRIPT = textwrap.dedent('''
     """Runs trainer/retrain.py's main; each rank also dumps its final weights (test helper)."""
