@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fusion width of paif (default its own 32; the robustness experiment uses 16)")
     p.add_argument("--seg-scale", type=int, default=1, choices=(1, 2, 4),
                    help="the segmenter's input upsampling (search_space.pipeline.segment)")
+    p.add_argument("--decoder-hidden-size", type=int, default=None,
+                   help="SegFormer decode-head width (default: the variant's, 256 for b0; the experiment uses 64)")
     p.add_argument("--repeat", type=int, default=5, help="interleaved timed rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-step", action="store_true", help="only the fusion-net ratio")
@@ -125,7 +127,7 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
     cfg.attack.steps = args.attack_steps
     cfg.attack.kind = args.attack_kind
     torch.manual_seed(0)
-    model = build_model(paif(args), seg_scale=args.seg_scale).to(device)
+    model = build_model(paif(args), seg_scale=args.seg_scale, decoder_hidden_size=args.decoder_hidden_size).to(device)
     module = RetrainModule(model, None, cfg, ".", train_set=[], val_set=None).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     eps = cfg.attack.at_eps
@@ -170,7 +172,8 @@ def training_step(args: argparse.Namespace, device: torch.device, autocast) -> d
     sec = interleaved(fns, device, args.repeat, args.warmup)
     parts = ("fusion_net", "fusion_convs", "decompositions", "segformer")
     attack_name = "FGSM" if args.attack_kind == "fgsm" else f"PGD-{args.attack_steps}"
-    return {"attack": attack_name, "seg_scale": args.seg_scale, "seconds": {k: round(v, 5) for k, v in sec.items()},
+    return {"attack": attack_name, "seg_scale": args.seg_scale, "decoder_hidden_size": args.decoder_hidden_size,
+            "seconds": {k: round(v, 5) for k, v in sec.items()},
             "share_of_clean_step": {k: round(sec[k] / sec["step_clean"], 3) for k in parts},
             "share_of_aat_step": {k: round(sec[k] / sec["step_aat"], 3) for k in parts + ("attack",)},
             "aat_vs_clean": round(sec["step_aat"] / sec["step_clean"], 3)}
