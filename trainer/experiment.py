@@ -110,8 +110,8 @@ class ExperimentConfig:
     #: scenes instead of 1/4 (README "Robustness experiment": the segmenter alone 82.5 % val mIoU against 65.0 %)
     seg_scale: int = 2
     #: key=value overrides of trainer.warmstart (the common starting point); null: every arm starts from scratch.
-    #: seg.decoder_hidden_size=64: SegFormer's decode head at a quarter of b0's 256, which at seg_scale 2 costs
-    #: most of the segmenter's time (README "Robustness experiment", cost); every arm inherits it from the start
+    #: seg.decoder_hidden_size=64: SegFormer's decode head at a quarter of b0's 256, which halves a training or
+    #: attack step at seg_scale 2 (README "Segmenter input scale"); every arm inherits it from the start
     warmstart: list[str] | None = field(default_factory=lambda: ["seg.steps=2000", "fusion.steps=500",
                                                                  "seg.decoder_hidden_size=64"])
     #: where the warm starts are cached ("" = ``out/cache``). Keys are content hashes of the data files and the

@@ -74,8 +74,8 @@ class SegPretrainConfig:
     #: a start for a retraining with ``seg_scale`` = the same factor
     scale: int = 1
     #: width of SegFormer's all-MLP decode head (null: the variant's, 256 for b0). At ``scale`` 2 the head runs on
-    #: a 4x larger grid and dominates the segmenter's cost (``bench/seg_head_cost.py``); every retraining from this
-    #: start inherits the width through the saved ``config.json``
+    #: a 4x larger grid and dominates the segmenter's cost (``bench/seg_head_cost.py``). The start checkpoint records
+    #: it (``retrain.py init_from=`` builds that width); the saved ``config.json`` carries it for ``pretrained=`` users
     decoder_hidden_size: int | None = None
 
 
