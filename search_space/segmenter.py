@@ -16,7 +16,8 @@ from torch import nn
 
 from rgbt.classes import IGNORE_INDEX, NUM_CLASSES
 
-__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "segformer_config", "segmenter_spec", "set_mit_norm_eps"]
+__all__ = ["MIT_VARIANTS", "Segmenter", "build_segmenter", "custom_head_width", "segformer_config",
+           "set_mit_norm_eps"]
 
 _logger = logging.getLogger(__name__)
 
@@ -100,18 +101,14 @@ def build_segmenter(variant: str = "b0", num_classes: int = NUM_CLASSES, pretrai
     return Segmenter(model, variant)
 
 
-def segmenter_spec(segmenter: nn.Module | None, variant: str, num_classes: int) -> dict[str, Any]:
-    """The ``segmenter`` entry of a checkpoint for this built segmenter: ``variant``, ``num_classes`` and, when its
-    all-MLP head is not the variant's default width (``build_segmenter(decoder_hidden_size=...)`` or pretrained
-    weights with another head), ``decoder_hidden_size``, so that loading the checkpoint rebuilds the same shapes.
-    None (a model without segmenter): the first two."""
-    spec: dict[str, Any] = {"variant": variant, "num_classes": int(num_classes)}
+def custom_head_width(segmenter: nn.Module | None, variant: str) -> int | None:
+    """The width of ``segmenter``'s all-MLP head when it is not ``variant``'s default (``build_segmenter(
+    decoder_hidden_size=...)`` or pretrained weights with another head), else None; None also without a segmenter.
+    Checkpoints record it as ``segmenter.decoder_hidden_size`` so that loading them rebuilds the same shapes."""
     if segmenter is None:
-        return spec
+        return None
     width = int(segmenter.model.config.decoder_hidden_size)
-    if width != MIT_VARIANTS[variant]["decoder_hidden_size"]:
-        spec["decoder_hidden_size"] = width
-    return spec
+    return None if width == MIT_VARIANTS.get(variant, {}).get("decoder_hidden_size") else width
 
 
 def set_mit_norm_eps(segmenter: nn.Module, eps: float) -> int:

@@ -167,7 +167,8 @@ def save_checkpoint(
         model: the ``FusionSegModel`` (its ``state_dict`` is stored on the CPU).
         genotype: the ``Genotype`` the fusion network was built from (stored as a dict).
         segmenter_cfg: at least ``{"variant": "b0", "num_classes": 9}``; optionally ``decoder_hidden_size``
-            (the head width, when it is not the variant's).
+            (the head width, when it is not the variant's); without it, a width other than the variant's is read off
+            ``model.segmenter`` (``search_space.segmenter.custom_head_width``), so every writer records it.
         train_cfg: the resolved training config (a dataclass or a plain dict).
         state: optional resumable training state (epoch, step, optimizer/scheduler/scaler state dicts,
             best metric, ...): tensors and plain types only.
@@ -194,6 +195,12 @@ def save_checkpoint(
             f"segmenter_cfg: expected keys 'variant' and 'num_classes', got {sorted(seg)}; "
             "pass e.g. {'variant': 'b0', 'num_classes': 9}"
         )
+    if "decoder_hidden_size" not in seg:  # a head width other than the variant's, read off the model (as model_cfg)
+        from search_space.segmenter import custom_head_width
+
+        width = custom_head_width(getattr(model, "segmenter", None), seg["variant"])
+        if width is not None:
+            seg["decoder_hidden_size"] = width
     train_plain = _plain(train_cfg if train_cfg is not None else {}, "train_cfg")
     state_plain = None if state is None else _plain(dict(state), "state")
     extra = _plain(dict(card or {}), "card")
@@ -455,7 +462,6 @@ def init_checkpoint(
     """Save a randomly initialised model (no pretrained weights) as a checkpoint, for tests and demos;
     ``decoder_hidden_size``: the segmenter's head width (None: the variant's)."""
     from search_space.pipeline import build_model
-    from search_space.segmenter import segmenter_spec
 
     geno = resolve_genotype(genotype, channels=channels)
     torch.manual_seed(seed)
@@ -463,7 +469,7 @@ def init_checkpoint(
                         decoder_hidden_size=decoder_hidden_size)
     train_cfg = {"note": "random initialisation, not trained", "seed": seed}
     card = {"training": {"mode": "init", "summary": "random initialisation, not trained", "recipe": {"seed": seed}}}
-    return save_checkpoint(path, model, geno, segmenter_spec(model.segmenter, segmenter, num_classes), train_cfg,
+    return save_checkpoint(path, model, geno, {"variant": segmenter, "num_classes": num_classes}, train_cfg,
                            card=card)
 
 

@@ -47,7 +47,6 @@ from trainer.checkpoint import genotype_to_dict, save_checkpoint
 from trainer.config import (check_budget, check_channels, check_choice, check_crop, check_lr, check_memory_limit,
                             check_nan_policy, config_to_dict, finite, require)
 from search_space.pipeline import FusionOnly
-from search_space.segmenter import segmenter_spec
 from trainer.errors import os_error_at
 from trainer.finite import ADVICE, NonFiniteError, StepGuard, check_loss, grad_norm, last_good_text, nonfinite_tensors
 from trainer.losses import FUSION_WEIGHTS, TaskLoss
@@ -808,8 +807,7 @@ class RetrainModule(pl.LightningModule):
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
         try:
             path = save_checkpoint(self.run_dir / name, model, self.genotype,
-                                   segmenter_spec(getattr(model, "segmenter", None), self.cfg.segmenter,
-                                                  self.cfg.num_classes),
+                                   {"variant": self.cfg.segmenter, "num_classes": self.cfg.num_classes},
                                    config_to_dict(self.cfg), state, card={"data": self.data_card()})
         except NonFiniteError as exc:
             raise NonFiniteError(f"{exc} at step {self.global_step}; {last_good_text(self.last_good)}; "

@@ -367,7 +367,6 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
     pretrained when missing)."""
     from rgbt.dataset import RGBTDataset
     from search_space.pipeline import build_model
-    from search_space.segmenter import segmenter_spec
     from trainer.checkpoint import resolve_genotype, save_checkpoint
 
     seg_dir, seg_key, fingerprint = pretrained_segmenter(cfg)
@@ -396,7 +395,7 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
                                         "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
                 "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),
                          "fingerprint": fingerprint}}
-        save_checkpoint(start, model, genotype, segmenter_spec(model.segmenter, cfg.segmenter, cfg.num_classes),
+        save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
                         {"warmstart": dataclasses.asdict(cfg)}, card=card)
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
                 "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
