@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
-from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, finished_note, main, mean_std, run_order,
-                                paired_differences, plan, plot_curves, render_table, write_outputs)
+from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, finished_note, main, mean_std,
+                                paired_differences, plan, plot_curves, render_table, run_order, write_outputs)
 
 
 def _result(label: str, seed: int, clean: float, paif: float) -> dict:
