@@ -239,6 +239,15 @@ def run_order(jobs: Sequence[Job], out: Path) -> list[Job]:
     return sorted(jobs, key=lambda j: (not begun(j), j.seed, j.mode == "clean", position[j.key]))
 
 
+def checkpoint_train_seconds(path: str | Path) -> float | None:
+    """The training time a retraining's checkpoint records over all its invocations (``state.train_seconds``,
+    trainer.module), or None for a checkpoint written before it was recorded."""
+    from trainer.checkpoint import load_checkpoint
+
+    value = (load_checkpoint(path).get("state") or {}).get("train_seconds")
+    return None if value is None else float(value)
+
+
 def _python(module_or_script: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / module_or_script), *args]
 
@@ -339,7 +348,8 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
         last = sorted(runs_root.glob("*/last.pt"))
         if not last:
             raise RuntimeError(f"{job.key}: retrain finished without last.pt under {runs_root}")
-        train_done.write_text(json.dumps({"last": str(last[-1]), "seconds": time.time() - t0}) + "\n")
+        train_done.write_text(json.dumps({"last": str(last[-1]), "seconds": time.time() - t0,
+                                          "train_seconds": checkpoint_train_seconds(last[-1])}) + "\n")
     t1 = time.time()
     trained = json.loads(train_done.read_text())
     ckpt = trained["last"]
@@ -356,9 +366,12 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
     report = json.loads((eval_dir / "report.json").read_text())
     from trainer.checkpoint import resolve_genotype
 
-    # the time the training took (train_done.json), also for an arm evaluated again after its training
-    result = {"job": dataclasses.asdict(job), "checkpoint": ckpt, "train_seconds": trained.get("seconds", t1 - t0),
-              "eval_seconds": time.time() - t1,
+    # the time the training took (train_done.json), also for an arm evaluated again after its training: the
+    # checkpoint's training time over every invocation of an interrupted retraining (older markers: the wall time
+    # of the last invocation only)
+    result = {"job": dataclasses.asdict(job), "checkpoint": ckpt,
+              "train_seconds": trained.get("train_seconds") or trained.get("seconds", t1 - t0),
+              "train_wall_seconds": trained.get("seconds", t1 - t0), "eval_seconds": time.time() - t1,
               "genotype": resolve_genotype(genotypes[job.genotype], channels=cfg.channels).to_dict(),
               "threat_specs": specs, **extract(report)}
     atomic_write_text(json.dumps(result, indent=2) + "\n", done)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -455,6 +456,10 @@ class RetrainModule(pl.LightningModule):
         self.last_good: str | None = None
         #: (step, metrics) of the latest validation, kept in the final last.pt
         self.last_metrics: tuple[int, dict[str, float]] = (0, {})
+        #: seconds of training (from the start of ``fit``'s training loop, AAT pretext included) in earlier
+        #: invocations, restored from a resume checkpoint: the work after that checkpoint was lost and is redone
+        self.train_seconds_before = 0.0
+        self._fit_started: float | None = None
         self._last_parts: dict[str, Tensor] = {}
         self._loss_ok = True
         #: nan_policy: stop at a non-finite loss / gradient norm, or skip such steps (counted)
@@ -592,7 +597,15 @@ class RetrainModule(pl.LightningModule):
                 self.sampler.update(k, adv_k, clean_k)
         self.pretext_done = True
 
+    def train_seconds(self) -> float:
+        """Training time so far over every invocation: the restored :attr:`train_seconds_before` plus the time
+        since this invocation's training loop started (work lost to an interruption after the last resume
+        checkpoint is not counted; its redoing is)."""
+        now = 0.0 if self._fit_started is None else time.monotonic() - self._fit_started
+        return self.train_seconds_before + now
+
     def on_train_start(self) -> None:
+        self._fit_started = time.monotonic()
         if not self.pretext_done:
             log.info("AAT pretext stage: %d Reptile meta-iterations over eps %s", self.cfg.aat.meta_iters,
                      [round(e * 255, 2) for e in self.cfg.aat.eps])
@@ -801,7 +814,8 @@ class RetrainModule(pl.LightningModule):
         state = {"global_step": int(self.global_step), "epoch": int(self.current_epoch), "mode": self.cfg.mode,
                  "metrics": dict(metrics or {}),  # best_score in the monitor's units (mode fusion: the loss)
                  "metrics_step": int(self.global_step if metrics_step is None else metrics_step),
-                 "best_score": float(-self.best_score if self.fusion_only else self.best_score)}
+                 "best_score": float(-self.best_score if self.fusion_only else self.best_score),
+                 "train_seconds": self.train_seconds()}
         if self.sampler is not None:
             state["aat_probabilities"] = self.sampler.probabilities().tolist()
         model = getattr(self.model, "_orig_mod", self.model)  # torch.compile wraps the module
@@ -829,6 +843,7 @@ class RetrainModule(pl.LightningModule):
         return card
 
     def on_train_end(self) -> None:
+        self.train_seconds_before, self._fit_started = self.train_seconds(), None  # the clock stops here
         step, metrics = self.last_metrics
         self.write_checkpoint("last.pt", metrics, metrics_step=step)  # keeps the last validation's numbers
 
@@ -838,6 +853,7 @@ class RetrainModule(pl.LightningModule):
             "mode": self.cfg.mode,
             "pretext_done": bool(self.pretext_done),
             "best_score": float(self.best_score),
+            "train_seconds": self.train_seconds(),
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "nan_guard": self.guard.state_dict(),
             "config": config_to_dict(self.cfg),
@@ -856,6 +872,7 @@ class RetrainModule(pl.LightningModule):
         paif = checkpoint.get("paif") or {}
         self.pretext_done = bool(paif.get("pretext_done", True))
         self.best_score = float(paif.get("best_score", -math.inf))
+        self.train_seconds_before = float(paif.get("train_seconds", 0.0))
         if self.sampler is not None and paif.get("sampler") is not None:
             self.sampler.load_state_dict(paif["sampler"])
         self.guard.load_state_dict(paif.get("nan_guard") or {})

@@ -381,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_score": (None if module.best_score == float("-inf")
                        else -module.best_score if cfg.mode == "fusion" else module.best_score),
         "monitor": cfg.monitor, "rank": int(trainer.global_rank),
+        "train_seconds": module.train_seconds(),  # over every invocation of this run (trainer.module)
     }
 
 

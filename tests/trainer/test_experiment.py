@@ -171,6 +171,12 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     proc.wait()
     assert not (out / "results.md").is_file()
     before = (first.read_text(), first.stat().st_mtime_ns)
+    # an arm's training time is its checkpoint's (over every invocation of the retraining), within the wall time
+    arm = json.loads(first.read_text())
+    from trainer.checkpoint import load_checkpoint
+
+    recorded = load_checkpoint(arm["checkpoint"])["state"]["train_seconds"]  # --out is absolute here
+    assert 0 < arm["train_seconds"] == recorded <= arm["train_wall_seconds"]
 
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

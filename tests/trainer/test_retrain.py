@@ -177,6 +177,34 @@ def test_resume_mid_epoch_gives_the_same_weights(synthetic_root, runs, aat_full,
     assert ckpt["global_step"] == 4 and ckpt["paif"]["sampler"]["counts"].sum() > 0
 
 
+def test_training_time_adds_up_over_a_resume(synthetic_root, runs, monkeypatch):
+    """The training time in the checkpoints covers every invocation: a run stopped at step 2 of 4 and resumed
+    records the same total as the clock says for all four steps (a fake clock that advances 10 s a step), not
+    only the resumed part's."""
+    import types
+
+    import trainer.module as module
+
+    clock = [1000.0]
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    step_fn = RetrainModule.training_step
+
+    def timed_step(self, batch, i):
+        clock[0] += 10.0
+        return step_fn(self, batch, i)
+
+    monkeypatch.setattr(RetrainModule, "training_step", timed_step)
+    part = _run("--genotype", "paif", *_tiny(synthetic_root, runs, "max_steps=4", "stop_at_step=2",
+                                             "save_every_steps=2", "run_name=clock"))
+    assert part["global_step"] == 2 and part["train_seconds"] == pytest.approx(20.0)
+    saved = torch.load(Path(part["run_dir"]) / "resume.ckpt", weights_only=True)
+    assert saved["paif"]["train_seconds"] == pytest.approx(20.0)
+    clock[0] += 5000.0  # time between the invocations is not training
+    resumed = _run("--resume", part["run_dir"])
+    assert resumed["global_step"] == 4 and resumed["train_seconds"] == pytest.approx(40.0)
+    assert load_checkpoint(resumed["last"])["state"]["train_seconds"] == pytest.approx(40.0)
+
+
 def test_resume_with_another_genotype_fails_before_training(synthetic_root, runs, aat_full, tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"version": 1, "ir": ["dense_k3_d1", "dense_k3_d1"], "vis": ["dense_k3_d1",
