@@ -578,6 +578,51 @@ def comparison_grid(cfg: ExperimentConfig, out: Path, results: Sequence[dict[str
             f"attacked by `{threat}` (each model under its own white-box attack).")
 
 
+def cost_summary(results: Sequence[dict[str, Any]], starts: dict[str, dict[str, Any]], workers: int
+                 ) -> dict[str, Any]:
+    """What the finished arms and the warm start cost, and the wall time of one uninterrupted run from it.
+
+    Arm time = training (``train_seconds``: every invocation of the retraining) + evaluation. ``estimated_wall_s``
+    replays the arms in the experiment's order (seed by seed, adversarial arms first: :func:`run_order`) on
+    ``workers`` workers, each arm taking its measured time, after the warm start (segmenter once, then the fusion
+    warm-ups ``workers`` at a time, counted here one after another): an estimate that assumes the arms' times do
+    not depend on what ran beside them.
+    """
+    import heapq
+
+    arms = sorted(results, key=lambda r: (r["job"]["seed"], r["job"]["mode"] == "clean"))
+    times = [float(r.get("train_seconds") or 0.0) + float(r.get("eval_seconds") or 0.0) for r in arms]
+    seg = {json.dumps(i.get("segmenter", {}).get("recipe"), sort_keys=True): float(i.get("segmenter", {})
+                                                                                  .get("seconds") or 0.0)
+           for i in starts.values()}
+    warm = sum(seg.values()) + sum(float(i.get("fusion_seconds") or 0.0) for i in starts.values())
+    free = [0.0] * max(1, workers)
+    for t in times:
+        heapq.heapreplace(free, free[0] + t)
+    return {"arms": len(arms), "train_s": sum(float(r.get("train_seconds") or 0.0) for r in arms),
+            "eval_s": sum(float(r.get("eval_seconds") or 0.0) for r in arms), "arm_s": sum(times),
+            "warm_start_s": warm if starts else None, "workers": max(1, workers), "estimated_wall_s": warm + max(free)}
+
+
+def cost_lines(results: Sequence[dict[str, Any]], cost: dict[str, Any]) -> list[str]:
+    """The "Cost" section of results.md: mean training / evaluation time per run and the estimate of
+    :func:`cost_summary`."""
+    md = ["## Cost (seconds on this run's machines, one thread per arm)", "",
+          "| run | arms | training (mean) | evaluation (mean) |", "|---|--:|--:|--:|"]
+    for label in dict.fromkeys(r["job"]["label"] for r in results):
+        mine = [r for r in results if r["job"]["label"] == label]
+        train = mean_std([float(r.get("train_seconds") or float("nan")) for r in mine])[0]
+        ev = mean_std([float(r.get("eval_seconds") or float("nan")) for r in mine])[0]
+        md.append(f"| {label} | {len(mine)} | {train:,.0f} | {ev:,.0f} |")
+    warm = ("no record of the warm start here (not counted)" if cost["warm_start_s"] is None
+            else f"warm start {cost['warm_start_s']:,.0f} s")
+    md += ["", f"Arm time of the {cost['arms']} finished arms: {cost['arm_s']:,.0f} s (training "
+               f"{cost['train_s']:,.0f}, evaluation {cost['eval_s']:,.0f}); {warm}. Replayed in the experiment's order on {cost['workers']} "
+               f"workers after the warm start, these arms take **≈ {cost['estimated_wall_s'] / 3600:.1f} h** of wall "
+               "time (an estimate from the measured times, which include any load that ran beside them).", ""]
+    return md
+
+
 def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]],
                   searched: dict[str, Any] | None, wall: float, extras: dict[str, Any] | None = None) -> Path:
     """results.json, results.md (tables, paired differences, per-class IoU, claims) and miou_vs_eps.png."""
@@ -588,11 +633,13 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
     obj_rows = aggregate(results, [f"{c}_objects" for c in columns])
     pairs = {f"{a} − {b}": {c: paired_differences(results, a, b, c) for c in columns} for a, b in cfg.pairs}
     claims = check_claims(results, strongest)
+    cost = cost_summary(results, extras.get("warm_start") or {}, cfg.workers)
     (out / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "searched_genotype": searched, "jobs": results,
          "summary": [{"label": r["label"], "seeds": r["seeds"],
                       **{c: {"mean": r["stats"][c][0], "std": r["stats"][c][1]} for c in columns}} for r in rows],
-         "paired": pairs, "claims": claims, "wall_seconds": wall, **extras}, indent=2, default=str) + "\n")
+         "paired": pairs, "claims": claims, "wall_seconds": wall, "cost": cost, **extras}, indent=2, default=str)
+        + "\n")
     plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
     d = cfg.data
     md = [
@@ -647,7 +694,8 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
             f = [r.get("fusion", {}) for r in results if r["job"]["label"] == label]
             vals = [mean_std([x.get(k, float("nan")) for x in f])[0] for k in ("SSIM", "Qabf", "MI", "VIF")]
             md.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    md += ["", "![mIoU versus eps](miou_vs_eps.png)", "",
+    md += ["", *cost_lines(results, cost)]
+    md += ["![mIoU versus eps](miou_vs_eps.png)", "",
            "Threat models: `paif` = PGD L∞ ε 8/255, step 2/255, 5 steps on both modalities (the reference protocol); "
            "`strong` = per-image worst case over APGD with SEA's four losses (100 steps for JS and masked spherical, "
            "50 for masked CE, 25 for balanced CE), PGD-20, SegPGD-20 and CosPGD-20 at ε 8/255 (best iterates), joined by the gradient-masking checks' black-box results; `strong-v1` = the former "
@@ -948,6 +996,18 @@ def finished_note(finished_jobs: str) -> str:
     return f"**Partial: {finished_jobs} jobs finished**" if done != planned else f"All {finished_jobs} jobs finished"
 
 
+def recorded_starts(jobs: Sequence[Job], out: Path) -> dict[str, dict[str, Any]]:
+    """{genotype: the warm start's cache record} of the starts the jobs' retrainings began from, where the record
+    (``start-<key>.json`` beside the start) is still there; nothing is computed."""
+    found: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        start = trained_from(out / "jobs" / job.key)
+        record = Path(start).with_suffix(".json") if start else None
+        if job.genotype not in found and record is not None and record.is_file():
+            found[job.genotype] = json.loads(record.read_text())
+    return found
+
+
 def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     """Tables and plot from the finished jobs alone (an experiment still running, or stopped part-way)."""
     done = [out / "jobs" / job.key / "done.json" for job in jobs]
@@ -955,7 +1015,8 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     if not results:
         print(f"error: no finished job under {out / 'jobs'}; expected done.json files", file=sys.stderr)
         return 2
-    extras: dict[str, Any] = {"finished_jobs": f"{len(results)} of {len(jobs)}"}
+    extras: dict[str, Any] = {"finished_jobs": f"{len(results)} of {len(jobs)}",
+                              "warm_start": recorded_starts(jobs, out)}
     if cfg.report == "search_quality":
         from trainer.search_quality import write_search_quality
 

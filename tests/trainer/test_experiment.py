@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from trainer.config import ConfigError, load_config
-from trainer.experiment import (ExperimentConfig, aggregate, check_claims, extract, finished_note, main, mean_std,
-                                paired_differences, plan, plot_curves, render_table, run_order, write_outputs)
+from trainer.experiment import (ExperimentConfig, aggregate, check_claims, cost_summary, extract, finished_note, main,
+                                mean_std, paired_differences, plan, plot_curves, render_table, run_order,
+                                write_outputs)
 
 
 def _result(label: str, seed: int, clean: float, paif: float) -> dict:
@@ -136,6 +137,28 @@ def test_outputs_table_json_and_plot(tmp_path):
     with Image.open(tmp_path / "miou_vs_eps.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
     plot_curves(res, "nosuch", tmp_path / "empty.png")  # no curve for that threat: an empty plot, no crash
+
+
+def test_cost_replays_the_arms_in_run_order_after_the_warm_start(tmp_path):
+    """Arm times add up; the wall-time estimate replays them seed by seed, adversarial arms first, on the workers
+    (by hand: worker 1 takes s0-adv 150 s, worker 2 s0-clean 50 s then s1-adv 180 s -> 230 s), after the warm start
+    (a segmenter shared by two genotypes counts once: 500 s, + 40 + 60 s of fusion warm-ups)."""
+    def arm(label, mode, seed, train, ev):
+        return {"job": {"label": label, "genotype": "paif", "mode": mode, "seed": seed}, "train_seconds": train,
+                "eval_seconds": ev, "clean": 0.5, "paif": 0.2, "curves": {"paif": [[0.0, 0.5], [8.0, 0.2]]}}
+
+    res = [arm("clean", "clean", 0, 30, 20), arm("adv", "aat", 1, 120, 60), arm("adv", "aat", 0, 100, 50)]
+    seg = {"recipe": {"steps": 2000}, "seconds": 500.0}
+    starts = {"paif": {"segmenter": seg, "fusion_seconds": 40.0}, "other": {"segmenter": seg, "fusion_seconds": 60.0}}
+    cost = cost_summary(res, starts, workers=2)
+    assert cost["arm_s"] == 380 and cost["train_s"] == 250 and cost["eval_s"] == 130
+    assert cost["warm_start_s"] == 600 and cost["estimated_wall_s"] == 600 + 230
+    assert cost_summary(res, {}, workers=1)["estimated_wall_s"] == 380  # one worker: the sum
+    cfg = load_config(ExperimentConfig, overrides=["threats=[paif]", "sweep_threats=[paif]", "workers=2"])
+    md = write_outputs(cfg, tmp_path, res, None, 60.0, extras={"warm_start": starts}).read_text()
+    assert "| adv | 2 | 110 | 55 |" in md and "| clean | 1 | 30 | 20 |" in md
+    assert "on 2 workers after the warm start, these arms take **≈ 0.2 h**" in md
+    assert json.loads((tmp_path / "results.json").read_text())["cost"]["estimated_wall_s"] == 830
 
 
 TINY = ["seeds=[0]", "workers=1", "channels=4", "threats=[paif]", "sweep_threats=[paif]", "eps_sweep=[0,8]",
