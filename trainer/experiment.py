@@ -280,21 +280,43 @@ def check_starts(jobs: Sequence[Job], out: Path, starts: dict[str, dict[str, Any
 
     The start checkpoint's name is a content hash of the data, the warm-start recipe and the genotype, so a
     changed recipe (e.g. a new default of ``trainer.warmstart``) gives another name; finished arms would otherwise
-    be kept and mixed with arms retrained from the new start.
+    be kept and mixed with arms retrained from the new start. An arm's start is read from its retraining's config or,
+    for an arm whose result files were copied in without its training folder, from ``done.json`` (``start``: file
+    and weights hash): a start recomputed elsewhere under the same name must also have the same weights.
     """
-    stale = []
+    stale, recomputed = [], []
     for job in jobs:
         if job.genotype not in starts:
             continue
-        before = trained_from(out / "jobs" / job.key)
+        jdir = out / "jobs" / job.key
         now = Path(starts[job.genotype]["start"]).name
+        done = jdir / "done.json"
+        recorded = (json.loads(done.read_text()).get("start") or {}) if done.is_file() else {}
+        before = trained_from(jdir) or recorded.get("file")  # an arm copied in from elsewhere has no train folder
         if before is not None and Path(before).name != now:
             stale.append(f"{job.key} ({Path(before).name})")
+        elif recorded.get("weights_sha256") and recorded["weights_sha256"] != start_sha256(starts[job.genotype]):
+            recomputed.append(job.key)
+    if recomputed:
+        raise ConfigError(
+            f"{out}: {len(recomputed)} arm(s) were retrained from a start of the same name ({now}) but other weights "
+            f"than the one here: {', '.join(sorted(recomputed))}; the start was recomputed (on another machine, say) "
+            "and came out different. Use another --out, or delete those jobs/<arm> folders to retrain them")
     if stale:
         raise ConfigError(
             f"{out}: {len(stale)} arm(s) were retrained from another starting point than this configuration's "
             f"({', '.join(sorted({Path(i['start']).name for i in starts.values()}))}): {', '.join(stale)}; the data "
             "or the warm-start recipe changed. Use another --out, or delete those jobs/<arm> folders to retrain them")
+
+
+def start_sha256(record: dict[str, Any]) -> str:
+    """The weights hash of a warm-start record (``trainer.warmstart.weights_sha256``); records of older caches
+    lack it, then it is computed from the start file and kept in the record."""
+    if not record.get("weights_sha256"):
+        from trainer.warmstart import start_weights_sha256
+
+        record["weights_sha256"] = start_weights_sha256(record["start"])
+    return record["weights_sha256"]
 
 
 def seg_scale_override(cfg: ExperimentConfig, command: str) -> list[str]:
@@ -313,8 +335,12 @@ def retrain_command(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[
 
 
 def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str],
-            starts: dict[str, str] | None = None) -> dict[str, Any]:
-    """Retrain then evaluate one job; resumable through ``done.json`` / ``train_done.json`` markers."""
+            starts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Retrain then evaluate one job; resumable through ``done.json`` / ``train_done.json`` markers.
+
+    ``starts``: {genotype: warm-start record} (:func:`warm_starts`); the job retrains from its genotype's start and
+    its ``done.json`` names that start (file and weights hash, checked by :func:`check_starts` on a later run)."""
+    start = (starts or {}).get(job.genotype)
     jdir = out / "jobs" / job.key
     done = jdir / "done.json"
     specs = threat_specs(cfg.threats)
@@ -343,7 +369,7 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
                           "num_threads=1")
         else:
             shutil.rmtree(runs_root, ignore_errors=True)
-            cmd = retrain_command(job, cfg, out, genotypes, (starts or {}).get(job.genotype))
+            cmd = retrain_command(job, cfg, out, genotypes, start["start"] if start else None)
         _run(cmd, logfile)
         last = sorted(runs_root.glob("*/last.pt"))
         if not last:
@@ -374,6 +400,8 @@ def run_job(job: Job, cfg: ExperimentConfig, out: Path, genotypes: dict[str, str
               "train_wall_seconds": trained.get("seconds", t1 - t0), "eval_seconds": time.time() - t1,
               "genotype": resolve_genotype(genotypes[job.genotype], channels=cfg.channels).to_dict(),
               "threat_specs": specs, **extract(report)}
+    if start:
+        result["start"] = {"file": Path(start["start"]).name, "weights_sha256": start.get("weights_sha256")}
     atomic_write_text(json.dumps(result, indent=2) + "\n", done)
     return result
 
@@ -865,7 +893,7 @@ def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> 
         if infos[name] is None:
             raise RuntimeError(f"warm start for {name}: its process finished without a cached start under "
                                f"{configs[name].cache}; see {out / 'warmstarts'}")
-    return {name: infos[name] for name in used}
+    return {name: {**infos[name], "weights_sha256": start_sha256(infos[name])} for name in used}
 
 
 def _selection_miou(report: dict[str, Any], threat: str) -> float:
@@ -953,7 +981,7 @@ def run_jobs(jobs: Sequence[Job], cfg: ExperimentConfig, out: Path, genotypes: d
     results: list[dict[str, Any]] = []
     failures: list[str] = []
     with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        futures = {pool.submit(run_job, job, cfg, out, genotypes, {g: i["start"] for g, i in starts.items()}): job
+        futures = {pool.submit(run_job, job, cfg, out, genotypes, starts): job
                    for job in run_order(jobs, out)}
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=desc, unit="job"):
             job = futures[fut]

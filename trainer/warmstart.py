@@ -50,7 +50,8 @@ from trainer.errors import entry_point
 from trainer.finite import NonFiniteError
 
 __all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
-           "segmenter_key", "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start", "main"]
+           "segmenter_key", "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start",
+           "weights_sha256", "start_weights_sha256", "main"]
 
 log = logging.getLogger("trainer.warmstart")
 
@@ -170,6 +171,24 @@ def data_fingerprint(dataset: Any) -> str:
             h.update(role.encode())
             h.update(hashlib.sha256(Path(files[role]).read_bytes()).digest())
     return h.hexdigest()
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict, keys sorted: each key's name, then its tensor's bytes in memory order. Equal weights
+    give equal hashes whatever the file around them (a checkpoint also holds its creation time)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def start_weights_sha256(path: str | Path) -> str:
+    """:func:`weights_sha256` of a start checkpoint's weights: what tells two starts apart when one was recomputed
+    (on another machine, say) from the same data and recipe, which give the same file name."""
+    from trainer.checkpoint import load_checkpoint
+
+    return weights_sha256(load_checkpoint(path)["state_dict"])
 
 
 def _key(*parts: Any) -> str:
@@ -400,7 +419,8 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
                 "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
                 "fusion_loss_first_last": [losses[0], losses[-1]] if losses else None,
-                "segmenter": json.loads((seg_dir / "pretrain.json").read_text())}
+                "segmenter": json.loads((seg_dir / "pretrain.json").read_text()),
+                "weights_sha256": start_weights_sha256(start)}
         tmp_info = info_path.with_name(f".{info_path.name}.tmp")
         tmp_info.write_text(json.dumps(info, indent=2) + "\n")
         os.replace(tmp_info, info_path)

@@ -210,6 +210,11 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [j["job"]["label"] for j in results["jobs"]] == ["no AAT", "AAT"]
     assert results["warm_start"]["paif"]["start"].startswith(str(out / "cache"))
+    from trainer.warmstart import start_weights_sha256  # each arm names the start it was retrained from
+
+    start = results["warm_start"]["paif"]["start"]
+    assert {json.dumps(j["start"]) for j in results["jobs"]} == {json.dumps(
+        {"file": Path(start).name, "weights_sha256": start_weights_sha256(start)})}
     md = (out / "results.md").read_text()
     assert "## Claims tested" in md and "max rule `max(IR, Y)`" in md
     assert "![no AAT vs AAT, clean and under paif](grid.png)" in md and (out / "grid.png").stat().st_size > 10_000
@@ -278,6 +283,45 @@ def test_arms_retrained_from_another_start_are_refused(tmp_path):
                  {"paif": {"start": "runs/cache/start-bbbb.pt"}})  # not trained yet
     with pytest.raises(ConfigError, match=r"aat-s0 \(start-aaaa.pt\).*another --out, or delete"):
         check_starts([job], tmp_path, {"paif": {"start": "runs/cache/start-bbbb.pt"}})
+
+
+def test_arms_copied_in_are_checked_against_the_start_in_their_done_json(tmp_path):
+    """An arm whose result files came from another machine (done.json, no train folder) names its start there: a start
+    of another name is refused, and so is one of the same name whose weights differ (a recomputed start)."""
+    from trainer.experiment import Job, check_starts
+
+    job = Job(label="AAT", genotype="paif", mode="aat", seed=0)
+    (tmp_path / "jobs" / job.key).mkdir(parents=True)
+    (tmp_path / "jobs" / job.key / "done.json").write_text(json.dumps(
+        {"start": {"file": "start-aaaa.pt", "weights_sha256": "1" * 64}}))
+    check_starts([job], tmp_path, {"paif": {"start": "cache/start-aaaa.pt", "weights_sha256": "1" * 64}})
+    with pytest.raises(ConfigError, match=r"aat-s0 \(start-aaaa.pt\)"):
+        check_starts([job], tmp_path, {"paif": {"start": "cache/start-bbbb.pt", "weights_sha256": "1" * 64}})
+    with pytest.raises(ConfigError, match=r"same name \(start-aaaa.pt\) but other weights.*: aat-s0; the start was "
+                                          r"recomputed"):
+        check_starts([job], tmp_path, {"paif": {"start": "cache/start-aaaa.pt", "weights_sha256": "2" * 64}})
+
+
+def test_weights_hash_is_over_names_and_bytes_and_ignores_the_file(tmp_path):
+    """The start's weights hash equals one computed by hand (sorted names, then each tensor's bytes), is the same
+    for two files of the same weights, and changes with the weights."""
+    import hashlib
+
+    import torch
+
+    from trainer.checkpoint import init_checkpoint
+    from trainer.warmstart import start_weights_sha256, weights_sha256
+
+    sd = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3).t(), "a.count": torch.tensor(7)}
+    h = hashlib.sha256()
+    for k in ("a.count", "b.weight"):
+        h.update(k.encode())
+        h.update(sd[k].contiguous().numpy().tobytes())
+    assert weights_sha256(sd) == h.hexdigest()
+    one = init_checkpoint(tmp_path / "one.pt", "paif", channels=4, seed=0)
+    two = init_checkpoint(tmp_path / "two.pt", "paif", channels=4, seed=0)
+    other = init_checkpoint(tmp_path / "three.pt", "paif", channels=4, seed=1)
+    assert start_weights_sha256(one) == start_weights_sha256(two) != start_weights_sha256(other)
 
 
 def test_warm_starts_run_per_genotype_in_worker_processes_and_are_cached(tmp_path):
