@@ -296,12 +296,12 @@ def check_starts(jobs: Sequence[Job], out: Path, starts: dict[str, dict[str, Any
         if before is not None and Path(before).name != now:
             stale.append(f"{job.key} ({Path(before).name})")
         elif recorded.get("weights_sha256") and recorded["weights_sha256"] != start_sha256(starts[job.genotype]):
-            recomputed.append(job.key)
+            recomputed.append(f"{job.key} ({now})")
     if recomputed:
         raise ConfigError(
-            f"{out}: {len(recomputed)} arm(s) were retrained from a start of the same name ({now}) but other weights "
-            f"than the one here: {', '.join(sorted(recomputed))}; the start was recomputed (on another machine, say) "
-            "and came out different. Use another --out, or delete those jobs/<arm> folders to retrain them")
+            f"{out}: {len(recomputed)} arm(s) were retrained from a start of the same name but other weights than "
+            f"the one here: {', '.join(sorted(recomputed))}; the start was recomputed (on another machine, say) and "
+            "came out different. Use another --out, or delete those jobs/<arm> folders to retrain them")
     if stale:
         raise ConfigError(
             f"{out}: {len(stale)} arm(s) were retrained from another starting point than this configuration's "
@@ -620,9 +620,10 @@ def cost_summary(results: Sequence[dict[str, Any]], starts: dict[str, dict[str, 
 
     arms = sorted(results, key=lambda r: (r["job"]["seed"], r["job"]["mode"] == "clean"))
     times = [float(r.get("train_seconds") or 0.0) + float(r.get("eval_seconds") or 0.0) for r in arms]
-    seg = {json.dumps(i.get("segmenter", {}).get("recipe"), sort_keys=True): float(i.get("segmenter", {})
-                                                                                  .get("seconds") or 0.0)
-           for i in starts.values()}
+    seg: dict[str, float] = {}  # one entry per pretrained segmenter (genotypes share it)
+    for info in starts.values():
+        pretrain = info.get("segmenter") or {}
+        seg[json.dumps(pretrain.get("recipe"), sort_keys=True)] = float(pretrain.get("seconds") or 0.0)
     warm = sum(seg.values()) + sum(float(i.get("fusion_seconds") or 0.0) for i in starts.values())
     free = [0.0] * max(1, workers)
     for t in times:
