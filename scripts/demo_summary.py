@@ -67,8 +67,8 @@ def summarize(run: Path) -> str:
     found = sorted((k for k, v in iou.items() if v >= 0.3), key=lambda k: -iou[k])
     missed = sorted(k for k, v in iou.items() if v < 0.1)
     found_text = ", ".join(f"{k} {100 * iou[k]:.0f}" for k in found) or "none"
-    lines.append(f"* **Classes**: found (IoU >= 30 %): {found_text}; "
-                 f"mostly missed (< 10 %): {', '.join(missed) or 'none'} (thin or rare classes need longer training).")
+    missed_text = f"{', '.join(missed)} (thin or rare classes need longer training)" if missed else "none"
+    lines.append(f"* **Classes**: found (IoU >= 30 %): {found_text}; mostly missed (< 10 %): {missed_text}.")
     if fusion:
         ref = max_rule_fusion_metrics(data, split, limit)
         cmp = []

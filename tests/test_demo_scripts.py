@@ -17,15 +17,15 @@ def _module():
     return mod
 
 
-def _run(tmp_path: Path, clean: float, total: int, ssim_fused: float) -> Path:
+def _run(tmp_path: Path, clean: float, total: int, ssim_fused: float, iou: dict[str, float] | None = None) -> Path:
     from rgbt.synthetic import generate_dataset
 
     data = tmp_path / "data"
     generate_dataset(data, n_train=2, n_val=1, n_test=3, size=(32, 48), seed=0)
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
-    iou = {"unlabeled": 0.9, "car": 0.6, "person": 0.45, "bike": 0.0, "curve": 0.05, "car_stop": 0.0,
-           "guardrail": 0.2, "color_cone": 0.35, "bump": 0.0}
+    iou = iou or {"unlabeled": 0.9, "car": 0.6, "person": 0.45, "bike": 0.0, "curve": 0.05, "car_stop": 0.0,
+                  "guardrail": 0.2, "color_cone": 0.35, "bump": 0.0}
     report = {"data": {"root": str(data), "split": "test", "num_images": 2},
               "clean": {"segmentation": {"miou": clean, "miou_objects": clean - 0.05, "iou": iou},
                         "fusion": {"SSIM": ssim_fused, "Qabf": 0.0}},
@@ -41,11 +41,16 @@ def test_verdicts_follow_the_numbers(tmp_path):
     mod = _module()
     ok = mod.summarize(_run(tmp_path / "a", clean=0.42, total=590, ssim_fused=5.0))
     assert "Clean mIoU** 42.0 %" in ok and "target >= 40.0 %: met" in ok and "target <= 600 s on 2 cores: met" in ok
-    assert "found (IoU >= 30 %): car 60, person 45, color_cone 35" in ok and "bike, bump, car_stop, curve" in ok
+    assert "found (IoU >= 30 %): car 60, person 45, color_cone 35" in ok
+    assert "mostly missed (< 10 %): bike, bump, car_stop, curve (thin or rare classes need longer training)." in ok
     assert "`strong` 12.0 %" in ok and "SSIM 5.000 vs" in ok and "(at least the max rule)" in ok
     assert "Qabf 0.000 vs" in ok and "(below the max rule)" in ok  # Qabf of max(IR, Y) is > 0
     bad = mod.summarize(_run(tmp_path / "b", clean=0.39, total=601, ssim_fused=0.0))
     assert "target >= 40.0 %: NOT met" in bad and "target <= 600 s on 2 cores: NOT met" in bad
+    every = {"unlabeled": 0.9, "car": 0.8, "person": 0.7, "bike": 0.1, "curve": 0.4, "car_stop": 0.3,
+             "guardrail": 0.2, "color_cone": 0.5, "bump": 0.15}
+    none_missed = mod.summarize(_run(tmp_path / "c", clean=0.45, total=500, ssim_fused=1.0, iou=every))
+    assert "mostly missed (< 10 %): none.\n" in none_missed + "\n" and "need longer training" not in none_missed
 
 
 def test_max_rule_reference_is_computed_on_the_first_n_images(tmp_path):
