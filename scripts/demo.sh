@@ -102,7 +102,8 @@ done_stage
 stage 5 retrain
 python trainer/retrain.py --genotype "$RUN/out.json" --config configs/demo_retrain.yaml runs_root="$RUN" \
     init_from="$START" num_threads="$THREADS" | tee "$RUN/retrain.json"
-CKPT=$(python -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["best"] or s["last"])' "$RUN/retrain.json")
+# the final checkpoint (last.pt), as make experiment evaluates its arms: best.pt is chosen on val, not the run's end
+CKPT=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["last"])' "$RUN/retrain.json")
 done_stage
 
 stage 6 evaluate
