@@ -6,8 +6,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 RUNS    ?= runs
-# pytest-xdist is not used: the CI machine has 2 cores and torch already uses both.
-PYTEST_ARGS ?=
+# Two pytest-xdist workers: every test runs on one torch thread (tests/conftest.py), so a single pytest process
+# keeps one of CI's two cores idle. PYTEST_ARGS= (empty) runs the suite in one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: install test demo experiment search-eval clean
 

@@ -22,6 +22,17 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the ``slow`` end-to-end tests first, the rest after them, each group in collection order.
+
+    ``make test`` runs the suite on two pytest-xdist workers (one torch thread each). A worker that draws a
+    minutes-long end-to-end test near the end leaves the other core idle for its tail; started first, the long
+    tests overlap with the many short ones instead. The order of the tests themselves does not matter: every test
+    makes its own files (``tmp_path``), and session fixtures are per worker.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)   # stable: collection order in a group
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic RGB-T dataset in the MSRS layout, generated once per test session.
