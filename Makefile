@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# the plain `nnictl` of this venv: 127.0.0.1 only, NNI's experiment index under runs/ (strategies/nni_local.py)
 	$(BIN)/python -m strategies.nni_local install-hook
+	# compile the C++ decomposition kernels now (cached in $$PAIF_EXT_DIR or ~/.cache/paif_ext by source hash), not
+	# inside the first search trial or test; without a compiler it says so and the pure-PyTorch path is used
+	$(BIN)/python -m search_space.cpp_ext
 	touch $@
 
 install: $(VENV)/.installed

@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["SOURCE", "build_flags", "cache_dir", "disabled", "failure", "load_extension"]
+__all__ = ["SOURCE", "build_flags", "cache_dir", "disabled", "failure", "load_extension", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,28 @@ def load_extension(verbose: bool = False) -> ModuleType | None:
 def failure() -> str | None:
     """Why the build failed in this process (None if it did not fail or was not tried)."""
     return _state.get("error")  # type: ignore[return-value]
+
+
+def main() -> int:
+    """``python -m search_space.cpp_ext``: build (or find) the extension now, e.g. at install time, so that the first
+    search or training step does not compile it. Prints one line; exits 0 also when it cannot be built (the
+    pure-PyTorch path is then used, as at first use)."""
+    import time
+
+    if disabled():
+        print("search_space.cpp_ext: PAIF_NO_CPP is set; the pure-PyTorch decomposition is used")
+        return 0
+    t0 = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # failure() says it in one line below
+        module = load_extension()
+    if module is None:
+        print(f"search_space.cpp_ext: not built ({failure()}); the pure-PyTorch decomposition is used")
+    else:
+        print(f"search_space.cpp_ext: C++ decomposition kernels ready in {Path(module.__file__).parent} "
+              f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,8 @@ Writes under ``cache``:
   fingerprint, loss curve, held-out mIoU on ``val_split``: never the test split);
   ``seg.scale=2`` (or 4) pretrains it on images upsampled by that factor, as a model built with that ``seg_scale``
   segments them (``search_space.pipeline.segment``); retrain such a start with ``seg_scale=`` the same factor;
+* ``fusion-<hash>.pt``: the fusion net fitted alone (state dict, seconds, first and last loss); it needs no segmenter,
+  so ``--fusion-only`` computes it while another process still pretrains the segmenter (``scripts/demo.sh``);
 * ``start-<hash>.pt``: a PAIF checkpoint (``trainer.checkpoint``) = the warmed fusion net + that segmenter,
   for ``retrain.py init_from=``; ``start-<hash>.json`` describes it.
 
@@ -40,23 +42,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from trainer.config import check_channels, check_crop, check_lr, finite, load_config, require
+from trainer.config import ConfigError, check_channels, check_crop, check_lr, finite, load_config, require
 from trainer.errors import entry_point
 from trainer.finite import NonFiniteError
 
 __all__ = ["SegPretrainConfig", "FusionWarmConfig", "WarmStartConfig", "max_rule_rgb", "data_fingerprint",
-           "segmenter_key", "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "warm_start",
+           "segmenter_key", "fusion_key", "pretrain_segmenter", "pretrained_segmenter", "warm_fusion", "fitted_fusion",
+           "fusion_only", "warm_start",
            "weights_sha256", "start_weights_sha256", "main"]
 
 log = logging.getLogger("trainer.warmstart")
 
 RECIPE_VERSION = 1
 """Bumped whenever the code of a stage changes what it produces (part of every cache key)."""
+
+THREAD_CHECK_EVERY = 10
+"""Steps between two thread-count checks of :func:`warm_fusion` (``--beside-segmenter``)."""
 
 
 FUSION_TARGETS = ("max_rule", "fusion_loss")
@@ -300,12 +306,16 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
     return report
 
 
-def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any) -> tuple[torch.nn.Module, list[float]]:
+def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any,
+                threads: Callable[[], int] | None = None) -> tuple[torch.nn.Module, list[float]]:
     """The fixed fusion net of ``genotype`` after ``cfg.fusion.steps`` AdamW steps on ``cfg.fusion.target`` alone.
 
     ``max_rule``: ``|F - M|₁ + | |∇F| - |∇M| |₁`` with ``M = max(IR, Y)`` (``|∇·|`` = Sobel magnitude); the
     intensity term alone leaves blurred edges (Qabf 0.22 against 0.44 with the gradient term, 200 vs 500 steps
     on the benchmark). ``fusion_loss``: :func:`trainer.losses.fusion_loss`.
+
+    ``threads``: called every :data:`THREAD_CHECK_EVERY` steps; a positive answer other than the current torch thread
+    count switches to it (``--beside-segmenter``: one thread while another process pretrains the segmenter).
     """
     from rgbt.color import rgb_to_y
     from search_space.genotype import build_fusion_net
@@ -319,6 +329,11 @@ def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any) -> tuple[torch.
     batches = _batches(train, f.batch_size, cfg.seed + 1)
     with _progress(f.steps, "warm up fusion", cfg.progress_bar) as bar:
         for step in range(f.steps):
+            if threads is not None and step % THREAD_CHECK_EVERY == 0:
+                n = threads()
+                if n > 0 and n != torch.get_num_threads():
+                    log.info("fusion warm-up: %d torch thread(s) from step %d", n, step)
+                    torch.set_num_threads(n)
             for group in opt.param_groups:
                 group["lr"] = f.lr * _lr_factor(step, f.steps, min(20, f.steps // 5))
             b = next(batches)
@@ -334,11 +349,61 @@ def warm_fusion(cfg: WarmStartConfig, genotype: Any, train: Any) -> tuple[torch.
     return net, losses
 
 
+def fusion_key(cfg: WarmStartConfig, genotype: Any, fingerprint: str) -> str:
+    """Cache key of the fitted fusion net: recipe version, training data, genotype, ``fusion.*`` recipe, seed. It
+    does not depend on the segmenter, so the fit can run while the segmenter is still being pretrained."""
+    return _key("fusion", RECIPE_VERSION, fingerprint, genotype.to_dict(), dataclasses.asdict(cfg.fusion), cfg.seed)
+
+
+def fitted_fusion(cfg: WarmStartConfig, genotype: Any, fingerprint: str,
+                  threads: Callable[[], int] | None = None) -> dict[str, Any]:
+    """The fusion net of ``genotype`` fitted by :func:`warm_fusion`, cached as ``fusion-<key>.pt`` (computed once).
+
+    Returns ``{"file", "state_dict", "seconds", "train_images", "losses_first_last"}`` (``seconds``: the fit's own time,
+    also when it was found cached).
+    """
+    from rgbt.dataset import RGBTDataset
+
+    cache = Path(cfg.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"fusion-{fusion_key(cfg, genotype, fingerprint)}.pt"
+    if path.is_file():
+        log.info("fusion warm-up cached: %s", path)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return {"file": str(path), **saved}
+    log.info("warming up the fusion net -> %s", path)
+    crop = tuple(cfg.fusion.crop) if cfg.fusion.crop else None
+    fusion_train = RGBTDataset(cfg.data, cfg.train_split, crop=crop, flip=True, seed=cfg.seed)
+    t0 = time.time()
+    net, losses = warm_fusion(cfg, genotype, fusion_train, threads)
+    saved = {"state_dict": net.state_dict(), "seconds": time.time() - t0, "train_images": len(fusion_train),
+             "losses_first_last": [losses[0], losses[-1]] if losses else None}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+    return {"file": str(path), **saved}
+
+
 def _atomic_dir(final: Path) -> Path:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def _segmenter_data(cfg: WarmStartConfig) -> tuple[Any, Any, str, str]:
+    """(training set, held-out set or None, training-data fingerprint, segmenter cache key); files checked first."""
+    from rgbt.dataset import RGBTDataset
+
+    seg_train = RGBTDataset(cfg.data, cfg.train_split, flip=True, seed=cfg.seed, require_labels=True)
+    val = RGBTDataset(cfg.data, cfg.val_split, require_labels=True) if cfg.val_split else None
+    if cfg.data_check:
+        from trainer.datacheck import check_datasets
+
+        check_datasets([seg_train, val], progress=cfg.progress_bar,
+                       opt_out="data_check=false or --skip-data-check skips this check")
+    fingerprint = data_fingerprint(seg_train)
+    return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, data_fingerprint(val) if val else None)
 
 
 def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
@@ -348,21 +413,11 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
 
     A SegFormer folder for ``pretrained=`` / the search's ``init_from=``; it does not depend on the genotype.
     """
-    from rgbt.dataset import RGBTDataset
-
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     cache = Path(cfg.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    seg_train = RGBTDataset(cfg.data, cfg.train_split, flip=True, seed=cfg.seed, require_labels=True)
-    val = RGBTDataset(cfg.data, cfg.val_split, require_labels=True) if cfg.val_split else None
-    if cfg.data_check:
-        from trainer.datacheck import check_datasets
-
-        check_datasets([seg_train, val], progress=cfg.progress_bar,
-                       opt_out="data_check=false or --skip-data-check skips this check")
-    fingerprint = data_fingerprint(seg_train)
-    seg_key = segmenter_key(cfg, fingerprint, data_fingerprint(val) if val is not None else None)
+    seg_train, val, fingerprint, seg_key = _segmenter_data(cfg)
     seg_dir = cache / f"segformer-{seg_key}"
     if not (seg_dir / "pretrain.json").is_file():
         log.info("pretraining the segmenter -> %s", seg_dir)
@@ -379,12 +434,34 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
     return seg_dir, seg_key, fingerprint
 
 
+def fusion_only(cfg: WarmStartConfig, beside_segmenter: bool = False) -> dict[str, Any]:
+    """Only the fusion-net fit of the warm start (cached like every stage); a later :func:`warm_start` with the same
+    data, genotype and ``fusion.*`` recipe finds it cached and only adds the segmenter.
+
+    ``beside_segmenter``: the segmenter of this ``cfg`` is being pretrained by another process (``scripts/demo.sh``
+    runs it beside the search): fit on one torch thread while its cache entry is missing, on ``num_threads`` once it
+    is there, so that the two stages share the cores and the fit takes both when the pretraining is done.
+    """
+    from trainer.checkpoint import resolve_genotype
+
+    threads_wanted = cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads()
+    _, _, fingerprint, seg_key = _segmenter_data(cfg)
+    genotype = resolve_genotype(cfg.genotype, channels=cfg.channels)
+    done = Path(cfg.cache) / f"segformer-{seg_key}" / "pretrain.json"
+
+    def threads() -> int:
+        return threads_wanted if done.is_file() else 1
+
+    torch.set_num_threads(threads() if beside_segmenter else threads_wanted)
+    fit = fitted_fusion(cfg, genotype, fingerprint, threads if beside_segmenter else None)
+    return {"fusion": fit["file"], "seconds": fit["seconds"], "segmenter_done": done.is_file()}
+
+
 def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | None:
     """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``.
 
     ``compute=False``: only a cached start (None when the fusion net is not warmed up yet; the segmenter is still
     pretrained when missing)."""
-    from rgbt.dataset import RGBTDataset
     from search_space.pipeline import build_model
     from trainer.checkpoint import resolve_genotype, save_checkpoint
 
@@ -398,27 +475,23 @@ def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | N
     if not (start.is_file() and info_path.is_file()):
         if not compute:
             return None
-        log.info("warming up the fusion net -> %s", start)
-        crop = tuple(cfg.fusion.crop) if cfg.fusion.crop else None
-        fusion_train = RGBTDataset(cfg.data, cfg.train_split, crop=crop, flip=True, seed=cfg.seed)
-        t0 = time.time()
-        fusion, losses = warm_fusion(cfg, genotype, fusion_train)
+        fit = fitted_fusion(cfg, genotype, fingerprint)
         model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir),
                             seg_scale=cfg.seg.scale)
-        model.fusion.load_state_dict(fusion.state_dict())
+        model.fusion.load_state_dict(fit["state_dict"])
         card = {"training": {"mode": "warmstart",
                              "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
                                         f"up alone (target {cfg.fusion.target}; python -m trainer.warmstart)",
                              "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr, "seg.scale": cfg.seg.scale,
                                         "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr,
                                         "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
-                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": len(fusion_train),
+                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": fit["train_images"],
                          "fingerprint": fingerprint}}
         save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
                         {"warmstart": dataclasses.asdict(cfg)}, card=card)
         info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
-                "data_fingerprint": fingerprint, "fusion_seconds": time.time() - t0,
-                "fusion_loss_first_last": [losses[0], losses[-1]] if losses else None,
+                "data_fingerprint": fingerprint, "fusion_seconds": fit["seconds"],
+                "fusion_loss_first_last": fit["losses_first_last"],
                 "segmenter": json.loads((seg_dir / "pretrain.json").read_text()),
                 "weights_sha256": start_weights_sha256(start)}
         tmp_info = info_path.with_name(f".{info_path.name}.tmp")
@@ -446,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segmenter-only", action="store_true",
                    help="only the (genotype-independent) segmenter pretraining; a later call with the same data and "
                         "seg.* recipe finds it cached (scripts/demo.sh runs it beside the search)")
+    p.add_argument("--fusion-only", action="store_true",
+                   help="only the fusion-net fit (it needs no segmenter); a later call with the same data, genotype "
+                        "and fusion.* recipe finds it cached")
+    p.add_argument("--beside-segmenter", action="store_true",
+                   help="with --fusion-only: another process is pretraining this recipe's segmenter; fit on one "
+                        "thread until its cache entry appears, then on num_threads")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -455,7 +534,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_data_check:
         overrides.append("data_check=false")
     setup_logging(None)
+    if args.segmenter_only and args.fusion_only:
+        raise ConfigError("--segmenter-only and --fusion-only: expected at most one of them (neither: both stages)")
+    if args.beside_segmenter and not args.fusion_only:
+        raise ConfigError("--beside-segmenter: expected together with --fusion-only")
     cfg = load_config(WarmStartConfig, args.config, overrides)
+    if args.fusion_only:
+        summary = json.dumps(fusion_only(cfg, args.beside_segmenter), indent=2)
+        print(summary)
+        if args.json:
+            atomic_write_text(summary + "\n", args.json)
+        return 0
     if args.segmenter_only:
         seg_dir = pretrained_segmenter(cfg)[0]
         info = {"start": None, "segmenter_dir": str(seg_dir),

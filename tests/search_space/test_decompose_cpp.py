@@ -216,3 +216,21 @@ def test_the_onednn_probe_leaves_the_global_random_stream_alone():
     decompose._onednn_linear_ok()
     assert "ok" in decompose._ONEDNN
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_main_reports_a_failed_build_and_exits_0(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """`python -m search_space.cpp_ext` (make install runs it): a source that does not compile is one line naming the
+    compiler's error, exit 0 (the PyTorch path is used); PAIF_NO_CPP=1 says that it is off."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error deliberately broken source\n")
+    monkeypatch.setattr(cpp_ext, "SOURCE", broken)
+    monkeypatch.setattr(cpp_ext, "_state", {})
+    monkeypatch.setenv("PAIF_EXT_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("PAIF_NO_CPP", raising=False)
+    assert cpp_ext.main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("search_space.cpp_ext: not built (") and "deliberately broken" in out
+    assert "pure-PyTorch" in out and len(out.strip().splitlines()) == 1
+    monkeypatch.setenv("PAIF_NO_CPP", "1")
+    assert cpp_ext.main() == 0
+    assert "PAIF_NO_CPP is set" in capsys.readouterr().out

@@ -207,3 +207,61 @@ def test_decoder_width_reaches_the_start_and_every_retraining_from_it(tiny_data,
         == default != warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": 16}), "fp", "val")
     with pytest.raises(ValueError, match=r"seg.decoder_hidden_size: expected null or an integer >= 1, got 0"):
         _cfg(tiny_data, tmp_path, **{"seg.decoder_hidden_size": 0})
+
+
+def test_fusion_only_fits_what_the_full_warm_start_then_reuses(tiny_data, tmp_path, monkeypatch, capsys) -> None:
+    """--fusion-only (the demo runs it while the segmenter is still being pretrained) writes the fusion fit only; the
+    full warm start finds it cached, and its start holds the same weights as a warm start computed in one go."""
+    torch.set_num_threads(1)
+    args = ["--data", str(tiny_data), "channels=4", "seg.steps=2", "seg.batch_size=2", "fusion.steps=3",
+            "fusion.batch_size=2", "fusion.crop=[24,32]", "progress_bar=false"]
+    split = tmp_path / "split"
+    assert warmstart.main([*args, "--cache", str(split), "--fusion-only"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["fusion"].startswith(str(split / "fusion-")) and printed["segmenter_done"] is False
+    assert list(split.glob("start-*")) == [] and list(split.glob("segformer-*")) == []
+
+    def boom(*a, **k):
+        raise AssertionError("the fusion net was fitted again")
+
+    monkeypatch.setattr(warmstart, "warm_fusion", boom)
+    assert warmstart.main([*args, "--cache", str(split)]) == 0
+    start = json.loads(capsys.readouterr().out)["start"]
+    monkeypatch.undo()
+    assert warmstart.main([*args, "--cache", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out)["start"]
+    assert warmstart.start_weights_sha256(start) == warmstart.start_weights_sha256(whole)
+
+
+def test_beside_segmenter_fits_on_one_thread_until_the_segmenter_is_cached(tiny_data, tmp_path, monkeypatch) -> None:
+    """With beside_segmenter the fit runs on one torch thread while this recipe's segmenter is missing from the cache
+    and on num_threads from the first check after it appears (every THREAD_CHECK_EVERY steps)."""
+    cfg = _cfg(tiny_data, tmp_path, **{"fusion.steps": 25, "num_threads": 2})
+    _, _, _, seg_key = warmstart._segmenter_data(cfg)
+    done = tmp_path / f"segformer-{seg_key}" / "pretrain.json"
+    seen: list[int] = []
+    step = warmstart._step
+
+    def spy(opt, loss, i, stage, lr_key):
+        seen.append(torch.get_num_threads())
+        if i == 4:  # the other process finishes its pretraining here
+            done.parent.mkdir(parents=True)
+            done.write_text("{}")
+        return step(opt, loss, i, stage, lr_key)
+
+    monkeypatch.setattr(warmstart, "_step", spy)
+    try:
+        out = warmstart.fusion_only(cfg, beside_segmenter=True)
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1] * 10 + [2] * 15 and out["segmenter_done"] is True
+    assert warmstart.THREAD_CHECK_EVERY == 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beside-segmenter"], "--beside-segmenter: expected together with --fusion-only"),
+    (["--fusion-only", "--segmenter-only"], "expected at most one of them"),
+])
+def test_stage_flags_are_checked(tiny_data, tmp_path, capsys, flags, message) -> None:
+    assert warmstart.main(["--data", str(tiny_data), "--cache", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err and not any(tmp_path.iterdir())
