@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m strategies.nni_local install-hook
 	# compile the C++ decomposition kernels now (cached in $$PAIF_EXT_DIR or ~/.cache/paif_ext by source hash), not
 	# inside the first search trial or test; without a compiler it says so and the pure-PyTorch path is used
-	$(BIN)/python -m search_space.cpp_ext
+	$(BIN)/python -c 'from search_space.cpp_ext import main; raise SystemExit(main())'
 	touch $@
 
 install: $(VENV)/.installed

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import sys
 import threading
 import warnings
@@ -84,13 +83,20 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _ninja_on_path() -> Iterator[None]:
-    """Put the ``ninja`` pip package's binary on PATH for the block when no ``ninja`` is found there."""
-    old = os.environ.get("PATH", "")
-    if shutil.which("ninja") is None:
-        with contextlib.suppress(ImportError):
-            import ninja  # the pip package: torch's JIT build needs the executable
+    """Put the ``ninja`` pip package's binary (a dependency) first on PATH for the block, else keep PATH's ``ninja``.
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    Always the same ninja, whichever PATH a process has: ninja records a hash of each build command in its log, and
+    two ninja versions (here the system's 1.11 when ``.venv/bin`` is not on PATH, as under ``make``, and the pip
+    package's 1.13 when it is, as in the demo's NNI trials) do not accept each other's entries, so alternating
+    between them recompiled the kernels (~70 s) at the first use in every process that used the other one.
+    """
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja  # the pip package: torch's JIT build runs the `ninja` found on PATH
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    except ImportError:
+        pass
     try:
         yield
     finally:

@@ -234,3 +234,20 @@ def test_main_reports_a_failed_build_and_exits_0(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("PAIF_NO_CPP", "1")
     assert cpp_ext.main() == 0
     assert "PAIF_NO_CPP is set" in capsys.readouterr().out
+
+
+def test_the_build_runs_the_pip_ninja_whatever_ninja_path_finds_first(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """Another ninja first on PATH (the system's, when .venv/bin is not on it) must not be used: two ninja versions do
+    not accept each other's build logs, so alternating between them recompiled the kernels in every other process."""
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    other = tmp_path / "ninja"
+    other.write_text("#!/bin/sh\nexit 1\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert shutil.which("ninja") == str(other)
+    with cpp_ext._ninja_on_path():
+        assert Path(shutil.which("ninja")).parent == Path(ninja.BIN_DIR)
+    assert shutil.which("ninja") == str(other)
