@@ -363,6 +363,7 @@ def fitted_fusion(cfg: WarmStartConfig, genotype: Any, fingerprint: str,
     also when it was found cached).
     """
     from rgbt.dataset import RGBTDataset
+    from trainer.runs import atomic_save
 
     cache = Path(cfg.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -378,9 +379,7 @@ def fitted_fusion(cfg: WarmStartConfig, genotype: Any, fingerprint: str,
     net, losses = warm_fusion(cfg, genotype, fusion_train, threads)
     saved = {"state_dict": net.state_dict(), "seconds": time.time() - t0, "train_images": len(fusion_train),
              "losses_first_last": [losses[0], losses[-1]] if losses else None}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(saved, tmp)
-    os.replace(tmp, path)
+    atomic_save(saved, path)
     return {"file": str(path), **saved}
 
 
@@ -403,7 +402,7 @@ def _segmenter_data(cfg: WarmStartConfig) -> tuple[Any, Any, str, str]:
         check_datasets([seg_train, val], progress=cfg.progress_bar,
                        opt_out="data_check=false or --skip-data-check skips this check")
     fingerprint = data_fingerprint(seg_train)
-    return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, data_fingerprint(val) if val else None)
+    return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, data_fingerprint(val) if val is not None else None)
 
 
 def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
@@ -540,20 +539,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--beside-segmenter: expected together with --fusion-only")
     cfg = load_config(WarmStartConfig, args.config, overrides)
     if args.fusion_only:
-        summary = json.dumps(fusion_only(cfg, args.beside_segmenter), indent=2)
-        print(summary)
-        if args.json:
-            atomic_write_text(summary + "\n", args.json)
-        return 0
-    if args.segmenter_only:
-        seg_dir = pretrained_segmenter(cfg)[0]
-        info = {"start": None, "segmenter_dir": str(seg_dir),
-                "segmenter": json.loads((seg_dir / "pretrain.json").read_text())}
+        result = fusion_only(cfg, args.beside_segmenter)
     else:
-        info = warm_start(cfg)
-    miou = info["segmenter"].get("val", {}).get("miou")
-    summary = json.dumps({"start": info["start"], "segmenter_dir": info["segmenter_dir"],
-                          "segmenter_val_miou": miou}, indent=2)
+        if args.segmenter_only:
+            seg_dir = pretrained_segmenter(cfg)[0]
+            info = {"start": None, "segmenter_dir": str(seg_dir),
+                    "segmenter": json.loads((seg_dir / "pretrain.json").read_text())}
+        else:
+            info = warm_start(cfg)
+        result = {"start": info["start"], "segmenter_dir": info["segmenter_dir"],
+                  "segmenter_val_miou": info["segmenter"].get("val", {}).get("miou")}
+    summary = json.dumps(result, indent=2)
     print(summary)
     if args.json:
         atomic_write_text(summary + "\n", args.json)
