@@ -84,6 +84,8 @@ class SegPretrainConfig:
     #: a 4x larger grid and dominates the segmenter's cost (``bench/seg_head_cost.py``). The start checkpoint records
     #: it (``retrain.py init_from=`` builds that width); the saved ``config.json`` carries it for ``pretrained=`` users
     decoder_hidden_size: int | None = None
+    #: clip the gradient's global L2 norm to this before every step (null: no clipping)
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -138,6 +140,9 @@ class WarmStartConfig:
         require(finite(self.seg.weight_decay) and self.seg.weight_decay >= 0, "seg.weight_decay", "a number >= 0",
                 self.seg.weight_decay)
         require(self.seg.warmup_steps >= 0, "seg.warmup_steps", "an integer >= 0", self.seg.warmup_steps)
+        clip = self.seg.clip_grad_norm
+        require(clip is None or (not isinstance(clip, bool) and finite(clip) and clip > 0), "seg.clip_grad_norm",
+                "null or a number > 0", clip)
         head = self.seg.decoder_hidden_size
         require(head is None or (isinstance(head, int) and not isinstance(head, bool) and head >= 1),
                 "seg.decoder_hidden_size", "null or an integer >= 1", head)
@@ -207,8 +212,9 @@ def _seg_recipe(seg: SegPretrainConfig) -> dict[str, Any]:
     recipe = dataclasses.asdict(seg)
     if recipe["scale"] == 1:
         del recipe["scale"]
-    if recipe["decoder_hidden_size"] is None:  # keys of caches made before the setting existed stay valid
-        del recipe["decoder_hidden_size"]
+    for name in ("decoder_hidden_size", "clip_grad_norm"):  # keys of caches made before a setting existed stay valid
+        if recipe[name] is None:
+            del recipe[name]
     return recipe
 
 
@@ -239,12 +245,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return warmup_poly(step, total, warmup, warmup_start=0.01, power=1.0)
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, stage: str, lr_key: str) -> float:
-    """One optimiser step on ``loss``; a non-finite loss stops the stage with an error naming the LR key."""
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, stage: str, lr_key: str,
+          clip_grad_norm: float | None = None) -> float:
+    """One optimiser step on ``loss`` (the gradient's global norm clipped to ``clip_grad_norm`` if set); a non-finite
+    loss stops the stage with an error naming the LR key."""
     if not torch.isfinite(loss):
         raise NonFiniteError(f"{stage}: non-finite loss {loss.item()} at step {step}; lower {lr_key}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip_grad_norm)
     opt.step()
     return loss.item()
 
@@ -282,7 +292,7 @@ def pretrain_segmenter(cfg: WarmStartConfig, train: Any, val: Any | None, out_di
             b = next(batches)
             logits = segment(seg, normalize_per_image(max_rule_rgb(b["ir"], b["vis"])), s.scale)
             loss = F.cross_entropy(logits, b["label"], ignore_index=255)
-            losses.append(_step(opt, loss, step, "segmenter pretraining", "seg.lr"))
+            losses.append(_step(opt, loss, step, "segmenter pretraining", "seg.lr", s.clip_grad_norm))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % 100 == 0:

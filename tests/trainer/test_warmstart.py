@@ -265,3 +265,28 @@ def test_beside_segmenter_fits_on_one_thread_until_the_segmenter_is_cached(tiny_
 def test_stage_flags_are_checked(tiny_data, tmp_path, capsys, flags, message) -> None:
     assert warmstart.main(["--data", str(tiny_data), "--cache", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_clip_grad_norm_scales_the_step_and_keeps_the_default_key(tiny_data, tmp_path) -> None:
+    """seg.clip_grad_norm: the update is the one of the gradient scaled to that global norm (SGD, checked by hand);
+    null (the default) leaves the cache key as before; bad values are refused by name."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    v = torch.nn.Parameter(torch.randn(3))
+    before = (w.detach().clone(), v.detach().clone())
+    loss = (w ** 2).sum() * 3 + (v ** 3).sum()
+    grads = torch.autograd.grad(loss, (w, v), retain_graph=True)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert norm > 0.5
+    warmstart._step(torch.optim.SGD([w, v], lr=0.1), loss, 0, "test", "lr", clip_grad_norm=0.5)
+    for p, b, g in zip((w, v), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g * (0.5 / norm), atol=1e-6, rtol=0)
+
+    default = warmstart.segmenter_key(_cfg(tiny_data, tmp_path), "fp", "val")
+    assert warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.clip_grad_norm": None}), "fp", "val") == default
+    assert warmstart.segmenter_key(_cfg(tiny_data, tmp_path, **{"seg.clip_grad_norm": 1.0}), "fp", "val") != default
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"seg.clip_grad_norm: expected null or a number > 0, got"):
+            _cfg(tiny_data, tmp_path, **{"seg.clip_grad_norm": bad})
+    with pytest.raises(ValueError, match=r"seg.clip_grad_norm: expected float \| None, got True"):
+        _cfg(tiny_data, tmp_path, **{"seg.clip_grad_norm": True})
