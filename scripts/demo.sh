@@ -63,6 +63,7 @@ done_stage() {
 }
 # a failed stage also stops the segmenter pretraining still running in the background
 trap 'rc=$?; [ -z "${SEG_PID:-}" ] || kill "$SEG_PID" 2>/dev/null || true
+      [ -z "${WARM_PID:-}" ] || kill "$WARM_PID" 2>/dev/null || true
       [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (exit $rc); logs in $RUN" >&2' EXIT
 
 echo "PAIF demo -> $RUN  (OMP_NUM_THREADS=$OMP_NUM_THREADS)"
@@ -92,17 +93,19 @@ python derive/export_genotype.py --experiment "$EXP" --out "$RUN/out.json"
 done_stage
 
 stage 4 warm
-# fusion fit: 600 steps (~45 s on two threads) left the searched 8-channel net at SSIM 1.285 / Qabf 0.374 on the val
-# split and the segmenter at 57.3 % val mIoU on its output; 300 steps: 1.251 / 0.301 / 54.1 % (max rule: 58.5 %).
+# fusion fit: 600 steps (~70 s on two threads on a machine of 1.9 s clean steps) left the searched 8-channel net at
+# SSIM 1.285 / Qabf 0.374 on the val split and the segmenter at 57.3 % val mIoU on its output; 300 steps: 1.251 /
+# 0.301 / 54.1 % (max rule: 58.5 %).
 # The fit needs no segmenter: it starts at once, on one thread while the segmenter pretraining still runs on the
-# other core, on both once that is done (--beside-segmenter); the second call then only joins the two cached parts.
-python -m trainer.warmstart --fusion-only --beside-segmenter --data "$DATA" --genotype "$RUN/out.json" \
-    --cache "$CACHE" progress_bar=false "${SEG_ARGS[@]}" fusion.steps=600 num_threads="$THREADS" \
-    > "$RUN/fusion_fit.json"
+# other core, on both once that is done; the same process then waits for the segmenter's cache entry and writes the
+# start checkpoint (--beside-segmenter: one process start instead of two; a failed pretraining stops both).
+python -m trainer.warmstart --beside-segmenter --data "$DATA" --genotype "$RUN/out.json" --cache "$CACHE" \
+    --json "$RUN/warmstart.json" progress_bar=false "${SEG_ARGS[@]}" fusion.steps=600 num_threads="$THREADS" &
+WARM_PID=$!
 wait "$SEG_PID" || { echo "segmenter pretraining failed:" >&2; tail -5 "$RUN/segmenter.log" >&2; exit 1; }
 SEG_PID=
-python -m trainer.warmstart --data "$DATA" --genotype "$RUN/out.json" --cache "$CACHE" \
-    --json "$RUN/warmstart.json" progress_bar=false "${SEG_ARGS[@]}" fusion.steps=600 num_threads="$THREADS"
+wait "$WARM_PID"
+WARM_PID=
 START=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["start"])' "$RUN/warmstart.json")
 done_stage
 

@@ -466,6 +466,23 @@ def fusion_only(cfg: WarmStartConfig, beside_segmenter: bool = False) -> dict[st
     return {"fusion": fit["file"], "seconds": fit["seconds"], "segmenter_done": done.is_file()}
 
 
+def wait_for_segmenter(cfg: WarmStartConfig, timeout: float, poll: float = 1.0) -> Path:
+    """Wait until this ``cfg``'s segmenter is in the cache (another process pretrains it: ``--segmenter-only``);
+    returns its folder. :class:`TimeoutError` after ``timeout`` seconds (never computes it here)."""
+    _, _, _, seg_key = _segmenter_data(cfg)
+    seg_dir = Path(cfg.cache) / f"segformer-{seg_key}"
+    deadline = time.monotonic() + timeout
+    if not (seg_dir / "pretrain.json").is_file():
+        log.info("waiting for the segmenter pretraining of another process -> %s", seg_dir)
+    while not (seg_dir / "pretrain.json").is_file():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"--beside-segmenter: the segmenter {seg_dir} was not in the cache after {timeout:g} s; "
+                               "start its pretraining (--segmenter-only, the same data and seg.* settings) or raise "
+                               "--segmenter-wait")
+        time.sleep(poll)
+    return seg_dir
+
+
 def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | None:
     """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``.
 
@@ -532,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the fusion-net fit (it needs no segmenter); a later call with the same data, genotype "
                         "and fusion.* recipe finds it cached")
     p.add_argument("--beside-segmenter", action="store_true",
-                   help="with --fusion-only: another process is pretraining this recipe's segmenter; fit on one "
-                        "thread until its cache entry appears, then on num_threads")
+                   help="another process is pretraining this recipe's segmenter (--segmenter-only): fit the fusion "
+                        "net on one thread until its cache entry appears, then on num_threads; without --fusion-only "
+                        "then wait for that entry and write the start checkpoint")
+    p.add_argument("--segmenter-wait", type=float, default=3600.0,
+                   help="with --beside-segmenter: seconds to wait for the other process's segmenter (default 3600)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seg.steps=800 channels=16")
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -545,12 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(None)
     if args.segmenter_only and args.fusion_only:
         raise ConfigError("--segmenter-only and --fusion-only: expected at most one of them (neither: both stages)")
-    if args.beside_segmenter and not args.fusion_only:
-        raise ConfigError("--beside-segmenter: expected together with --fusion-only")
+    if args.beside_segmenter and args.segmenter_only:
+        raise ConfigError("--beside-segmenter: expected without --segmenter-only (it fits the fusion net beside "
+                          "another process's segmenter pretraining)")
+    if not args.segmenter_wait > 0:
+        raise ConfigError(f"--segmenter-wait: expected a number of seconds > 0, got {args.segmenter_wait:g}")
     cfg = load_config(WarmStartConfig, args.config, overrides)
     if args.fusion_only:
         result = fusion_only(cfg, args.beside_segmenter)
     else:
+        if args.beside_segmenter:  # the fit first, beside the other process; the segmenter is then read from the cache
+            fusion_only(cfg, beside_segmenter=True)
+            wait_for_segmenter(cfg, args.segmenter_wait)
         if args.segmenter_only:
             seg_dir = pretrained_segmenter(cfg)[0]
             info = {"start": None, "segmenter_dir": str(seg_dir),

@@ -258,9 +258,49 @@ def test_beside_segmenter_fits_on_one_thread_until_the_segmenter_is_cached(tiny_
     assert warmstart.THREAD_CHECK_EVERY == 10
 
 
+def test_beside_segmenter_alone_fits_waits_for_the_other_process_and_writes_the_start(tiny_data, tmp_path, monkeypatch,
+                                                                                     capsys) -> None:
+    """--beside-segmenter without --fusion-only (the demo's one stage-4 call): the fit, then a wait until the other
+    process's segmenter is cached (never pretraining it here), then the start: the same weights as a warm start
+    computed in one go; with no segmenter coming, a clear error after --segmenter-wait and no start written."""
+    import shutil as sh
+
+    torch.set_num_threads(1)
+    args = ["--data", str(tiny_data), "channels=4", "seg.steps=2", "seg.batch_size=2", "fusion.steps=3",
+            "fusion.batch_size=2", "fusion.crop=[24,32]", "progress_bar=false"]
+    whole = tmp_path / "whole"
+    assert warmstart.main([*args, "--cache", str(whole)]) == 0
+    expected = json.loads(capsys.readouterr().out)["start"]
+    seg_dir = next(whole.glob("segformer-*"))
+
+    beside = tmp_path / "beside"
+    waits: list[float] = []
+
+    def other_process_finishes(seconds: float) -> None:  # by the second poll the other process has written it
+        waits.append(seconds)
+        if len(waits) == 2:
+            sh.copytree(seg_dir, beside / seg_dir.name)
+
+    monkeypatch.setattr(warmstart.time, "sleep", other_process_finishes)
+    monkeypatch.setattr(warmstart, "pretrain_segmenter", lambda *a, **k: pytest.fail("pretrained here"))
+    assert warmstart.main([*args, "--cache", str(beside), "--beside-segmenter"]) == 0
+    start = json.loads(capsys.readouterr().out)["start"]
+    assert len(waits) == 2 and start.startswith(str(beside / "start-"))
+    assert warmstart.start_weights_sha256(start) == warmstart.start_weights_sha256(expected)
+
+    alone = tmp_path / "alone"
+    monkeypatch.undo()
+    monkeypatch.setattr(warmstart.time, "sleep", lambda seconds: None)
+    assert warmstart.main([*args, "--cache", str(alone), "--beside-segmenter", "--segmenter-wait", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "was not in the cache after 0.05 s" in err and "--segmenter-only" in err
+    assert list(alone.glob("start-*")) == [] and list(alone.glob("segformer-*")) == []
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--beside-segmenter"], "--beside-segmenter: expected together with --fusion-only"),
+    (["--beside-segmenter", "--segmenter-only"], "--beside-segmenter: expected without --segmenter-only"),
     (["--fusion-only", "--segmenter-only"], "expected at most one of them"),
+    (["--beside-segmenter", "--segmenter-wait", "0"], "--segmenter-wait: expected a number of seconds > 0, got 0"),
 ])
 def test_stage_flags_are_checked(tiny_data, tmp_path, capsys, flags, message) -> None:
     assert warmstart.main(["--data", str(tiny_data), "--cache", str(tmp_path), *flags]) == 2
