@@ -22,7 +22,8 @@ Writes under ``cache``:
   ``seg.scale=2`` (or 4) pretrains it on images upsampled by that factor, as a model built with that ``seg_scale``
   segments them (``search_space.pipeline.segment``); retrain such a start with ``seg_scale=`` the same factor;
 * ``fusion-<hash>.pt``: the fusion net fitted alone (state dict, seconds, first and last loss); it needs no segmenter,
-  so ``--fusion-only`` computes it while another process still pretrains the segmenter (``scripts/demo.sh``);
+  so ``--fusion-only`` computes it while another process still pretrains the segmenter, and ``--beside-segmenter``
+  (``scripts/demo.sh``) computes it there, waits for that segmenter's entry and writes the start;
 * ``start-<hash>.pt``: a PAIF checkpoint (``trainer.checkpoint``) = the warmed fusion net + that segmenter,
   for ``retrain.py init_from=``; ``start-<hash>.json`` describes it.
 
