@@ -117,8 +117,8 @@ CKPT=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["last"])' 
 done_stage
 
 stage 6 evaluate
-# batches of 8 (the default DEMO_LIMIT's images in one): a fwd+bwd step of the demo's model took 65 ms per image at
-# batch 8 against 70 ms at batch 4 on two threads
+# batches of 8 (the default DEMO_LIMIT's images in one): `strong` on 8 images took 161-163 s against 186-210 s in batches
+# of 4 (two threads, the evaluation's own timing, quiet runs on one machine)
 python trainer/evaluate.py --checkpoint "$CKPT" --data "$DATA" --split test --threat paif --threat strong \
     --limit "$LIMIT" --batch-size 8 --out "$RUN/eval" --no-progress 'sweep_threats=[paif]' num_threads="$THREADS"
 done_stage
