@@ -263,8 +263,6 @@ def test_beside_segmenter_alone_fits_waits_for_the_other_process_and_writes_the_
     """--beside-segmenter without --fusion-only (the demo's one stage-4 call): the fit, then a wait until the other
     process's segmenter is cached (never pretraining it here), then the start: the same weights as a warm start
     computed in one go; with no segmenter coming, a clear error after --segmenter-wait and no start written."""
-    import shutil as sh
-
     torch.set_num_threads(1)
     args = ["--data", str(tiny_data), "channels=4", "seg.steps=2", "seg.batch_size=2", "fusion.steps=3",
             "fusion.batch_size=2", "fusion.crop=[24,32]", "progress_bar=false"]
@@ -279,7 +277,7 @@ def test_beside_segmenter_alone_fits_waits_for_the_other_process_and_writes_the_
     def other_process_finishes(seconds: float) -> None:  # by the second poll the other process has written it
         waits.append(seconds)
         if len(waits) == 2:
-            sh.copytree(seg_dir, beside / seg_dir.name)
+            shutil.copytree(seg_dir, beside / seg_dir.name)
 
     monkeypatch.setattr(warmstart.time, "sleep", other_process_finishes)
     monkeypatch.setattr(warmstart, "pretrain_segmenter", lambda *a, **k: pytest.fail("pretrained here"))
