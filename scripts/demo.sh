@@ -61,7 +61,7 @@ done_stage() {
     local dt=$(( $(date +%s) - T_STAGE ))
     printf '%-9s %4d s\n' "$STAGE_NAME" "$dt" | tee -a "$TIMES"
 }
-# a failed stage also stops the segmenter pretraining still running in the background
+# a failed stage also stops the background processes still running (segmenter pretraining, warm start)
 trap 'rc=$?; [ -z "${SEG_PID:-}" ] || kill "$SEG_PID" 2>/dev/null || true
       [ -z "${WARM_PID:-}" ] || kill "$WARM_PID" 2>/dev/null || true
       [ $rc -eq 0 ] || echo "demo FAILED in stage ${STAGE_NAME:-setup} (exit $rc); logs in $RUN" >&2' EXIT

@@ -413,7 +413,8 @@ def _segmenter_data(cfg: WarmStartConfig) -> tuple[Any, Any, str, str]:
         check_datasets([seg_train, val], progress=cfg.progress_bar,
                        opt_out="data_check=false or --skip-data-check skips this check")
     fingerprint = data_fingerprint(seg_train)
-    return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, data_fingerprint(val) if val is not None else None)
+    val_fingerprint = data_fingerprint(val) if val is not None else None
+    return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, val_fingerprint)
 
 
 def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
@@ -464,14 +465,14 @@ def fusion_only(cfg: WarmStartConfig, beside_segmenter: bool = False) -> dict[st
 
     torch.set_num_threads(threads() if beside_segmenter else threads_wanted)
     fit = fitted_fusion(cfg, genotype, fingerprint, threads if beside_segmenter else None)
-    return {"fusion": fit["file"], "seconds": fit["seconds"], "segmenter_done": done.is_file()}
+    return {"fusion": fit["file"], "seconds": fit["seconds"], "segmenter_dir": str(done.parent),
+            "segmenter_done": done.is_file()}
 
 
-def wait_for_segmenter(cfg: WarmStartConfig, timeout: float, poll: float = 1.0) -> Path:
-    """Wait until this ``cfg``'s segmenter is in the cache (another process pretrains it: ``--segmenter-only``);
-    returns its folder. :class:`TimeoutError` after ``timeout`` seconds (never computes it here)."""
-    _, _, _, seg_key = _segmenter_data(cfg)
-    seg_dir = Path(cfg.cache) / f"segformer-{seg_key}"
+def wait_for_segmenter(seg_dir: Path, timeout: float, poll: float = 1.0) -> None:
+    """Wait until the segmenter folder ``seg_dir`` (:func:`fusion_only`'s ``segmenter_dir``) is complete in the cache
+    (another process pretrains it: ``--segmenter-only``). :class:`TimeoutError` after ``timeout`` seconds (never
+    computes it here)."""
     deadline = time.monotonic() + timeout
     if not (seg_dir / "pretrain.json").is_file():
         log.info("waiting for the segmenter pretraining of another process -> %s", seg_dir)
@@ -481,7 +482,6 @@ def wait_for_segmenter(cfg: WarmStartConfig, timeout: float, poll: float = 1.0) 
                                "start its pretraining (--segmenter-only, the same data and seg.* settings) or raise "
                                "--segmenter-wait")
         time.sleep(poll)
-    return seg_dir
 
 
 def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | None:
@@ -576,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         result = fusion_only(cfg, args.beside_segmenter)
     else:
         if args.beside_segmenter:  # the fit first, beside the other process; the segmenter is then read from the cache
-            fusion_only(cfg, beside_segmenter=True)
-            wait_for_segmenter(cfg, args.segmenter_wait)
+            wait_for_segmenter(Path(fusion_only(cfg, beside_segmenter=True)["segmenter_dir"]), args.segmenter_wait)
         if args.segmenter_only:
             seg_dir = pretrained_segmenter(cfg)[0]
             info = {"start": None, "segmenter_dir": str(seg_dir),

@@ -226,7 +226,9 @@ def test_fusion_only_fits_what_the_full_warm_start_then_reuses(tiny_data, tmp_pa
 
     monkeypatch.setattr(warmstart, "warm_fusion", boom)
     assert warmstart.main([*args, "--cache", str(split)]) == 0
-    start = json.loads(capsys.readouterr().out)["start"]
+    joined = json.loads(capsys.readouterr().out)
+    start = joined["start"]
+    assert joined["segmenter_dir"] == printed["segmenter_dir"]  # the folder --beside-segmenter waits for
     monkeypatch.undo()
     assert warmstart.main([*args, "--cache", str(tmp_path / "whole")]) == 0
     whole = json.loads(capsys.readouterr().out)["start"]
