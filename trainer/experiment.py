@@ -860,22 +860,23 @@ def common_segmenter(cfg: ExperimentConfig, out: Path) -> str | None:
 def warm_starts(cfg: ExperimentConfig, out: Path, genotypes: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The common starting point of every arm, per genotype (``trainer.warmstart``, cached under ``out/cache``).
 
-    The segmenter is pretrained once, in this process with every core (its cache key does not depend on the
-    genotype); then each genotype's fusion net is warmed up in its own ``python -m trainer.warmstart`` process,
-    ``workers`` at a time (log: ``out/warmstarts/<genotype>.log``). ``best-random`` takes the start of the random
-    genotype it resolves to (see :func:`select_best_random`).
+    Starts already in the cache are used as they are (also one copied in alone from another machine's run:
+    ``trainer.warmstart.warm_start``). For the others, the segmenter is pretrained once, in this process with every
+    core (its cache key does not depend on the genotype); then each genotype's fusion net is warmed up in its own
+    ``python -m trainer.warmstart`` process, ``workers`` at a time (log: ``out/warmstarts/<genotype>.log``).
+    ``best-random`` takes the start of the random genotype it resolves to (see :func:`select_best_random`).
     """
     if cfg.warmstart is None:
         return {}
     from trainer.warmstart import warm_start
 
-    common_segmenter(cfg, out)
     used = [name for name in dict.fromkeys(_parse_run(run, len(cfg.seeds))[1] for run in cfg.runs)
             if name != BEST_RANDOM]
     configs = {name: _warm_config(cfg, out, genotypes[name]) for name in used}
     infos = {name: info for name, ws in configs.items() if (info := warm_start(ws, compute=False)) is not None}
     todo = [name for name in used if name not in infos]
-    if todo:
+    if todo:  # the segmenter only makes new starts: a run whose starts are all cached (or copied in) needs none
+        common_segmenter(cfg, out)
         logs = out / "warmstarts"
         logs.mkdir(exist_ok=True)
         log.info("warming up the fusion nets of %s (%d at a time; logs in %s)", ", ".join(todo), cfg.workers, logs)

@@ -417,10 +417,11 @@ def _segmenter_data(cfg: WarmStartConfig) -> tuple[Any, Any, str, str]:
     return seg_train, val, fingerprint, segmenter_key(cfg, fingerprint, val_fingerprint)
 
 
-def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
+def pretrained_segmenter(cfg: WarmStartConfig, data: tuple[Any, Any, str, str] | None = None) -> tuple[Path, str, str]:
     """The cached segmenter pretrained on max-rule fused images (computed once).
 
-    Returns ``(segformer-<hash>/ folder, its hash, fingerprint of the training split)``.
+    Returns ``(segformer-<hash>/ folder, its hash, fingerprint of the training split)``. ``data``: what
+    ``_segmenter_data(cfg)`` returned, when the caller has it already (the files are checked once).
 
     A SegFormer folder for ``pretrained=`` / the search's ``init_from=``; it does not depend on the genotype.
     """
@@ -428,7 +429,7 @@ def pretrained_segmenter(cfg: WarmStartConfig) -> tuple[Path, str, str]:
         torch.set_num_threads(cfg.num_threads)
     cache = Path(cfg.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    seg_train, val, fingerprint, seg_key = _segmenter_data(cfg)
+    seg_train, val, fingerprint, seg_key = data or _segmenter_data(cfg)
     seg_dir = cache / f"segformer-{seg_key}"
     if not (seg_dir / "pretrain.json").is_file():
         log.info("pretraining the segmenter -> %s", seg_dir)
@@ -487,45 +488,53 @@ def wait_for_segmenter(seg_dir: Path, timeout: float, poll: float = 1.0) -> None
 def warm_start(cfg: WarmStartConfig, compute: bool = True) -> dict[str, Any] | None:
     """Pretrained segmenter + warmed fusion net, cached; returns ``{"segmenter_dir", "start", ...}``.
 
-    ``compute=False``: only a cached start (None when the fusion net is not warmed up yet; the segmenter is still
-    pretrained when missing)."""
+    ``compute=False``: only a cached start, None when there is none (nothing is computed).
+
+    A cached start needs neither the segmenter's nor the fusion fit's cache entry: a start checkpoint and its
+    ``.json`` record copied alone into another cache (``start-<key>.pt`` / ``.json``, e.g. from another machine,
+    whose arithmetic would give other weights) is used as it is, and the record returned names the files where they
+    are now (``start``; ``segmenter_dir``, which may then be absent).
+    """
     from search_space.pipeline import build_model
     from trainer.checkpoint import resolve_genotype, save_checkpoint
 
-    seg_dir, seg_key, fingerprint = pretrained_segmenter(cfg)
+    data = _segmenter_data(cfg)
+    fingerprint, seg_key = data[2], data[3]
     cache = Path(cfg.cache)
     genotype = resolve_genotype(cfg.genotype, channels=cfg.channels)
 
     start_key = _key(seg_key, genotype.to_dict(), dataclasses.asdict(cfg.fusion))
     start = cache / f"start-{start_key}.pt"
     info_path = start.with_suffix(".json")
-    if not (start.is_file() and info_path.is_file()):
-        if not compute:
-            return None
-        fit = fitted_fusion(cfg, genotype, fingerprint)
-        model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir),
-                            seg_scale=cfg.seg.scale)
-        model.fusion.load_state_dict(fit["state_dict"])
-        card = {"training": {"mode": "warmstart",
-                             "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
-                                        f"up alone (target {cfg.fusion.target}; python -m trainer.warmstart)",
-                             "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr, "seg.scale": cfg.seg.scale,
-                                        "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr,
-                                        "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
-                "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": fit["train_images"],
-                         "fingerprint": fingerprint}}
-        save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
-                        {"warmstart": dataclasses.asdict(cfg)}, card=card)
-        info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
-                "data_fingerprint": fingerprint, "fusion_seconds": fit["seconds"],
-                "fusion_loss_first_last": fit["losses_first_last"],
-                "segmenter": json.loads((seg_dir / "pretrain.json").read_text()),
-                "weights_sha256": start_weights_sha256(start)}
-        tmp_info = info_path.with_name(f".{info_path.name}.tmp")
-        tmp_info.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp_info, info_path)
-    else:
+    if start.is_file() and info_path.is_file():
         log.info("warm start cached: %s", start)
+        return {**json.loads(info_path.read_text()), "start": str(start),
+                "segmenter_dir": str(cache / f"segformer-{seg_key}")}
+    if not compute:
+        return None
+    seg_dir, _, _ = pretrained_segmenter(cfg, data)
+    fit = fitted_fusion(cfg, genotype, fingerprint)
+    model = build_model(genotype, segmenter=cfg.segmenter, num_classes=cfg.num_classes, pretrained=str(seg_dir),
+                        seg_scale=cfg.seg.scale)
+    model.fusion.load_state_dict(fit["state_dict"])
+    card = {"training": {"mode": "warmstart",
+                         "summary": "warm start: SegFormer pretrained on max-rule fused images, fusion net warmed "
+                                    f"up alone (target {cfg.fusion.target}; python -m trainer.warmstart)",
+                         "recipe": {"seg.steps": cfg.seg.steps, "seg.lr": cfg.seg.lr, "seg.scale": cfg.seg.scale,
+                                    "fusion.steps": cfg.fusion.steps, "fusion.lr": cfg.fusion.lr,
+                                    "fusion.target": cfg.fusion.target, "seed": cfg.seed}},
+            "data": {"root": cfg.data, "train_split": cfg.train_split, "train_images": fit["train_images"],
+                     "fingerprint": fingerprint}}
+    save_checkpoint(start, model, genotype, {"variant": cfg.segmenter, "num_classes": cfg.num_classes},
+                    {"warmstart": dataclasses.asdict(cfg)}, card=card)
+    info = {"start": str(start), "segmenter_dir": str(seg_dir), "genotype": genotype.to_dict(),
+            "data_fingerprint": fingerprint, "fusion_seconds": fit["seconds"],
+            "fusion_loss_first_last": fit["losses_first_last"],
+            "segmenter": json.loads((seg_dir / "pretrain.json").read_text()),
+            "weights_sha256": start_weights_sha256(start)}
+    tmp_info = info_path.with_name(f".{info_path.name}.tmp")
+    tmp_info.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp_info, info_path)
     return json.loads(info_path.read_text())
 
 

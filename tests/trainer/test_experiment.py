@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -347,6 +349,36 @@ def test_warm_starts_run_per_genotype_in_worker_processes_and_are_cached(tmp_pat
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")}
     assert warm_starts(cfg, tmp_path, genotypes) == starts
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "warmstarts").glob("*.log")} == stamps
+
+    # another machine continues the run from the start files alone (its own arithmetic would give other weights):
+    # nothing is pretrained, fitted or started, and the records name the copies
+    import trainer.experiment as experiment
+    import trainer.warmstart as warmstart
+
+    other = tmp_path / "elsewhere"
+    (other / "cache").mkdir(parents=True)
+    shutil.copytree(tmp_path / "data", other / "data")
+    for info in starts.values():
+        for suffix in (".pt", ".json"):
+            shutil.copy(Path(info["start"]).with_suffix(suffix), other / "cache")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached start was computed again")
+
+    mp = pytest.MonkeyPatch()
+    for mod, name in ((warmstart, "pretrain_segmenter"), (warmstart, "warm_fusion"), (experiment, "_run"),
+                      (experiment, "common_segmenter")):
+        mp.setattr(mod, name, boom)
+    try:
+        moved = warm_starts(cfg, other, genotypes)
+    finally:
+        mp.undo()
+    assert not (other / "cache" / Path(starts["paif"]["segmenter_dir"]).name).exists()
+    for name, info in starts.items():
+        assert moved[name]["start"] == str(other / "cache" / Path(info["start"]).name)
+        assert moved[name]["weights_sha256"] == info["weights_sha256"]
+        assert {k: v for k, v in moved[name].items() if k not in ("start", "segmenter_dir")} == \
+            {k: v for k, v in info.items() if k not in ("start", "segmenter_dir")}
 
 
 def test_seg_scale_reaches_the_warm_start_every_retraining_and_the_searches(tmp_path):

@@ -55,6 +55,7 @@ def test_warm_start_is_cached_and_loads(tiny_data, tmp_path, monkeypatch) -> Non
 
     torch.set_num_threads(1)
     assert warm_start(_cfg(tiny_data, tmp_path), compute=False) is None  # nothing cached: no fusion warm-up
+    assert not list(tmp_path.glob("segformer-*")) and not list(tmp_path.glob("fusion-*"))  # and nothing computed
     info = warm_start(_cfg(tiny_data, tmp_path))
     assert warm_start(_cfg(tiny_data, tmp_path), compute=False) == info
     report = json.loads((tmp_path / info["segmenter_dir"].split("/")[-1] / "pretrain.json").read_text())
