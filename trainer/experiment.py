@@ -1065,6 +1065,67 @@ def report_only(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path) -> int:
     return 0
 
 
+#: an archived arm: its result (``done.json``), its training marker and its evaluation's report; the picture rows
+#: of the strongest threat (``eval/grid_<threat>.npz``, ~1.6 MB) only for the ``grid_pair`` arms of the first seed,
+#: the ones ``grid.png`` shows
+ARCHIVED_ARM_FILES = ("done.json", "train_done.json", "eval/report.json", "eval/report.md")
+
+
+def archive(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path, dest: Path) -> int:
+    """``--archive DEST``: what another machine needs to continue this run, and what its report is built from.
+
+    Runs nothing. Rebuilds the report from the finished arms (:func:`report_only`), then copies into ``dest``, in the
+    layout of an ``--out`` folder: ``cache/start-<key>.{pt,json}`` (the warm starts the finished arms name in their
+    ``done.json``: a start recomputed on another machine has other weights, and :func:`check_starts` refuses to mix
+    arms from two starts), ``jobs/<arm>/`` (:data:`ARCHIVED_ARM_FILES` of every finished arm, no checkpoints) and the
+    report (``results.md``, ``results.json``, the plots, ``config.yaml``). Another machine continues with
+    ``cp -r DEST/cache DEST/jobs <out>/`` and the same command: finished arms are taken as they are. Rerunning it
+    adds the arms finished since. Exit code 0; 2 with a message when nothing has finished or a start is missing."""
+    if cfg.report != "robustness":
+        print(f"error: --archive: report={cfg.report!r} runs also depend on their searches, which are not archived; "
+              "only robustness runs are", file=sys.stderr)
+        return 2
+    finished = [job for job in jobs if (out / "jobs" / job.key / "done.json").is_file()]
+    if not finished:
+        print(f"error: no finished job under {out / 'jobs'}; expected done.json files", file=sys.stderr)
+        return 2
+    cache = Path(cfg.cache or out / "cache")
+    starts = sorted({json.loads((out / "jobs" / job.key / "done.json").read_text()).get("start", {}).get("file")
+                     for job in finished} - {None})
+    missing = [n for n in starts if not ((cache / n).is_file() and (cache / n).with_suffix(".json").is_file())]
+    if missing:
+        print(f"error: --archive: the finished arms were retrained from {', '.join(missing)}, not found (with its "
+              f".json record) in {cache}", file=sys.stderr)
+        return 2
+    code = report_only(cfg, jobs, out)
+    if code:
+        return code
+    from trainer.report import grid_name
+
+    grid_seed = cfg.seeds[0] if cfg.seeds else None
+    strongest = cfg.threats[-1] if cfg.threats else "clean"  # the threat grid.png shows (write_outputs)
+    copies: list[tuple[Path, Path]] = [(cache / n, dest / "cache" / n) for n in starts]
+    copies += [(src.with_suffix(".json"), dst.with_suffix(".json")) for src, dst in copies]
+    for job in finished:
+        jdir = out / "jobs" / job.key
+        names = list(ARCHIVED_ARM_FILES)
+        if job.label in cfg.grid_pair and job.seed == grid_seed:
+            names.append(f"eval/{grid_name(strongest, '.npz')}")
+        copies += [(jdir / n, dest / "jobs" / job.key / n) for n in names if (jdir / n).is_file()]
+    copies += [(p, dest / p.name) for p in sorted(out.iterdir())
+               if p.is_file() and (p.suffix in (".md", ".png") or p.name in ("results.json", "config.yaml",
+                                                                              "max_rule_fusion.json"))]
+    for src, dst in copies:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not (dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes()):
+            shutil.copyfile(src, dst)
+    size = sum(dst.stat().st_size for _, dst in copies)
+    print(f"archived {len(finished)} of {len(jobs)} finished arms and {len(starts)} start(s) in {dest} "
+          f"({size / 1e6:.1f} MB); to continue on another machine: cp -r {dest}/cache {dest}/jobs <out>/ and run the "
+          "same command with --out <out>", file=sys.stderr)
+    return 0
+
+
 #: --tiny: every stage at toy size (32x40 scenes, 2-step trainings, 1-step attacks on 2 images, 2-iteration
 #: searches; warm starts cached in out/cache), seeds [0, 1] and at most 2 random arms: checks the whole command end
 #: to end, measures nothing
@@ -1107,6 +1168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", action="store_true", help="print the jobs and exit")
     p.add_argument("--report", action="store_true",
                    help="run nothing: rebuild results.json/.md and the plot from the finished jobs' done.json files")
+    p.add_argument("--archive", metavar="DEST",
+                   help="run nothing: copy the finished arms' result files, the starts they were retrained from and "
+                        "the rebuilt report into DEST (another machine continues from them)")
     p.add_argument("--tiny", action="store_true",
                    help="toy sizes everywhere, seeds [0,1], at most 2 random arms: an end-to-end check, not a result")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. seeds=[0,1,2] workers=2")
@@ -1123,6 +1187,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out)
     if args.report:
         return report_only(cfg, jobs, out)
+    if args.archive:
+        return archive(cfg, jobs, out, Path(args.archive))
     lock_run_dir(out)
     use_run_dir(out)
     setup_logging(out, filename="experiment.log")

@@ -237,6 +237,30 @@ def test_experiment_resumes_per_arm_after_kill(tmp_path):
     assert redone["threat_specs"]["paif"]["steps"] == 5 and redone["train_seconds"] == stored["train_seconds"]
     assert (other.read_text(), other.stat().st_mtime_ns) == other_before
 
+    # --archive: the finished arms' result files and their start, no checkpoints; another machine (another --out,
+    # holding only the archive's cache/ and jobs/) continues the run without training or evaluating anything again
+    arch = tmp_path / "archive"
+    archived = subprocess.run([*cmd, "--archive", str(arch)], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert archived.returncode == 0, archived.stderr[-2000:]
+    assert "archived 2 of 2 finished arms and 1 start(s)" in archived.stderr
+    files = sorted(str(p.relative_to(arch)) for p in arch.rglob("*") if p.is_file())
+    assert [f for f in files if f.endswith(".pt")] == [f"cache/{Path(start).name}"]
+    assert {"jobs/no-aat-s0/done.json", "jobs/aat-s0/eval/report.json", "jobs/aat-s0/eval/grid_paif.npz",
+            "results.md", "results.json", "config.yaml"} <= set(files)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for part in ("cache", "jobs"):
+        shutil.copytree(arch / part, elsewhere / part)
+    moved = subprocess.run([sys.executable, "-m", "trainer.experiment", "--out", str(elsewhere), *TINY], cwd=repo,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert not list((elsewhere / "jobs").glob("*/job.log")) and not list((elsewhere / "cache").glob("segformer-*"))
+    table = [{k: v for k, v in j.items() if k in ("job", "clean", "paif", "start")}
+             for j in json.loads((out / "results.json").read_text())["jobs"]]
+    assert [{k: v for k, v in j.items() if k in ("job", "clean", "paif", "start")}
+            for j in json.loads((elsewhere / "results.json").read_text())["jobs"]] == table
+
 
 def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     out = tmp_path / "exp"
@@ -254,6 +278,28 @@ def test_report_only_rebuilds_tables_from_finished_jobs(tmp_path, capsys):
     assert main(["--report", *args[:2], "seeds=[0]", *args[3:]]) == 0  # every planned job finished
     md = (out / "results.md").read_text()
     assert "All 2 of 2 jobs finished (tables rebuilt with `--report`, so no wall time)" in md and "Partial" not in md
+
+
+def test_archive_refuses_without_finished_arms_or_their_start(tmp_path, capsys):
+    out, dest = tmp_path / "exp", tmp_path / "archive"
+    args = ["--out", str(out), "--archive", str(dest), "seeds=[0]", "threats=[paif]", "sweep_threats=[paif]",
+            'runs=[["no AAT","paif","clean"]]']
+    assert main(args) == 2 and "no finished job" in capsys.readouterr().err
+    (out / "jobs" / "no-aat-s0").mkdir(parents=True)
+    (out / "jobs" / "no-aat-s0" / "done.json").write_text(json.dumps(
+        {**_result("no AAT", 0, 0.7, 0.3), "start": {"file": "start-aaaa.pt", "weights_sha256": "1" * 64}}))
+    assert main(args) == 2
+    assert f"retrained from start-aaaa.pt, not found (with its .json record) in {out / 'cache'}" in \
+        capsys.readouterr().err
+    assert not dest.exists()
+    (out / "cache").mkdir()
+    (out / "cache" / "start-aaaa.pt").write_bytes(b"weights")
+    (out / "cache" / "start-aaaa.json").write_text("{}")
+    assert main(args) == 0
+    assert (dest / "cache" / "start-aaaa.pt").read_bytes() == b"weights"
+    assert json.loads((dest / "jobs" / "no-aat-s0" / "done.json").read_text())["clean"] == 0.7
+    assert "All 1 of 1 jobs finished" in (dest / "results.md").read_text()
+    assert main([*args, "report=search_quality"]) == 2 and "searches, which are not archived" in capsys.readouterr().err
 
 
 def test_finished_note_says_partial_only_when_jobs_are_missing():  # both reports' (robustness, search quality) line
