@@ -837,10 +837,15 @@ def warmstart_overrides(cfg: ExperimentConfig) -> list[str]:
     return [*(cfg.warmstart or []), *seg_scale_override(cfg, "warmstart")]
 
 
+def start_cache(cfg: ExperimentConfig, out: Path) -> Path:
+    """Where the warm starts live: ``cache`` when set (shared between runs), else ``out/cache``."""
+    return Path(cfg.cache or out / "cache")
+
+
 def _warm_config(cfg: ExperimentConfig, out: Path, genotype: str) -> Any:
     from trainer.warmstart import WarmStartConfig
 
-    cache = cfg.cache or out / "cache"
+    cache = start_cache(cfg, out)
     return load_config(WarmStartConfig, None, [f"data={out / 'data'}", f"genotype={genotype}", f"cache={cache}",
                                                f"channels={cfg.channels}", "progress_bar=false",
                                                *warmstart_overrides(cfg)])
@@ -1086,10 +1091,7 @@ def archive(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path, dest: Path) -
               "only robustness runs are", file=sys.stderr)
         return 2
     finished = [job for job in jobs if (out / "jobs" / job.key / "done.json").is_file()]
-    if not finished:
-        print(f"error: no finished job under {out / 'jobs'}; expected done.json files", file=sys.stderr)
-        return 2
-    cache = Path(cfg.cache or out / "cache")
+    cache = start_cache(cfg, out)
     starts = sorted({json.loads((out / "jobs" / job.key / "done.json").read_text()).get("start", {}).get("file")
                      for job in finished} - {None})
     missing = [n for n in starts if not ((cache / n).is_file() and (cache / n).with_suffix(".json").is_file())]
@@ -1097,7 +1099,7 @@ def archive(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path, dest: Path) -
         print(f"error: --archive: the finished arms were retrained from {', '.join(missing)}, not found (with its "
               f".json record) in {cache}", file=sys.stderr)
         return 2
-    code = report_only(cfg, jobs, out)
+    code = report_only(cfg, jobs, out)  # also the error when nothing has finished
     if code:
         return code
     from trainer.report import grid_name
@@ -1117,8 +1119,7 @@ def archive(cfg: ExperimentConfig, jobs: Sequence[Job], out: Path, dest: Path) -
                                                                               "max_rule_fusion.json"))]
     for src, dst in copies:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if not (dst.is_file() and dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes()):
-            shutil.copyfile(src, dst)
+        shutil.copyfile(src, dst)
     size = sum(dst.stat().st_size for _, dst in copies)
     print(f"archived {len(finished)} of {len(jobs)} finished arms and {len(starts)} start(s) in {dest} "
           f"({size / 1e6:.1f} MB); to continue on another machine: cp -r {dest}/cache {dest}/jobs <out>/ and run the "
