@@ -543,6 +543,42 @@ def paired_differences(results: Sequence[dict[str, Any]], a: str, b: str, column
     return {"seeds": seeds, "diffs": diffs, "mean": m, "std": sd}
 
 
+def sweep_pairs(results: Sequence[dict[str, Any]], pairs: Sequence[Sequence[str]], threat: str
+                ) -> dict[str, dict[float, dict[str, Any]]]:
+    """Paired differences ``a − b`` per seed at every ε of the ``threat`` sweep: ``{"a − b": {eps_255: paired}}``
+    (the eps points both runs' curves share; a single budget hides where a defence gains and where it loses)."""
+    def at(eps: float) -> str:
+        return f"{threat}@{eps:g}"
+
+    flat = [{"job": r["job"], **{at(e): m for e, m in r.get("curves", {}).get(threat, [])}} for r in results]
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for a, b in pairs:
+        eps_sets = [{float(e) for r in results if r["job"]["label"] == lab
+                     for e, _ in r.get("curves", {}).get(threat, [])} for lab in (a, b)]
+        per = {e: paired_differences(flat, a, b, at(e)) for e in sorted(eps_sets[0] & eps_sets[1])}
+        if any(d["seeds"] for d in per.values()):
+            out[f"{a} − {b}"] = per
+    return out
+
+
+def render_sweep_pairs(sweep: dict[str, dict[float, dict[str, Any]]], threat: str) -> list[str]:
+    """results.md lines: one row per pair, one column per ε (mean ± std of the paired differences, seeds)."""
+    if not sweep:
+        return []
+    eps = sorted({e for per in sweep.values() for e in per})
+    md = [f"## Paired differences along the ε sweep (`{threat}`, points of mIoU, mean ± std over seeds)", "",
+          "| pair | seeds | " + " | ".join(f"ε {e:g}/255" for e in eps) + " |", "|---|---|" + "--:|" * len(eps)]
+    for name, per in sweep.items():
+        seeds = sorted({s for d in per.values() for s in d["seeds"]})
+        cells = []
+        for e in eps:
+            d = per.get(e)
+            cells.append("–" if not d or not d["seeds"] else
+                         _pct(d["mean"]) + (f" ± {100 * d['std']:.1f}" if len(d["seeds"]) > 1 else ""))
+        md.append(f"| {name} | {', '.join(f's{s}' for s in seeds)} | " + " | ".join(cells) + " |")
+    return md
+
+
 def _mean_of(results: Sequence[dict[str, Any]], label: str, column: str) -> float:
     return mean_std([r.get(column, float("nan")) for r in results if r["job"]["label"] == label])[0]
 
@@ -662,12 +698,16 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
     obj_rows = aggregate(results, [f"{c}_objects" for c in columns])
     pairs = {f"{a} − {b}": {c: paired_differences(results, a, b, c) for c in columns} for a, b in cfg.pairs}
     claims = check_claims(results, strongest)
+    sweep_threat = cfg.sweep_threats[0] if cfg.sweep_threats else ""
+    sweep = sweep_pairs(results, cfg.pairs, sweep_threat) if sweep_threat else {}
     cost = cost_summary(results, extras.get("warm_start") or {}, cfg.workers)
     (out / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(cfg), "searched_genotype": searched, "jobs": results,
          "summary": [{"label": r["label"], "seeds": r["seeds"],
                       **{c: {"mean": r["stats"][c][0], "std": r["stats"][c][1]} for c in columns}} for r in rows],
-         "paired": pairs, "claims": claims, "wall_seconds": wall, "cost": cost, **extras}, indent=2, default=str)
+         "paired": pairs, "paired_sweep": {"threat": sweep_threat,
+                                           "pairs": {n: {f"{e:g}": d for e, d in per.items()} for n, per in sweep.items()}},
+         "claims": claims, "wall_seconds": wall, "cost": cost, **extras}, indent=2, default=str)
         + "\n")
     plot_curves(results, cfg.sweep_threats[0] if cfg.sweep_threats else cfg.threats[0], out / "miou_vs_eps.png")
     d = cfg.data
@@ -697,6 +737,8 @@ def write_outputs(cfg: ExperimentConfig, out: Path, results: list[dict[str, Any]
                 per = ", ".join(f"s{s}: {_pct(v)}" for s, v in zip(dd["seeds"], dd["diffs"]))
                 spread = f" ± {100 * dd['std']:.1f}" if len(dd["seeds"]) > 1 else " (one seed)"
                 md.append(f"| {name} | {c} | {per} | {_pct(dd['mean'])}{spread} |")
+    if sweep:
+        md += ["", *render_sweep_pairs(sweep, sweep_threat)]
     md += ["", "## Claims tested", "", "| claim | measured | holds |", "|---|---|---|"]
     for c in claims:
         v = c["value"]

@@ -14,7 +14,7 @@ from PIL import Image
 from trainer.config import ConfigError, load_config
 from trainer.experiment import (ExperimentConfig, aggregate, check_claims, cost_summary, extract, finished_note, main,
                                 mean_std, paired_differences, plan, plot_curves, render_table, run_order,
-                                write_outputs)
+                                sweep_pairs, write_outputs)
 
 
 def _result(label: str, seed: int, clean: float, paif: float) -> dict:
@@ -117,6 +117,33 @@ def test_paired_differences_and_claims():
     assert claims["fused_vs_ir"]["holds"] is True
     assert claims["fused_vs_vis"]["holds"] is False
     assert all(c["holds"] is None for c in check_claims([], "strong"))
+
+
+def test_paired_differences_along_the_eps_sweep(tmp_path):
+    """Per ε the same pairing as the tables (seeds both runs have), only at the ε both curves share; the report
+    gets one row per pair and the JSON every seed's difference."""
+    def r(label, seed, curve):
+        return {"job": {"label": label, "genotype": "paif", "mode": "aat", "seed": seed}, "clean": curve[0][1],
+                "paif": curve[-1][1], "curves": {"paif": curve}}
+
+    res = [r("AAT", 0, [[0.0, 0.70], [2.0, 0.60], [8.0, 0.40]]), r("AAT", 1, [[0.0, 0.72], [2.0, 0.58], [8.0, 0.36]]),
+           r("AAT", 2, [[0.0, 0.9], [2.0, 0.9], [8.0, 0.9]]),  # no partner for seed 2
+           r("plain AT", 0, [[0.0, 0.69], [2.0, 0.55], [4.0, 0.5], [8.0, 0.42]]),
+           r("plain AT", 1, [[0.0, 0.70], [2.0, 0.56], [4.0, 0.5], [8.0, 0.40]])]
+    sweep = sweep_pairs(res, [["AAT", "plain AT"], ["AAT", "absent"]], "paif")
+    assert list(sweep) == ["AAT − plain AT"]  # a pair without data has no row
+    per = sweep["AAT − plain AT"]
+    assert list(per) == [0.0, 2.0, 8.0]  # 4/255 only in one run's curve
+    assert per[2.0]["seeds"] == [0, 1] and per[2.0]["diffs"] == pytest.approx([0.05, 0.02])
+    assert per[8.0]["mean"] == pytest.approx(-0.03) and per[8.0]["std"] == pytest.approx(statistics.stdev([-0.02, -0.04]))
+    cfg = load_config(ExperimentConfig, overrides=["threats=[paif]", "sweep_threats=[paif]",
+                                                   'pairs=[["AAT","plain AT"]]'])
+    md = write_outputs(cfg, tmp_path, [x | {"clean_objects": 0.5, "paif_objects": 0.3} for x in res], None, 1.0
+                       ).read_text()
+    assert "| pair | seeds | ε 0/255 | ε 2/255 | ε 8/255 |" in md
+    assert "| AAT − plain AT | s0, s1 | +1.5 ± 0.7 | +3.5 ± 2.1 | -3.0 ± 1.4 |" in md
+    saved = json.loads((tmp_path / "results.json").read_text())["paired_sweep"]
+    assert saved["threat"] == "paif" and saved["pairs"]["AAT − plain AT"]["2"]["diffs"] == pytest.approx([0.05, 0.02])
 
 
 def test_extract_reads_an_evaluation_report():
