@@ -477,3 +477,23 @@ def test_seg_scale_reaches_the_warm_start_every_retraining_and_the_searches(tmp_
             load_config(ExperimentConfig, overrides=[bad])
     with pytest.raises(ConfigError, match="seg_scale"):
         load_config(ExperimentConfig, overrides=["seg_scale=3"])
+
+
+def test_aat_ablation_config_shares_the_experiments_arms_and_adds_mixed_eps_at():
+    """configs/aat_ablation.yaml: the four training modes of `make experiment` with the same job keys and overrides
+    (so their archived result files can be copied in), the same recipe, plus AT with uniform eps over AAT's tasks and
+    no pretext stage; every pair names a planned run."""
+    default, ablation = ExperimentConfig(), load_config(ExperimentConfig, "configs/aat_ablation.yaml", [])
+    base = {j.key: j for j in plan(default)}
+    jobs = plan(ablation)
+    shared = [j for j in jobs if j.key in base]
+    assert {j.label for j in shared} == {"no AAT", "plain AT", "AAT", "AAT, uniform eps"} and len(shared) == 12
+    assert all((j.mode, j.seed, j.overrides) == (base[j.key].mode, base[j.key].seed, base[j.key].overrides)
+               for j in shared)
+    new = [j for j in jobs if j.key not in base]
+    assert [j.key for j in new] == [f"mixed-eps-at-no-pretext-s{s}" for s in (0, 1, 2)]
+    assert all(j.mode == "aat" and j.overrides == ("aat.meta_iters=0", "aat.prob_mode=uniform") for j in new)
+    assert (ablation.retrain, ablation.warmstart, ablation.data, ablation.threats) == \
+        (default.retrain, default.warmstart, default.data, default.threats)
+    labels = {j.label for j in jobs}
+    assert all(a in labels and b in labels for a, b in ablation.pairs)
