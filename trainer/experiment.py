@@ -562,9 +562,8 @@ def sweep_pairs(results: Sequence[dict[str, Any]], pairs: Sequence[Sequence[str]
 
 
 def render_sweep_pairs(sweep: dict[str, dict[float, dict[str, Any]]], threat: str) -> list[str]:
-    """results.md lines: one row per pair, one column per ε (mean ± std of the paired differences, seeds)."""
-    if not sweep:
-        return []
+    """results.md lines: one row per pair, one column per ε (mean ± std of the paired differences, seeds); ``sweep``
+    non-empty (:func:`write_outputs` leaves the section out otherwise)."""
     eps = sorted({e for per in sweep.values() for e in per})
     md = [f"## Paired differences along the ε sweep (`{threat}`, points of mIoU, mean ± std over seeds)", "",
           "| pair | seeds | " + " | ".join(f"ε {e:g}/255" for e in eps) + " |", "|---|---|" + "--:|" * len(eps)]
